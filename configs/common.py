@@ -1,0 +1,187 @@
+"""The base experiment config: every field a run can set, with LLaVA-1.5 defaults.
+
+Variants derive from this one (`base = common.get_config(); base.model.decoder.depth = 2`)
+and every ablation is an override of it. `parse_arg` reads colon args such as
+`--config=configs/llava15.py:size=7b,stage=finetune`.
+"""
+
+import ml_collections
+
+# Mean/std of the two tower families, in [0, 1] pixel units (CLIPImageProcessor, SiglipImageProcessor).
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+SIGLIP_MEAN = (0.5, 0.5, 0.5)
+SIGLIP_STD = (0.5, 0.5, 0.5)
+
+# Logical axis name -> mesh axes. Parameters use embed/mlp/heads/kv_heads/vocab/...;
+# activations use the act_* names so that they can be pinned independently.
+DEFAULT_RULES = (
+    ('batch', ('data', 'fsdp')),
+    ('embed', 'fsdp'),
+    ('mlp', 'tensor'),
+    ('heads', 'tensor'),
+    ('kv_heads', 'tensor'),
+    ('vocab', 'tensor'),
+    ('act_mlp', 'tensor'),
+    ('act_heads', 'tensor'),
+    ('act_kv_heads', 'tensor'),
+    ('act_vocab', 'tensor'),
+)
+
+
+def parse_arg(arg, lazy=False, **spec):
+  """Parses `a=1,b=x` into a ConfigDict typed after the defaults in `spec`.
+
+  A bare word with no `=` sets the first key of `spec` (`llava15.py:7b`).
+  """
+  config = ml_collections.ConfigDict(spec)
+  if not arg:
+    return config
+  first_key = next(iter(spec), None)
+  for item in arg.split(','):
+    if not item:
+      continue
+    key, sep, value = item.partition('=')
+    if not sep:
+      key, value = first_key, key
+    if key not in spec and not lazy:
+      raise KeyError(f'Unknown config arg {key!r}; known: {sorted(spec)}')
+    default = spec.get(key)
+    if isinstance(default, bool):
+      config[key] = value.lower() in ('1', 'true', 'yes')
+    elif isinstance(default, int):
+      config[key] = int(value)
+    elif isinstance(default, float):
+      config[key] = float(value)
+    else:
+      config[key] = value
+  return config
+
+
+def vision_config(kind='clip', **overrides):
+  """A vision tower config; defaults are CLIP ViT-L/14-336 (LLaVA-1.5)."""
+  c = ml_collections.ConfigDict()
+  c.kind = kind  # clip | siglip
+  c.image_size = 336
+  c.patch_size = 14
+  c.width = 1024
+  c.depth = 24
+  c.heads = 16
+  c.mlp_dim = 4096
+  c.norm_eps = 1e-5 if kind == 'clip' else 1e-6
+  c.feature_layer = -2  # index into hidden states (embeddings, layer 1, ..., layer depth); or a list
+  c.select = 'patch'  # patch: drop the class token (if any) | all | drop_first (HF 'default' on SigLIP)
+  c.update(overrides)
+  return c
+
+
+def decoder_config(**overrides):
+  """A LLaMA decoder config; defaults are Vicuna-7B v1.5 with the llava-hf vocabulary."""
+  c = ml_collections.ConfigDict()
+  c.kind = 'llama'
+  c.vocab_size = 32064
+  c.width = 4096
+  c.depth = 32
+  c.heads = 32
+  c.kv_heads = 32
+  c.head_dim = 0  # 0: width // heads
+  c.mlp_dim = 11008
+  c.rope_theta = 10000.0
+  # None, or {'type': 'linear', 'factor': f} or {'type': 'llama3', 'factor', 'low_freq_factor',
+  # 'high_freq_factor', 'original_max_position_embeddings'}.
+  c.rope_scaling = ml_collections.config_dict.placeholder(dict)
+  c.norm_eps = 1e-5
+  c.tie_embeddings = False
+  c.update(overrides)
+  return c
+
+
+def projector_config(kind='mlp2x_gelu', **overrides):
+  c = ml_collections.ConfigDict()
+  c.kind = kind  # linear | mlp{k}x_gelu | downsample_mlp | identity
+  c.bias = True
+  c.update(overrides)
+  return c
+
+
+def get_config(arg=None):
+  """The full config tree with LLaVA-1.5-7B stage-2 defaults."""
+  del arg
+  config = ml_collections.ConfigDict()
+
+  config.model = ml_collections.ConfigDict()
+  config.model.vision = vision_config()
+  config.model.projector = projector_config()
+  config.model.decoder = decoder_config()
+  config.model.image_token_id = 32000
+  config.model.pad_token_id = 32001
+  config.model.dtype = 'bfloat16'  # compute
+  config.model.param_dtype = 'float32'  # storage
+  config.model.scan_layers = True
+  config.model.remat_policy = 'none'  # none | full | dots | dots_no_batch | save_attn_out
+  config.model.attention_impl = 'xla'  # xla | cudnn | auto (None: jax picks)
+
+  config.data = ml_collections.ConfigDict()
+  config.data.dataset = 'llava_json'  # shapes | llava_json
+  config.data.data_dir = ''  # TFDS data_dir ('' = the TFDS default)
+  config.data.manual_dir = ''  # llava_json: folder with the JSON file(s) and images
+  config.data.train_split = 'train'
+  config.data.eval_split = 'validation'
+  config.data.test_split = 'test'
+  config.data.template = 'vicuna_v1'  # plain | vicuna_v1 | llama3
+  config.data.tokenizer = ''  # path to tokenizer.model or tokenizer.json ('' = the dataset's own)
+  config.data.seq_len = 2048
+  config.data.max_images = 1  # images per sample (padded); more are dropped and counted
+  config.data.image_aspect = 'pad'  # pad | resize
+  config.data.image_mean = CLIP_MEAN
+  config.data.image_std = CLIP_STD
+  config.data.shuffle_seed = 0
+  config.data.num_workers = 0  # host-side parallel preprocessing workers
+  config.data.prefetch = 2
+
+  config.train = ml_collections.ConfigDict()
+  config.train.stage = 'finetune'  # pretrain | finetune | full | custom
+  config.train.trainable = ''  # regex over '/'-joined param paths (used when stage=custom)
+  config.train.batch_size = 128  # global
+  config.train.grad_accum_steps = 1
+  config.train.num_epochs = 1.0
+  config.train.num_steps = -1  # > 0 overrides num_epochs
+  config.train.seed = 0
+  config.train.log_every = 10
+  config.train.eval_every = 0  # 0: only at the end
+  config.train.eval_batches = -1  # -1: the whole eval split
+  config.train.z_loss = 0.0
+  config.train.profile_steps = ()  # e.g. (10, 12): jax.profiler trace of those steps
+
+  config.optimizer = ml_collections.ConfigDict()
+  config.optimizer.name = 'adamw'
+  config.optimizer.lr = 2e-5
+  config.optimizer.schedule = 'cosine'  # cosine | linear | constant
+  config.optimizer.warmup_steps = 0
+  config.optimizer.warmup_ratio = 0.03
+  config.optimizer.end_lr_ratio = 0.0
+  config.optimizer.b1 = 0.9
+  config.optimizer.b2 = 0.999
+  config.optimizer.eps = 1e-8
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.clip_norm = 1.0  # 0: off
+  config.optimizer.module_lr = ml_collections.ConfigDict()  # e.g. {'multi_modal_projector': 1e-4}
+
+  config.mesh = ml_collections.ConfigDict()
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  config.mesh.rules = DEFAULT_RULES
+
+  config.checkpoint = ml_collections.ConfigDict()
+  config.checkpoint.interval = 1000
+  config.checkpoint.keep = 3
+  config.checkpoint.async_save = True
+
+  config.init = ml_collections.ConfigDict()
+  config.init.kind = 'random'  # random | hf | hf_parts | checkpoint
+  config.init.path = ''  # hf: LLaVA folder; checkpoint: a run's workdir or checkpoint dir
+  config.init.vision_path = ''  # hf_parts: CLIP/SigLIP folder
+  config.init.decoder_path = ''  # hf_parts: LLaMA folder
+
+  return config

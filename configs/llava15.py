@@ -1,0 +1,53 @@
+"""LLaVA-1.5 (7B / 13B), both stages, with the public hyperparameters.
+
+  --config=configs/llava15.py:size=7b,stage=pretrain     projector alignment (LCS-558K)
+  --config=configs/llava15.py:size=13b,stage=finetune    instruction tuning (mix665k)
+
+Point `config.data.manual_dir` at the LLaVA-format data, `config.data.tokenizer` at the
+decoder's tokenizer, and `config.init` at transformers checkpoints (see README).
+"""
+
+from configs import common
+
+SIZES = {
+    # Vicuna v1.5 = LLaMA-2 shapes.
+    '7b': dict(width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008),
+    '13b': dict(width=5120, depth=40, heads=40, kv_heads=40, mlp_dim=13824),
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size='7b', stage='finetune')
+  if arg.size not in SIZES:
+    raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
+  if arg.stage not in ('pretrain', 'finetune'):
+    raise ValueError(f"stage must be 'pretrain' or 'finetune', got {arg.stage!r}")
+  config = common.get_config()
+  config.model.vision = common.vision_config('clip')  # CLIP ViT-L/14-336, hidden state -2
+  config.model.projector = common.projector_config('mlp2x_gelu')
+  config.model.decoder = common.decoder_config(**SIZES[arg.size])
+  config.model.dtype = 'bfloat16'
+  config.model.remat_policy = 'full'
+
+  config.data.dataset = 'llava_json'
+  config.data.seq_len = 2048
+  config.data.image_aspect = 'pad'
+  config.train.stage = arg.stage
+  config.train.num_epochs = 1.0
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_ratio = 0.03
+  config.optimizer.weight_decay = 0.0
+  config.mesh.data = 1
+  config.mesh.fsdp = -1
+
+  if arg.stage == 'pretrain':
+    config.data.template = 'plain'
+    config.train.batch_size = 256
+    config.optimizer.lr = 1e-3
+    config.init.kind = 'hf_parts'  # CLIP folder + Vicuna folder, fresh projector
+  else:
+    config.data.template = 'vicuna_v1'
+    config.train.batch_size = 128
+    config.optimizer.lr = 2e-5
+    config.init.kind = 'checkpoint'  # the stage-1 run's workdir
+  return config

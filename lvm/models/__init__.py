@@ -1,0 +1,70 @@
+"""Model families and `build(model_config)`, the one place configs become modules."""
+
+import jax.numpy as jnp
+
+from lvm.models.decoder import Decoder
+from lvm.models.llava import LLaVA
+from lvm.models.projector import Projector, tokens_out
+from lvm.models.vision import VisionTower
+
+DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+
+
+def dtype(name):
+  if name not in DTYPES:
+    raise ValueError(f'Unknown dtype {name!r}; known: {sorted(DTYPES)}')
+  return DTYPES[name]
+
+
+def feature_layers(vision_config) -> tuple[int, ...]:
+  layer = vision_config.feature_layer
+  return tuple(int(i) for i in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
+
+
+def build_vision(config) -> VisionTower:
+  """config: the full `config.model`."""
+  v = config.vision
+  if v.kind not in ('clip', 'siglip'):
+    raise ValueError(f"model.vision.kind must be 'clip' or 'siglip', got {v.kind!r}")
+  return VisionTower(
+      kind=v.kind, image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+      depth=v.depth, heads=v.heads, mlp_dim=v.mlp_dim, norm_eps=v.norm_eps,
+      feature_layers=feature_layers(v), select=v.select, dtype=dtype(config.dtype),
+      param_dtype=dtype(config.param_dtype), scan_layers=config.scan_layers,
+      remat_policy=config.remat_policy, attention_impl=config.attention_impl)
+
+
+def build_decoder(config) -> Decoder:
+  d = config.decoder
+  if d.kind != 'llama':
+    raise ValueError(f"model.decoder.kind must be 'llama', got {d.kind!r}")
+  scaling = d.rope_scaling
+  scaling = tuple(sorted(dict(scaling).items())) if scaling else None
+  return Decoder(
+      vocab_size=d.vocab_size, width=d.width, depth=d.depth, heads=d.heads,
+      kv_heads=d.kv_heads, mlp_dim=d.mlp_dim, head_dim=d.head_dim, rope_theta=d.rope_theta,
+      rope_scaling=scaling, norm_eps=d.norm_eps, tie_embeddings=d.tie_embeddings,
+      dtype=dtype(config.dtype), param_dtype=dtype(config.param_dtype),
+      scan_layers=config.scan_layers, remat_policy=config.remat_policy,
+      attention_impl=config.attention_impl)
+
+
+def build(config) -> LLaVA:
+  """The LLaVA module for `config.model` (or a full config holding `.model`)."""
+  config = config.model if 'model' in config else config
+  return LLaVA(
+      vision=build_vision(config),
+      projector=Projector(kind=config.projector.kind, width=config.decoder.width,
+                          bias=config.projector.get('bias', True), dtype=dtype(config.dtype),
+                          param_dtype=dtype(config.param_dtype)),
+      decoder=build_decoder(config),
+      image_token_id=config.image_token_id)
+
+
+def num_image_tokens(config) -> int:
+  """Visual tokens per image for `config.model` (what the data pipeline must expand to)."""
+  config = config.model if 'model' in config else config
+  return tokens_out(config.projector.kind, build_vision(config).num_tokens)
+
+
+__all__ = ['build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']

@@ -1,0 +1,235 @@
+"""LLaMA decoder: RMSNorm, RoPE (plain / linear / llama3 scaling), GQA attention, SwiGLU.
+
+Layout follows transformers' LlamaForCausalLM so checkpoints map one to one.
+Letters: B batch, T query length, S key (cache) length, D width, H heads, K kv heads,
+Dh head width, F mlp width, V vocabulary, L layers.
+
+The KV cache is a plain pytree `{'k': float[L, B, S, K, Dh], 'v': ...}` passed in and
+returned, so generation stays a pure function of (params, cache).
+"""
+
+import math
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+from jax.ad_checkpoint import checkpoint_name
+
+from lvm.models import layers
+from lvm.models.layers import Dense, RMSNorm
+
+
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> jnp.ndarray:
+  """Inverse frequencies float32[Dh/2], with transformers' 'linear' and 'llama3' scaling."""
+  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+  if not scaling:
+    return inv_freq
+  kind = scaling.get('type', scaling.get('rope_type'))
+  factor = float(scaling['factor'])
+  if kind == 'linear':
+    return inv_freq / factor
+  if kind == 'llama3':
+    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
+    old_len = float(scaling['original_max_position_embeddings'])
+    wavelen = 2 * math.pi / inv_freq
+    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    smooth = (old_len / wavelen - low) / (high - low)
+    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
+    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
+    return jnp.where(medium, smoothed, scaled)
+  raise ValueError(f"Unknown rope_scaling type {kind!r}; supported: 'linear', 'llama3'")
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotates x[B, T, H, Dh] by positions int[B, T] (the rotate-half convention)."""
+  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
+  freqs = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
+  cos, sin = jnp.cos(freqs), jnp.sin(freqs)
+  x32 = x.astype(jnp.float32)
+  x1, x2 = jnp.split(x32, 2, axis=-1)
+  rotated = jnp.concatenate([-x2, x1], axis=-1)
+  return (x32 * cos + rotated * sin).astype(x.dtype)
+
+
+class Attention(nn.Module):
+  heads: int
+  kv_heads: int
+  head_dim: int
+  rope_theta: float
+  rope_scaling: Any = None  # tuple of (key, value) pairs, or None
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, cache_index):
+    """x float[B, T, D] -> (float[B, T, D], updated layer cache or None)."""
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    q = Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
+              **kw)(x)
+    k = Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+              name='k_proj', **kw)(x)
+    v = Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+              name='v_proj', **kw)(x)
+    inv_freq = rope_inv_freq(self.head_dim, self.rope_theta,
+                             dict(self.rope_scaling) if self.rope_scaling else None)
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', None))
+    q, k, v = checkpoint_name(q, 'query'), checkpoint_name(k, 'key'), checkpoint_name(v, 'value')
+    new_cache = None
+    if cache is not None:
+      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype),
+                                              cache_index, axis=1)
+      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype),
+                                              cache_index, axis=1)
+      new_cache = {'k': k, 'v': v}
+      k, v = k.astype(self.dtype), v.astype(self.dtype)
+    out = layers.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
+                                       implementation=self.attention_impl)
+    out = checkpoint_name(out, 'attn_out')
+    out = Dense(x.shape[-1], ('heads', 'head_dim'), ('embed',), name='o_proj', **kw)(out)
+    return out, new_cache
+
+
+class MLP(nn.Module):
+  mlp_dim: int
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    gate = Dense(self.mlp_dim, ('embed',), ('mlp',), name='gate_proj', **kw)(x)
+    up = Dense(self.mlp_dim, ('embed',), ('mlp',), name='up_proj', **kw)(x)
+    h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    return Dense(x.shape[-1], ('mlp',), ('embed',), name='down_proj', **kw)(h)
+
+
+class DecoderBlock(nn.Module):
+  heads: int
+  kv_heads: int
+  head_dim: int
+  mlp_dim: int
+  rope_theta: float
+  rope_scaling: Any
+  norm_eps: float
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, positions, mask, cache, cache_index):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x)
+    h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
+                             self.rope_scaling, attention_impl=self.attention_impl,
+                             name='self_attn', **kw)(h, positions, mask, cache, cache_index)
+    x = x + h
+    h = RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x)
+    x = x + MLP(self.mlp_dim, name='mlp', **kw)(h)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    return x, new_cache
+
+
+class Decoder(nn.Module):
+  """LLaMA-style causal decoder with `embed` and `__call__` methods."""
+  vocab_size: int
+  width: int
+  depth: int
+  heads: int
+  kv_heads: int
+  mlp_dim: int
+  head_dim: int = 0  # 0: width // heads
+  rope_theta: float = 10000.0
+  rope_scaling: Any = None
+  norm_eps: float = 1e-5
+  tie_embeddings: bool = False
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  scan_layers: bool = True
+  remat_policy: str = 'none'
+  attention_impl: str = 'xla'
+
+  @property
+  def resolved_head_dim(self) -> int:
+    return self.head_dim or self.width // self.heads
+
+  def setup(self):
+    if self.heads % self.kv_heads:
+      raise ValueError(f'decoder heads ({self.heads}) must be a multiple of kv_heads '
+                       f'({self.kv_heads})')
+    self.embed_tokens = self.param(
+        'embed_tokens', nn.with_logical_partitioning(layers.default_kernel_init,
+                                                     ('vocab', 'embed')),
+        (self.vocab_size, self.width), self.param_dtype)
+    block_kw = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.resolved_head_dim,
+                    mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
+                    rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, dtype=self.dtype,
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+    block = layers.stack_blocks(
+        DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    if self.scan_layers:
+      self.layers = block(**block_kw)
+    else:
+      self.layers = [block(**block_kw) for _ in range(self.depth)]
+    self.norm = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    if not self.tie_embeddings:
+      self.lm_head = Dense(self.vocab_size, ('embed',), ('vocab',), dtype=self.dtype,
+                           param_dtype=self.param_dtype)
+
+  def embed(self, input_ids):
+    """int[B, T] -> float[B, T, D]."""
+    x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+    return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+  def __call__(self, x, positions=None, attention_mask=None, cache=None, cache_index=None):
+    """Runs the blocks and the LM head.
+
+    Args:
+      x: float[B, T, D] input embeddings.
+      positions: int[B, T] RoPE positions (default: cache_index + arange(T)).
+      attention_mask: bool[B, S] which keys are real (S = T, or the cache length);
+        None means every key is real (pure causal attention).
+      cache: None, or {'k','v': float[L, B, S, K, Dh]} to write this chunk into.
+      cache_index: int scalar, the cache slot of x's first token.
+
+    Returns:
+      (logits float[B, T, V], updated cache or None).
+    """
+    b, t, _ = x.shape
+    if cache is not None and cache_index is None:
+      cache_index = jnp.zeros((), jnp.int32)
+    start = 0 if cache is None else cache_index
+    if positions is None:
+      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = None
+    if cache is not None or attention_mask is not None:
+      s = t if cache is None else cache['k'].shape[2]
+      query_slot = start + jnp.arange(t)[:, None]
+      mask = (jnp.arange(s)[None, :] <= query_slot)[None, None]  # [1, 1, T, S]
+      if attention_mask is not None:
+        mask = mask & attention_mask[:, None, None, :].astype(bool)
+    if self.scan_layers:
+      x, new_cache = self.layers(x, positions, mask, cache, cache_index)
+    else:
+      new_layers = []
+      for i, block in enumerate(self.layers):
+        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
+        x, layer_cache = block(x, positions, mask, layer_cache, cache_index)
+        new_layers.append(layer_cache)
+      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+    x = self.norm(x)
+    if self.tie_embeddings:
+      logits = jnp.einsum('btd,vd->btv', x, self.embed_tokens.astype(self.dtype))
+    else:
+      logits = self.lm_head(x)
+    logits = nn.with_logical_constraint(logits, ('batch', 'length', 'act_vocab'))
+    return logits, new_cache
+
+  def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
+    """Zeros {'k','v': [L, B, S, K, Dh]} (callable unbound: it reads only fields)."""
+    shape = (self.depth, batch_size, max_len, self.kv_heads, self.resolved_head_dim)
+    dtype = dtype or self.dtype
+    return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}

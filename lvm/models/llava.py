@@ -1,0 +1,114 @@
+"""LLaVA: vision tower -> projector -> visual tokens spliced into the text -> decoder.
+
+Letters: B batch, N images per sample, P visual tokens per image (after the
+projector), L sequence length, D decoder width, V vocabulary.
+"""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lvm.models.decoder import Decoder
+from lvm.models.projector import Projector
+from lvm.models.vision import VisionTower
+
+
+def check_image_tokens(input_ids, image_token_id: int, tokens_per_image: int, num_images: int):
+  """Raises ValueError if a row's image-token count cannot match its images.
+
+  Each row must hold a whole number of images' tokens, and no more than its N image
+  slots provide (fewer is fine: trailing slots are padding). Only concrete ids can be
+  checked; under jit the data pipeline guarantees this (and tests it).
+  """
+  if isinstance(input_ids, jax.core.Tracer):
+    return
+  counts = np.asarray((np.asarray(input_ids) == image_token_id).sum(axis=-1))
+  for row, count in enumerate(counts.reshape(-1)):
+    if count % tokens_per_image or count > num_images * tokens_per_image:
+      raise ValueError(
+          f'Row {row} has {count} image tokens (id {image_token_id}), but each image gives '
+          f'{tokens_per_image} visual tokens and the row has {num_images} image slot(s): '
+          f'expected a multiple of {tokens_per_image} up to {num_images * tokens_per_image}.')
+
+
+def merge_visual_tokens(text_embeds, visual_tokens, is_image):
+  """Writes each row's visual tokens, in order, into its image-token positions.
+
+  Static shapes only: the k-th image position of a row takes visual token k, found
+  with a cumulative sum and a gather instead of boolean indexing.
+
+  Args:
+    text_embeds: float[B, L, D].
+    visual_tokens: float[B, N*P, D] (the row's images, flattened in order).
+    is_image: bool[B, L].
+
+  Returns:
+    float[B, L, D].
+  """
+  index = jnp.cumsum(is_image, axis=1) - 1
+  index = jnp.clip(index, 0, visual_tokens.shape[1] - 1)
+  gathered = jnp.take_along_axis(visual_tokens, index[..., None], axis=1)
+  return jnp.where(is_image[..., None], gathered.astype(text_embeds.dtype), text_embeds)
+
+
+class LLaVA(nn.Module):
+  """The composite model; `__call__(images, input_ids) -> logits`."""
+  vision: VisionTower
+  projector: Projector
+  decoder: Decoder
+  image_token_id: int
+
+  @property
+  def tokens_per_image(self) -> int:
+    from lvm.models.projector import tokens_out
+    return tokens_out(self.projector.kind, self.vision.num_tokens)
+
+  def embed_image(self, images):
+    """images float[B, N, H, W, 3] -> visual tokens float[B, N*P, D]."""
+    b, n = images.shape[:2]
+    feats = self.vision(images.reshape(b * n, *images.shape[2:]))
+    tokens = self.projector(feats)
+    return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
+
+  def embed_text(self, input_ids):
+    """int[B, L] -> float[B, L, D]; image-token ids embed as token 0 (overwritten later)."""
+    return self.decoder.embed(jnp.where(input_ids == self.image_token_id, 0, input_ids))
+
+  def embed(self, images, input_ids):
+    """The decoder's input embeddings float[B, L, D] with the visual tokens in place."""
+    is_image = input_ids == self.image_token_id
+    num_images = 0 if images is None else images.shape[1]
+    check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
+    x = self.embed_text(input_ids)
+    if num_images:
+      x = merge_visual_tokens(x, self.embed_image(images), is_image)
+    return x
+
+  def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
+              cache_index=None):
+    """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
+    x = self.embed(images, input_ids)
+    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                        cache_index=cache_index)
+
+  def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
+    """Text-only continuation with a cache (images were written at prefill)."""
+    x = self.embed_text(input_ids)
+    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                        cache_index=cache_index)
+
+  def __call__(self, images, input_ids, attention_mask=None, positions=None):
+    """Logits for a batch.
+
+    Args:
+      images: float[B, N, H, W, 3], normalized, or None for text only. Rows with fewer
+        images than N carry padding images whose tokens never appear.
+      input_ids: int[B, L], with `tokens_per_image` image-token ids per real image.
+      attention_mask: optional bool[B, L] (False: padding key).
+      positions: optional int[B, L] RoPE positions.
+
+    Returns:
+      logits float[B, L, V] in the compute dtype.
+    """
+    return self.forward(images, input_ids, attention_mask, positions)[0]

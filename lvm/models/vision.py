@@ -1,0 +1,198 @@
+"""Vision towers: CLIP ViT and SigLIP ViT, returning the hidden states LLaVA selects.
+
+Layout follows transformers' CLIPVisionTransformer / SiglipVisionTransformer, so that
+checkpoints map one to one (see lvm/hf). Letters: B images, P tokens, D width, H heads.
+"""
+
+from typing import Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvm.models import layers
+from lvm.models.layers import Dense, LayerNorm
+
+
+class VisionAttention(nn.Module):
+  """Bidirectional multi-head attention with biases (CLIP/SigLIP self_attn)."""
+  heads: int
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x):  # float[B, P, D] -> float[B, P, D]
+    d = x.shape[-1]
+    head_dim = d // self.heads
+    proj = lambda name: Dense((self.heads, head_dim), ('embed',), ('heads', 'head_dim'),
+                              use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+                              name=name)
+    q, k, v = proj('q_proj')(x), proj('k_proj')(x), proj('v_proj')(x)
+    out = layers.dot_product_attention(q, k, v, implementation=self.attention_impl)
+    return Dense(d, ('heads', 'head_dim'), ('embed',), use_bias=True, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='out_proj')(out)
+
+
+class VisionMLP(nn.Module):
+  mlp_dim: int
+  act: str
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+
+  @nn.compact
+  def __call__(self, x):
+    d = x.shape[-1]
+    h = Dense(self.mlp_dim, ('embed',), ('mlp',), use_bias=True, dtype=self.dtype,
+              param_dtype=self.param_dtype, name='fc1')(x)
+    h = nn.with_logical_constraint(layers.activation(self.act)(h), ('batch', 'length', 'act_mlp'))
+    return Dense(d, ('mlp',), ('embed',), use_bias=True, dtype=self.dtype,
+                 param_dtype=self.param_dtype, name='fc2')(h)
+
+
+class VisionBlock(nn.Module):
+  """Pre-LN encoder layer; returns (x, x) so a scan also yields every hidden state."""
+  heads: int
+  mlp_dim: int
+  act: str
+  norm_eps: float
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  attention_impl: str = 'xla'
+
+  @nn.compact
+  def __call__(self, x, _=None):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    h = LayerNorm(self.norm_eps, name='layer_norm1', **kw)(x)
+    x = x + VisionAttention(self.heads, attention_impl=self.attention_impl, name='self_attn',
+                            **kw)(h)
+    h = LayerNorm(self.norm_eps, name='layer_norm2', **kw)(x)
+    x = x + VisionMLP(self.mlp_dim, self.act, name='mlp', **kw)(h)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    return x, x
+
+
+class VisionTower(nn.Module):
+  """CLIP or SigLIP ViT.
+
+  Attributes:
+    kind: 'clip' (class token, pre_layrnorm, quick_gelu) or 'siglip' (no class token,
+      gelu_tanh, patch bias).
+    feature_layers: indices into the hidden-state list (embeddings, layer 1, ...,
+      layer depth), as in transformers' `hidden_states`; several are concatenated.
+    select: 'patch' drops the class token (a no-op for SigLIP), 'all' keeps every
+      token, 'drop_first' always drops token 0 (transformers' 'default' on SigLIP).
+  """
+  kind: str
+  image_size: int
+  patch_size: int
+  width: int
+  depth: int
+  heads: int
+  mlp_dim: int
+  norm_eps: float
+  feature_layers: Sequence[int] = (-2,)
+  select: str = 'patch'
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  scan_layers: bool = False
+  remat_policy: str = 'none'
+  attention_impl: str = 'xla'
+
+  @property
+  def has_class_token(self) -> bool:
+    return self.kind == 'clip'
+
+  @property
+  def num_patches(self) -> int:
+    return (self.image_size // self.patch_size) ** 2
+
+  @property
+  def num_tokens(self) -> int:
+    """Tokens per image after selection."""
+    n = self.num_patches + int(self.has_class_token)
+    dropped = {'all': 0, 'patch': int(self.has_class_token), 'drop_first': 1}[self.select]
+    return n - dropped
+
+  @property
+  def out_features(self) -> int:
+    return self.width * len(self.feature_layers)
+
+  def _resolved_layers(self):
+    n = self.depth + 1
+    resolved = []
+    for i in self.feature_layers:
+      if not -n <= i < n:
+        raise ValueError(f'vision feature_layer {i} out of range for depth {self.depth}')
+      resolved.append(i % n)
+    return resolved
+
+  def embed(self, images):
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kernel = layers.param_with_axes(
+        self, 'patch_embedding', layers.default_kernel_init,
+        (self.patch_size, self.patch_size, 3, self.width), (None, None, None, 'embed'),
+        self.param_dtype)
+    x = jax.lax.conv_general_dilated(
+        images.astype(self.dtype), kernel.astype(self.dtype),
+        window_strides=(self.patch_size, self.patch_size), padding='VALID',
+        dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+    if self.kind == 'siglip':
+      bias = layers.param_with_axes(self, 'patch_bias', nn.initializers.zeros, (self.width,),
+                                    ('embed',), self.param_dtype)
+      x = x + bias.astype(self.dtype)
+    b = x.shape[0]
+    x = x.reshape(b, -1, self.width)
+    if self.has_class_token:
+      cls = layers.param_with_axes(self, 'class_embedding', layers.default_kernel_init,
+                                   (self.width,), ('embed',), self.param_dtype)
+      x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
+    pos = layers.param_with_axes(self, 'position_embedding', layers.default_kernel_init,
+                                 (x.shape[1], self.width), (None, 'embed'), self.param_dtype)
+    x = x + pos.astype(self.dtype)[None]
+    if self.kind == 'clip':
+      x = LayerNorm(self.norm_eps, name='pre_layrnorm', **kw)(x)
+    return x
+
+  @nn.compact
+  def __call__(self, images):
+    """images float[B, H, W, 3] (normalized) -> features float[B, P, len(feature_layers) * D]."""
+    if images.shape[1:] != (self.image_size, self.image_size, 3):
+      raise ValueError(f'vision tower expects images [B, {self.image_size}, {self.image_size}, 3]'
+                       f', got {images.shape}')
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    act = 'quick_gelu' if self.kind == 'clip' else 'gelu_tanh'
+    block_kw = dict(heads=self.heads, mlp_dim=self.mlp_dim, act=act, norm_eps=self.norm_eps,
+                    attention_impl=self.attention_impl, **kw)
+    wanted = self._resolved_layers()
+    x = self.embed(images)
+    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    hidden = {0: x}
+    if self.scan_layers:
+      block = layers.stack_blocks(VisionBlock, depth=self.depth, scan=True,
+                                  remat_policy=self.remat_policy, in_axes=(nn.broadcast,))
+      _, ys = block(name='layers', **block_kw)(x, None)
+      for i in wanted:
+        if i > 0:
+          hidden[i] = ys[i - 1]
+    else:
+      block = layers.stack_blocks(VisionBlock, depth=self.depth, scan=False,
+                                  remat_policy=self.remat_policy, in_axes=())
+      # Layers past the deepest selected one do not change the features: create their
+      # parameters at init (so checkpoints are complete) but skip them when applying.
+      last = self.depth if self.is_initializing() else max(wanted)
+      for i in range(last):
+        x, _ = block(name=f'layers_{i}', **block_kw)(x)
+        hidden[i + 1] = x
+    if self.kind == 'clip':
+      # Only the pooled output uses post_layernorm; LLaVA never reads it. Created so the
+      # parameter set equals transformers' CLIPVisionModel.
+      post = LayerNorm(self.norm_eps, name='post_layernorm', **kw)
+      if self.is_initializing():
+        post(x[:, 0])
+    feats = jnp.concatenate([hidden[i] for i in wanted], axis=-1)
+    if self.select == 'patch' and self.has_class_token or self.select == 'drop_first':
+      feats = feats[:, 1:]
+    elif self.select not in ('patch', 'all', 'drop_first'):
+      raise ValueError(f"vision select must be 'patch', 'all' or 'drop_first', got {self.select!r}")
+    return feats
