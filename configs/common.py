@@ -138,6 +138,20 @@ def get_config(arg=None):
   config.data.shuffle_seed = 0
   config.data.num_workers = 0  # host-side parallel preprocessing workers
   config.data.prefetch = 2
+  # llava_json: JSON files in manual_dir ('' = all *.json), image folder relative to it ('' = the
+  # manual dir, or its images/), and the fraction of samples (by id hash) held out as validation.
+  config.data.json_files = ''
+  config.data.image_folder = ''
+  config.data.validation_fraction = 0.01
+  # shapes: split sizes, generation seed, native image size, QA turns per image, and the
+  # SentencePiece vocab (0 = min(image_token_id, pad_token_id, 512), so the ids fit below them).
+  config.data.shapes_train = 20000
+  config.data.shapes_validation = 1000
+  config.data.shapes_test = 1000
+  config.data.shapes_seed = 0
+  config.data.shapes_image_size = 64
+  config.data.shapes_turns = 3
+  config.data.shapes_vocab_size = 0
 
   config.train = ml_collections.ConfigDict()
   config.train.stage = 'finetune'  # pretrain | finetune | full | custom

@@ -1,0 +1,41 @@
+"""The small LLaVA used for the CPU side-by-side with transformers (about 8.6M parameters).
+
+`python -m lvm.bench --config=benchmarks/configs/cpu_small.py --mode=train`
+
+CLIP-style tower on 64 px images (8 px patches: 64 visual tokens after dropping CLS),
+mlp2x_gelu projector, a 4-layer LLaMA decoder; batch 8, length 128 (64 image tokens
+and 64 text tokens per row). Every parameter is trained (stage 'full') so that the
+transformers step it is compared with does exactly the same work.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32')
+  config = common.get_config()
+  config.model.vision = common.vision_config(
+      'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
+      feature_layer=-1)
+  config.model.projector = common.projector_config('mlp2x_gelu')
+  config.model.decoder = common.decoder_config(
+      vocab_size=8192, width=256, depth=4, heads=8, kv_heads=8, mlp_dim=928)
+  config.model.image_token_id = 8190
+  config.model.pad_token_id = 8191
+  config.model.dtype = arg.dtype
+  config.model.param_dtype = 'float32'
+  config.model.scan_layers = arg.scan
+  config.model.remat_policy = 'none'
+  config.data.dataset = 'shapes'
+  config.data.seq_len = arg.seq_len
+  config.train.stage = 'full'
+  config.train.batch_size = arg.batch_size
+  config.optimizer.lr = 1e-4
+  config.optimizer.weight_decay = 0.0
+  config.optimizer.clip_norm = 0.0
+  config.optimizer.schedule = 'constant'
+  config.optimizer.warmup_ratio = 0.0
+  config.mesh.data = 1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  return config

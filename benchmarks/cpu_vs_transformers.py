@@ -1,0 +1,234 @@
+"""Side by side on this CPU: one lvm train step against transformers' PyTorch LLaVA.
+
+  python -m benchmarks.cpu_vs_transformers [--config=benchmarks/configs/cpu_small.py]
+      [--rounds=6] [--block=4] [--json]
+
+Both sides train the same model on the same batch: transformers'
+`LlavaForConditionalGeneration` is built from a local `LlavaConfig` with the lvm
+config's sizes, loaded with the lvm parameters (so the losses must agree, which is
+checked), and stepped with forward + backward + `torch.optim.AdamW` (eager, the
+default foreach implementation, `torch.get_num_threads()` threads). lvm runs its
+jitted, donated train step (loss + grad + optax AdamW).
+
+Timing interleaves the two in blocks of `--block` steps for `--rounds` rounds, so
+machine load hits both alike; the first step of each block is dropped (it pays for
+the other framework's thread pool going idle). Prints the medians, spreads, and the
+ratio torch / lvm (> 1: lvm is faster).
+"""
+
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+
+from lvm import bench
+
+_CONFIG = config_flags.DEFINE_config_file('config', 'benchmarks/configs/cpu_small.py',
+                                          'Config file[:args].', lock_config=True)
+_ROUNDS = flags.DEFINE_integer('rounds', 6, 'Interleaved rounds.')
+_BLOCK = flags.DEFINE_integer('block', 4, 'Steps per framework per round (first dropped).')
+_JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+
+
+def hf_config(config):
+  """A transformers LlavaConfig with the sizes of lvm `config.model`."""
+  from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # pylint: disable=g-import-not-at-top
+  c = config.model
+  v, d = c.vision, c.decoder
+  if v.kind != 'clip' or d.kind != 'llama' or c.projector.kind != 'mlp2x_gelu':
+    raise ValueError('the side-by-side supports a CLIP tower, mlp2x_gelu and a LLaMA decoder')
+  if d.rope_scaling or d.tie_embeddings:
+    raise ValueError('the side-by-side supports no rope_scaling and untied embeddings')
+  vision = CLIPVisionConfig(
+      hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
+      num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
+      hidden_act='quick_gelu', layer_norm_eps=v.norm_eps)
+  text = LlamaConfig(
+      vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
+      num_hidden_layers=d.depth, num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
+      head_dim=d.head_dim or d.width // d.heads, rms_norm_eps=d.norm_eps,
+      rope_theta=d.rope_theta, max_position_embeddings=max(2048, config.data.seq_len),
+      tie_word_embeddings=False, pad_token_id=c.pad_token_id)
+  select = {'patch': 'default', 'all': 'full'}[v.select]
+  hf = LlavaConfig(
+      vision_config=vision, text_config=text, image_token_index=c.image_token_id,
+      projector_hidden_act='gelu', vision_feature_layer=v.feature_layer,
+      vision_feature_select_strategy=select,
+      image_seq_length=(v.image_size // v.patch_size) ** 2)
+  hf._attn_implementation = 'sdpa'  # pylint: disable=protected-access
+  return hf
+
+
+def to_torch_state(params) -> dict[str, np.ndarray]:
+  """lvm parameters (unscanned layout) -> transformers LLaVA state dict (numpy)."""
+  out = {}
+
+  def dense(prefix, p, n_in=1):
+    k = np.asarray(p['kernel'])
+    k = k.reshape(int(np.prod(k.shape[:n_in])), -1).T  # [out, in]
+    out[prefix + '.weight'] = k
+    if 'bias' in p:
+      out[prefix + '.bias'] = np.asarray(p['bias']).reshape(-1)
+
+  def norm(prefix, p):
+    out[prefix + '.weight'] = np.asarray(p['scale'])
+    if 'bias' in p:
+      out[prefix + '.bias'] = np.asarray(p['bias'])
+
+  v = params['vision']
+  vt = 'model.vision_tower.'
+  out[vt + 'embeddings.patch_embedding.weight'] = np.asarray(v['patch_embedding']).transpose(
+      3, 2, 0, 1)
+  out[vt + 'embeddings.class_embedding'] = np.asarray(v['class_embedding'])
+  out[vt + 'embeddings.position_embedding.weight'] = np.asarray(v['position_embedding'])
+  norm(vt + 'pre_layrnorm', v['pre_layrnorm'])
+  norm(vt + 'post_layernorm', v['post_layernorm'])
+  i = 0
+  while f'layers_{i}' in v:
+    lp, pre = v[f'layers_{i}'], f'{vt}encoder.layers.{i}.'
+    norm(pre + 'layer_norm1', lp['layer_norm1'])
+    norm(pre + 'layer_norm2', lp['layer_norm2'])
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      dense(pre + 'self_attn.' + name, lp['self_attn'][name])
+    dense(pre + 'self_attn.out_proj', lp['self_attn']['out_proj'], n_in=2)
+    dense(pre + 'mlp.fc1', lp['mlp']['fc1'])
+    dense(pre + 'mlp.fc2', lp['mlp']['fc2'])
+    i += 1
+  for name in ('linear_1', 'linear_2'):
+    dense('model.multi_modal_projector.' + name, params['projector'][name])
+  d = params['decoder']
+  out['model.language_model.embed_tokens.weight'] = np.asarray(d['embed_tokens'])
+  norm('model.language_model.norm', d['norm'])
+  dense('lm_head', d['lm_head'])
+  i = 0
+  while f'layers_{i}' in d:
+    lp, pre = d[f'layers_{i}'], f'model.language_model.layers.{i}.'
+    norm(pre + 'input_layernorm', lp['input_layernorm'])
+    norm(pre + 'post_attention_layernorm', lp['post_attention_layernorm'])
+    for name in ('q_proj', 'k_proj', 'v_proj'):
+      dense(pre + 'self_attn.' + name, lp['self_attn'][name])
+    dense(pre + 'self_attn.o_proj', lp['self_attn']['o_proj'], n_in=2)
+    for name in ('gate_proj', 'up_proj', 'down_proj'):
+      dense(pre + 'mlp.' + name, lp['mlp'][name])
+    i += 1
+  return out
+
+
+def torch_step_fn(config, params, batch):
+  """(step() -> loss, initial loss): transformers LLaVA loaded with lvm's parameters."""
+  import torch  # pylint: disable=g-import-not-at-top
+  from transformers import LlavaForConditionalGeneration  # pylint: disable=g-import-not-at-top
+  torch.manual_seed(0)
+  model = LlavaForConditionalGeneration(hf_config(config)).float().train()
+  state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_torch_state(params).items()}
+  missing, unexpected = model.load_state_dict(state, strict=False)
+  missing = [k for k in missing if 'position_ids' not in k]
+  if missing or unexpected:
+    raise ValueError(f'state dict mismatch: missing {missing}, unexpected {unexpected}')
+  o = config.optimizer
+  opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
+                          weight_decay=o.weight_decay)
+  if config.data.max_images != 1:
+    raise ValueError('the side-by-side supports one image per row')
+  pixel_values = torch.from_numpy(np.ascontiguousarray(batch['images'][:, 0].transpose(0, 3, 1, 2)))
+  input_ids = torch.from_numpy(batch['input_ids'].astype(np.int64))
+  labels = torch.where(torch.from_numpy(batch['loss_mask']), input_ids, -100)
+  attention_mask = torch.from_numpy(batch['attention_mask'].astype(np.int64))
+
+  def step():
+    opt.zero_grad(set_to_none=True)
+    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
+                labels=labels)
+    out.loss.backward()
+    opt.step()
+    return float(out.loss.detach())
+
+  with torch.no_grad():
+    loss0 = float(model(input_ids=input_ids, pixel_values=pixel_values,
+                        attention_mask=attention_mask, labels=labels).loss)
+  return step, loss0, torch.get_num_threads()
+
+
+def compare(config, rounds: int = 6, block: int = 4) -> dict:
+  """Runs both steps interleaved; returns medians, spreads, losses and the ratio."""
+  if config.model.scan_layers:
+    raise ValueError('use an unscanned config (scan=False) for the side-by-side: the '
+                     'parameter mapping to transformers expects layers_0, layers_1, ...')
+  if block < 2:
+    raise ValueError('--block must be >= 2 (the first step of each block is dropped)')
+  b = bench.Bench(config)
+  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  params = b.init_params(batch)
+  torch_step, torch_loss0, threads = torch_step_fn(config, params, batch)
+  with b.context():
+    sbatch = b.shard_batch(batch)
+    lvm_loss0 = float(jax.jit(lambda p, x: bench.cross_entropy(
+        b.model.apply({'params': p}, x['images'], x['input_ids'],
+                      attention_mask=x['attention_mask']),
+        x['input_ids'], x['loss_mask']))(params, sbatch))
+    state, step = b.train_step_fn(params)
+    compiled, compile_s = bench.compile_timed(step, state, sbatch)
+    holder = [state]
+
+    def lvm_step():
+      holder[0], metrics = compiled(holder[0], sbatch)
+      return float(metrics['loss'])
+
+    lvm_times, torch_times, lvm_losses, torch_losses = [], [], [], []
+    for _ in range(rounds):
+      for fn, times, losses in ((lvm_step, lvm_times, lvm_losses),
+                                (torch_step, torch_times, torch_losses)):
+        for i in range(block):
+          start = time.perf_counter()
+          losses.append(fn())  # float() waits for the step to finish
+          if i:
+            times.append(time.perf_counter() - start)
+  lvm_s, torch_s = bench.summarize(lvm_times), bench.summarize(torch_times)
+  return {
+      'params': bench._count(params),  # pylint: disable=protected-access
+      'batch_size': config.train.batch_size, 'seq_len': config.data.seq_len,
+      'dtype': config.model.dtype, 'lvm_step_s': lvm_s, 'torch_step_s': torch_s,
+      'ratio_torch_over_lvm': torch_s['median'] / lvm_s['median'],
+      'initial_loss': {'lvm': lvm_loss0, 'torch': torch_loss0},
+      'loss_after_steps': {'lvm': lvm_losses[-1], 'torch': torch_losses[-1],
+                           'steps': len(lvm_losses)},
+      'lvm_compile_s': compile_s, 'torch_threads': threads, 'jax': jax.__version__,
+      'xla_flags': os.environ.get('XLA_FLAGS', ''), 'load_average': os.getloadavg(),
+  }
+
+
+def format_result(r: dict) -> str:
+  ls, ts = r['lvm_step_s'], r['torch_step_s']
+  row = lambda name, t: (f"  {name:<22} median {t['median'] * 1e3:7.1f} ms  p10 "
+                         f"{t['p10'] * 1e3:7.1f}  p90 {t['p90'] * 1e3:7.1f}  ({t['n']} steps)")
+  return '\n'.join([
+      f"CPU train step, {r['params']:,} params, batch {r['batch_size']} x {r['seq_len']}, "
+      f"{r['dtype']}, load average {r['load_average'][0]:.2f}",
+      row('lvm (jax ' + r['jax'] + ')', ls),
+      row(f"transformers (torch, {r['torch_threads']} thr)", ts),
+      f"  initial loss           lvm {r['initial_loss']['lvm']:.5f}  torch "
+      f"{r['initial_loss']['torch']:.5f}",
+      f"  loss after {r['loss_after_steps']['steps']} steps    lvm "
+      f"{r['loss_after_steps']['lvm']:.5f}  torch {r['loss_after_steps']['torch']:.5f}",
+      f"  lvm compile            {r['lvm_compile_s']:.1f} s",
+      f"  ratio torch / lvm      {r['ratio_torch_over_lvm']:.2f}x  (> 1: lvm faster)",
+  ])
+
+
+def main(argv):
+  del argv
+  r = compare(_CONFIG.value, _ROUNDS.value, _BLOCK.value)
+  if abs(r['initial_loss']['lvm'] - r['initial_loss']['torch']) > 1e-3:
+    raise SystemExit(f"the two models disagree: initial loss lvm {r['initial_loss']['lvm']} vs "
+                     f"torch {r['initial_loss']['torch']}")
+  print(json.dumps(r) if _JSON.value else format_result(r))
+
+
+if __name__ == '__main__':
+  app.run(main)

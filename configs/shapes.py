@@ -1,0 +1,58 @@
+"""The demo: a small LLaVA trained from scratch on the synthetic `shapes` VQA dataset.
+
+  python -m lvm.main --config=configs/shapes.py --workdir=/tmp/shapes
+
+Everything (dataset generation, tokenizer, compile, training, evaluation) fits in a few
+minutes on a 2-core CPU. Colon args: `configs/shapes.py:steps=600,train=20000`.
+"""
+
+from configs import common
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, steps=600, train=20000, batch_size=32, data_dir='')
+  config = common.get_config()
+
+  # 64 px images, 8 px patches -> 8x8 patch grid; the pixel-shuffle projector folds it to
+  # 16 visual tokens per image, which keeps the decoder's sequence short.
+  config.model.vision = common.vision_config(
+      'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=256,
+      feature_layer=-1)
+  config.model.projector = common.projector_config('downsample_mlp')
+  config.model.decoder = common.decoder_config(
+      vocab_size=512, width=128, depth=2, heads=4, kv_heads=4, mlp_dim=384)
+  config.model.image_token_id = 510
+  config.model.pad_token_id = 511
+  config.model.dtype = 'float32'  # CPU: bfloat16 is emulated and slower
+  config.model.scan_layers = True
+
+  config.data.dataset = 'shapes'
+  config.data.data_dir = arg.data_dir
+  config.data.template = 'vicuna_v1'
+  config.data.seq_len = 96
+  config.data.image_aspect = 'pad'
+  config.data.shapes_train = arg.train
+  config.data.shapes_validation = 500
+  config.data.shapes_test = 1000
+  config.data.shapes_seed = 0
+  config.data.shapes_image_size = 64
+  config.data.shapes_turns = 3
+
+  config.train.stage = 'full'  # from scratch: everything trains
+  config.train.batch_size = arg.batch_size
+  config.train.num_steps = arg.steps
+  config.train.log_every = 50
+  config.train.eval_every = 0
+  config.train.eval_batches = -1
+
+  config.optimizer.lr = 3e-3
+  config.optimizer.schedule = 'cosine'
+  config.optimizer.warmup_steps = 30
+  config.optimizer.warmup_ratio = 0.0
+  config.optimizer.weight_decay = 0.01
+  config.optimizer.clip_norm = 1.0
+
+  config.mesh.data = -1
+  config.checkpoint.interval = 200
+  config.checkpoint.keep = 2
+  return config

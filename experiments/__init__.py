@@ -1,0 +1,1 @@
+"""Ablation sweeps as data (`sweep`), launchers (`launchers`, `run`) and reports (`compare`)."""

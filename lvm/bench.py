@@ -1,0 +1,608 @@
+"""Benchmarks: step time, throughput, model FLOPs, MFU, compile time and memory.
+
+  python -m lvm.bench --config=benchmarks/configs/cpu_small.py --mode=train --steps=20
+  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b --mode=train --json
+
+Modes:
+  train    one optimizer step (forward, backward, AdamW update, jitted as one donated
+           function) on a synthetic batch of the config's shape.
+  prefill  the forward pass that fills the KV cache for images + prompt (time to first
+           token when batch_size=1).
+  decode   one token per row with the KV cache (tokens/s = batch / step time); also
+           reports the bandwidth limit: measured copy bandwidth / bytes of the weights.
+
+Timing: `--warmup` steps after compilation are discarded, then `--steps` steps are
+each timed to completion (`block_until_ready` on every output), and the median, the
+10th/90th percentiles, min and max are reported. Compile time is `lower().compile()`
+measured separately, so it never leaks into the step time.
+
+Model FLOPs follow DESIGN.md ("Counting FLOPs for MFU"), counted on the batch's full
+shape (every position of every row, as the device computes them); see `model_flops`.
+MFU = model FLOPs per step / step time / peak; the peak is the device's dense bf16
+rate from `PEAK_TFLOPS` (none on CPU, so no MFU is claimed there). `--measure_peak`
+also times a large matmul on the same device and reports MFU against that rate.
+"""
+
+import functools
+import json
+import os
+import re
+import statistics
+import sys
+import time
+from typing import Any, Callable
+
+from absl import app
+from absl import flags
+import flax.linen as nn
+from flax import traverse_util
+import jax
+import jax.numpy as jnp
+from ml_collections import config_flags
+import numpy as np
+import optax
+
+from lvm import sharding
+import lvm.models
+
+# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` (first match wins).
+PEAK_TFLOPS = (
+    ('H200', 989.0),
+    ('H100', 989.0),
+    ('TPU v6', 918.0),  # v6e ('TPU v6 lite')
+    ('TPU v5 lite', 197.0),  # v5e
+    ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0),
+    ('TPU v5', 459.0),  # v5p reports 'TPU v5'
+    ('TPU v4', 275.0),
+)
+
+# XLA flags for a GPU training step (set before the backend starts; --gpu_flags).
+# The latency-hiding scheduler overlaps collectives and copies with compute.
+GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
+
+STAGE_TRAINABLE = {
+    # Regex over '/'-joined parameter paths; mirrors config.train.stage.
+    'pretrain': r'^projector/',
+    'finetune': r'^(projector|decoder)/',
+    'full': r'.*',
+}
+
+
+def peak_tflops(device) -> float | None:
+  """The dense bf16 peak of `device` in TFLOP/s, or None where none is known (CPU)."""
+  if device.platform == 'cpu':
+    return None
+  kind = getattr(device, 'device_kind', '')
+  for name, peak in PEAK_TFLOPS:
+    if name.lower() in kind.lower():
+      return peak
+  return None
+
+
+def trainable_regex(config) -> str:
+  stage = config.train.stage
+  if stage == 'custom':
+    return config.train.trainable
+  if stage not in STAGE_TRAINABLE:
+    raise ValueError(f"config.train.stage must be one of {sorted(STAGE_TRAINABLE)} or 'custom', "
+                     f'got {stage!r}')
+  return STAGE_TRAINABLE[stage]
+
+
+# --------------------------------------------------------------------------- FLOPs
+
+
+def unbox(tree):
+  """Strips flax partitioning boxes without applying sharding constraints."""
+  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
+  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
+                      is_leaf=is_box)
+
+
+def _count(tree) -> int:
+  return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
+
+
+def param_counts(config) -> dict[str, int]:
+  """Parameter counts by part (abstract init: no memory is allocated)."""
+  model = lvm.models.build(config)
+  c = config.model
+  images = jax.ShapeDtypeStruct((1, 1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
+  params = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, ids))['params']
+  dec = params['decoder']
+  embed = _count(dec['embed_tokens'])
+  return {
+      'vision': _count(params['vision']),
+      'projector': _count(params['projector']),
+      'decoder': _count(dec),
+      'decoder_embed': embed,
+      'decoder_no_embed': _count(dec) - embed + (embed if c.decoder.tie_embeddings else 0),
+      'total': _count(params),
+  }
+
+
+def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
+                cache_len: int = 0) -> dict[str, Any]:
+  """Model FLOPs of one step, by DESIGN.md's rule, and the formula as text.
+
+  Decoder, per token: 2 x N forward (N = decoder parameters without the input
+  embedding, the LM head included; a tied head counts once) plus causal attention
+  2 x layers x heads x head_dim x L forward (QK^T and AV, halved by causality).
+  Training multiplies a trainable part by 3 (forward + two backward matmuls) and a
+  frozen part that gradients flow through by 2 (forward + input gradient).
+  Vision, per patch token (class token included): 2 x params + 4 x layers x width x T
+  (bidirectional attention over T tokens); projector, per visual token: 2 x params.
+  Decode: one token per row attending to `cache_len` keys (4 x layers x heads x
+  head_dim x cache_len, no causal halving).
+
+  Returns:
+    dict with 'total', the parts, 'tokens' and 'formula'.
+  """
+  c = config.model
+  counts = param_counts(config)
+  dec = c.decoder
+  head_dim = dec.head_dim or dec.width // dec.heads
+  attn_width = dec.depth * dec.heads * head_dim
+  n_img = config.data.max_images
+  v = c.vision
+  vis_tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.kind == 'clip' else 0)
+  visual_out = lvm.models.num_image_tokens(config)
+  n_dec = counts['decoder_no_embed']
+
+  if mode == 'train':
+    pattern = re.compile(trainable_regex(config))
+    trainable = {part: bool(pattern.search(f'{part}/x')) for part in
+                 ('vision', 'projector', 'decoder')}
+    # Multipliers of the forward FLOPs: 3 trainable, 2 if a gradient flows through, 1 else.
+    mult_dec = 3 if trainable['decoder'] else (2 if trainable['projector'] or
+                                               trainable['vision'] else 1)
+    mult_proj = 3 if trainable['projector'] else (2 if trainable['vision'] else 1)
+    mult_vis = 3 if trainable['vision'] else 1
+  else:
+    mult_dec = mult_proj = mult_vis = 1
+
+  parts = {}
+  if mode == 'decode':
+    tokens = batch_size
+    parts['decoder'] = tokens * (2 * n_dec + 4 * attn_width * cache_len)
+    parts['vision'] = parts['projector'] = 0
+    formula = (f'B x (2 x N_dec + 4 x layers x heads x head_dim x S) = {batch_size} x '
+               f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
+  else:
+    tokens = batch_size * seq_len
+    parts['decoder'] = mult_dec * tokens * (2 * n_dec + 2 * attn_width * seq_len)
+    images = batch_size * n_img
+    parts['vision'] = mult_vis * images * vis_tokens * (
+        2 * counts['vision'] + 4 * v.depth * v.width * vis_tokens)
+    parts['projector'] = mult_proj * images * visual_out * 2 * counts['projector']
+    formula = (f'decoder {mult_dec} x B*L x (2 x N_dec + 2 x layers x heads x head_dim x L) '
+               f'+ vision {mult_vis} x B*N*T x (2 x N_vis + 4 x layers_v x width_v x T) '
+               f'+ projector {mult_proj} x B*N*P x 2 x N_proj; B={batch_size} L={seq_len} '
+               f'N={n_img} T={vis_tokens} P={visual_out} N_dec={n_dec:,} '
+               f'N_vis={counts["vision"]:,} N_proj={counts["projector"]:,}')
+  return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
+          'formula': formula, 'params': counts}
+
+
+# --------------------------------------------------------------------------- inputs
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of the pipeline's shapes: each row starts with its images' tokens, then text.
+
+  Text ids avoid the image and pad ids; the loss covers every text token after the
+  first. Returns numpy arrays (images f32[B, N, H, W, 3], input_ids i32[B, L],
+  loss_mask / attention_mask bool[B, L]).
+  """
+  c = config.model
+  rng = np.random.default_rng(seed)
+  n_img = config.data.max_images
+  p = lvm.models.num_image_tokens(config)
+  if n_img * p >= seq_len:
+    raise ValueError(f'seq_len {seq_len} leaves no room for text after {n_img} x {p} image '
+                     'tokens; raise config.data.seq_len')
+  size = c.vision.image_size
+  images = rng.standard_normal((batch_size, n_img, size, size, 3), dtype=np.float32)
+  special = {c.image_token_id, c.pad_token_id}
+  vocab = c.decoder.vocab_size
+  ids = rng.integers(0, vocab, (batch_size, seq_len), dtype=np.int32)
+  for s in special:  # move accidental special ids onto an ordinary one
+    ids[ids == s] = min(set(range(len(special) + 1)) - special)
+  ids[:, :n_img * p] = c.image_token_id
+  loss_mask = np.zeros((batch_size, seq_len), bool)
+  loss_mask[:, n_img * p + 1:] = True
+  attention_mask = np.ones((batch_size, seq_len), bool)
+  return {'images': images, 'input_ids': ids, 'loss_mask': loss_mask,
+          'attention_mask': attention_mask}
+
+
+# --------------------------------------------------------------------------- steps
+
+
+def cross_entropy(logits, input_ids, loss_mask):
+  """Mean next-token cross-entropy (float32) over loss_mask positions.
+
+  Args:
+    logits: float[B, L, V]; logits[:, t] predicts input_ids[:, t + 1].
+    input_ids: int[B, L].
+    loss_mask: bool[B, L], True where input_ids[:, t] is a supervised target.
+  """
+  logits = logits[:, :-1].astype(jnp.float32)
+  targets = input_ids[:, 1:]
+  mask = loss_mask[:, 1:].astype(jnp.float32)
+  logz = jax.nn.logsumexp(logits, axis=-1)
+  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
+  return jnp.sum((logz - target_logit) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
+
+
+def split_params(params, regex: str):
+  """(trainable, frozen) flat dicts keyed by '/'-joined paths."""
+  pattern = re.compile(regex)
+  flat = traverse_util.flatten_dict(params, sep='/')
+  trainable = {k: v for k, v in flat.items() if pattern.search(k)}
+  frozen = {k: v for k, v in flat.items() if not pattern.search(k)}
+  if not trainable:
+    raise ValueError(f'No parameter matches the trainable regex {regex!r}')
+  return trainable, frozen
+
+
+def make_optimizer(config) -> optax.GradientTransformation:
+  o = config.optimizer
+  tx = optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
+  if o.clip_norm:
+    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
+  return tx
+
+
+class Bench:
+  """Builds the model, sharded parameters and jitted step functions for one config."""
+
+  def __init__(self, config, devices=None):
+    self.config = config
+    self.model = lvm.models.build(config)
+    self.mesh = sharding.make_mesh(config.mesh, devices)
+    self.rules = sharding.rules(config)
+    self.batch_size = config.train.batch_size
+    self.seq_len = config.data.seq_len
+
+  def context(self):
+    return _Context(self.mesh, self.rules)
+
+  def shard_batch(self, batch):
+    return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
+            for k, v in batch.items()}
+
+  def init_params(self, batch):
+    """Abstract init, then a jitted init straight into the sharded layout."""
+    with self.context():
+      init = functools.partial(self.model.init, images=batch['images'][:1],
+                               input_ids=batch['input_ids'][:1])
+      abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+      shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
+      variables = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+    return unbox(variables)['params']
+
+  def train_step_fn(self, params):
+    """(state, jitted step): the step is loss + grad + AdamW update, donating the state.
+
+    Only the trainable parameters are differentiated and carry optimizer state.
+    """
+    regex = trainable_regex(self.config)
+    trainable, frozen = split_params(params, regex)
+    tx = make_optimizer(self.config)
+    model = self.model
+
+    def loss_fn(trainable, frozen, batch):
+      params = traverse_util.unflatten_dict({**trainable, **frozen}, sep='/')
+      logits = model.apply({'params': params}, batch['images'], batch['input_ids'],
+                           attention_mask=batch['attention_mask'])
+      return cross_entropy(logits, batch['input_ids'], batch['loss_mask'])
+
+    def step(state, batch):
+      loss, grads = jax.value_and_grad(loss_fn)(state['trainable'], state['frozen'], batch)
+      updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
+      trainable = optax.apply_updates(state['trainable'], updates)
+      return {'trainable': trainable, 'frozen': state['frozen'], 'opt_state': opt_state,
+              'step': state['step'] + 1}, {'loss': loss}
+
+    with self.context():
+      opt_state = jax.jit(tx.init)(trainable)
+    state = {'trainable': trainable, 'frozen': frozen, 'opt_state': opt_state,
+             'step': jnp.zeros((), jnp.int32)}
+    return state, jax.jit(step, donate_argnums=0)
+
+  def prefill_fn(self, cache_len: int):
+    model = self.model
+
+    def prefill(params, images, input_ids, attention_mask):
+      b, l = input_ids.shape
+      cache = model.decoder.init_cache(b, cache_len)
+      # The mask spans the cache; slots past the prompt are hidden by causality anyway and
+      # must read as real once decoding writes them.
+      attention_mask = jnp.concatenate(
+          [attention_mask, jnp.ones((b, cache_len - l), attention_mask.dtype)], axis=1)
+      logits, cache = model.apply({'params': params}, images, input_ids, attention_mask, None,
+                                  cache, jnp.zeros((), jnp.int32), method='forward')
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
+
+    return jax.jit(prefill)
+
+  def decode_fn(self):
+    model = self.model
+
+    def decode(params, tokens, cache, index):
+      logits, cache = model.apply({'params': params}, tokens[:, None], cache, index,
+                                  method='decode')
+      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache, index + 1
+
+    return jax.jit(decode, donate_argnums=(2,))
+
+
+class _Context:
+  """`with` the mesh and the logical axis rules."""
+
+  def __init__(self, mesh, rules):
+    self.mesh, self.rules = mesh, rules
+
+  def __enter__(self):
+    self._mesh_cm = jax.set_mesh(self.mesh)
+    self._rules_cm = nn.logical_axis_rules(self.rules)
+    self._mesh_cm.__enter__()
+    self._rules_cm.__enter__()
+    return self
+
+  def __exit__(self, *exc):
+    self._rules_cm.__exit__(*exc)
+    self._mesh_cm.__exit__(*exc)
+
+
+# --------------------------------------------------------------------------- timing
+
+
+def summarize(times: list[float]) -> dict[str, float]:
+  """Median, 10th/90th percentiles, min and max of a list of seconds."""
+  arr = np.asarray(times)
+  return {'median': float(np.median(arr)), 'p10': float(np.percentile(arr, 10)),
+          'p90': float(np.percentile(arr, 90)), 'min': float(arr.min()),
+          'max': float(arr.max()), 'n': int(arr.size)}
+
+
+def compile_timed(jitted, *args):
+  """(compiled executable, seconds spent lowering + compiling)."""
+  start = time.perf_counter()
+  compiled = jitted.lower(*args).compile()
+  return compiled, time.perf_counter() - start
+
+
+def memory_stats(compiled, device) -> dict[str, Any]:
+  """Peak device bytes where the runtime counts them (GPU/TPU), else XLA's estimate."""
+  out = {}
+  stats = device.memory_stats() if hasattr(device, 'memory_stats') else None
+  if stats and 'peak_bytes_in_use' in stats:
+    out['peak_bytes_in_use'] = int(stats['peak_bytes_in_use'])
+  try:
+    m = compiled.memory_analysis()
+    out['compiled_bytes'] = int(m.argument_size_in_bytes + m.output_size_in_bytes
+                                + m.temp_size_in_bytes - m.alias_size_in_bytes)
+    out['temp_bytes'] = int(m.temp_size_in_bytes)
+  except Exception:  # pylint: disable=broad-except
+    pass  # Not every backend implements memory_analysis.
+  return out
+
+
+def time_steps(run: Callable[[], Any], steps: int, warmup: int) -> list[float]:
+  """Seconds per call of `run` (which must return the outputs to wait for)."""
+  for _ in range(warmup):
+    jax.block_until_ready(run())
+  times = []
+  for _ in range(steps):
+    start = time.perf_counter()
+    jax.block_until_ready(run())
+    times.append(time.perf_counter() - start)
+  return times
+
+
+def matmul_tflops(device, n: int | None = None, dtype=None, reps: int = 10) -> float:
+  """Achieved TFLOP/s of an n x n x n matmul on `device` (bf16 on accelerators)."""
+  accel = device.platform != 'cpu'
+  n = n or (8192 if accel else 1024)
+  dtype = dtype or (jnp.bfloat16 if accel else jnp.float32)
+  a = jax.device_put(jnp.ones((n, n), dtype), device)
+  b = jax.device_put(jnp.ones((n, n), dtype), device)
+  f = jax.jit(lambda a, b: a @ b)
+  times = time_steps(lambda: f(a, b), reps, 2)
+  return 2 * n ** 3 / float(np.median(times)) / 1e12
+
+
+def copy_bandwidth(device, nbytes: int | None = None, reps: int = 10) -> float:
+  """Achieved bytes/s of a device-to-device array copy (read + write counted)."""
+  nbytes = nbytes or (2 ** 30 if device.platform != 'cpu' else 2 ** 26)
+  x = jax.device_put(jnp.ones((nbytes // 4,), jnp.float32), device)
+  f = jax.jit(lambda x: x + 1.0)  # one read and one write per element
+  times = time_steps(lambda: f(x), reps, 2)
+  return 2 * nbytes / float(np.median(times))
+
+
+def tree_bytes(tree) -> int:
+  return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
+
+
+# --------------------------------------------------------------------------- modes
+
+
+def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
+        measure_peak: bool = False, decode_len: int = 0) -> dict[str, Any]:
+  """Benchmarks one mode of `config`; returns the report as a dict."""
+  if mode not in ('train', 'prefill', 'decode'):
+    raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
+  if steps < 1:
+    raise ValueError(f'steps must be >= 1, got {steps}')
+  bench = Bench(config)
+  device = bench.mesh.devices.flat[0]
+  num_devices = bench.mesh.devices.size
+  b, l = bench.batch_size, bench.seq_len
+  if b % num_devices and mode == 'train':
+    raise ValueError(f'config.train.batch_size {b} must be divisible by the {num_devices} '
+                     'devices of the mesh')
+  batch = synthetic_batch(config, b, l)
+  report = {'mode': mode, 'device': device.device_kind, 'platform': device.platform,
+            'num_devices': int(num_devices), 'batch_size': b, 'seq_len': l,
+            'dtype': config.model.dtype, 'scan_layers': bool(config.model.scan_layers),
+            'remat_policy': config.model.remat_policy,
+            'attention_impl': config.model.attention_impl, 'jax': jax.__version__}
+  params = bench.init_params(batch)
+  report['params'] = _count(params)
+  with bench.context():
+    sbatch = bench.shard_batch(batch)
+    if mode == 'train':
+      state, step = bench.train_step_fn(params)
+      del params
+      compiled, report['compile_s'] = compile_timed(step, state, sbatch)
+      holder = [state]
+
+      def one():
+        holder[0], metrics = compiled(holder[0], sbatch)
+        return holder[0], metrics
+
+      times = time_steps(one, steps, warmup)
+      report['loss'] = float(one()[1]['loss'])
+      flops = model_flops(config, b, l, 'train')
+      tokens = b * l
+    elif mode == 'prefill':
+      decode_len = decode_len or 16
+      prefill = bench.prefill_fn(l + decode_len)
+      args = (params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'])
+      compiled, report['compile_s'] = compile_timed(prefill, *args)
+      times = time_steps(lambda: compiled(*args), steps, warmup)
+      flops = model_flops(config, b, l, 'prefill')
+      tokens = b * l
+    else:
+      decode_len = decode_len or 64
+      cache_len = l + decode_len
+      prefill = bench.prefill_fn(cache_len)
+      tokens_, cache = prefill(params, sbatch['images'], sbatch['input_ids'],
+                               sbatch['attention_mask'])
+      decode = bench.decode_fn()
+      index = jnp.asarray(l, jnp.int32)
+      compiled, report['compile_s'] = compile_timed(decode, params, tokens_, cache, index)
+      holder = [tokens_, cache, index]
+      total = warmup + steps + 1
+      if total > decode_len:
+        raise ValueError(f'decode: warmup + steps + 1 = {total} tokens exceed --decode_len '
+                         f'{decode_len}; raise --decode_len')
+
+      def one():
+        holder[:] = compiled(params, *holder)
+        return holder
+
+      times = time_steps(one, steps, warmup)
+      # Attention cost grows with the cache position; count the middle of the timed span.
+      flops = model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
+      tokens = b
+      weight_bytes = tree_bytes(params)
+      bw = copy_bandwidth(device)
+      report['weight_bytes'] = weight_bytes
+      report['copy_bandwidth_GBps'] = bw / 1e9
+      # Batch-1 decode reads every weight once per token: tokens/s <= bandwidth / bytes.
+      report['bandwidth_limit_tokens_per_s_per_row'] = bw / weight_bytes
+    report['memory'] = memory_stats(compiled, device)
+
+  t = summarize(times)
+  report['step_s'] = t
+  report['samples_per_s'] = b / t['median'] if mode != 'decode' else None
+  report['tokens_per_s'] = tokens / t['median']
+  report['model_flops_per_step'] = flops['total']
+  report['model_flops_parts'] = flops['parts']
+  report['flops_formula'] = flops['formula']
+  achieved = flops['total'] / t['median']
+  report['achieved_tflops'] = achieved / 1e12
+  peak = peak_tflops(device)
+  report['peak_tflops_per_device'] = peak
+  report['mfu'] = achieved / (peak * 1e12 * num_devices) if peak else None
+  if measure_peak:
+    measured = matmul_tflops(device)
+    report['measured_matmul_tflops_per_device'] = measured
+    report['mfu_vs_measured_matmul'] = achieved / (measured * 1e12 * num_devices)
+  if mode == 'decode':
+    report['decode_tokens_per_s_per_row'] = 1.0 / t['median']
+  report['load_average'] = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
+  return report
+
+
+def format_report(r: dict[str, Any]) -> str:
+  t = r['step_s']
+  lines = [
+      f"lvm.bench mode={r['mode']} device={r['device']} x{r['num_devices']} "
+      f"dtype={r['dtype']} scan={r['scan_layers']} remat={r['remat_policy']} "
+      f"attention={r['attention_impl']} jax={r['jax']}",
+      f"  params            {r['params']:,}",
+      f"  batch x length    {r['batch_size']} x {r['seq_len']}",
+      f"  compile time      {r['compile_s']:.2f} s",
+      f"  step time         median {t['median'] * 1e3:.2f} ms  (p10 {t['p10'] * 1e3:.2f}, "
+      f"p90 {t['p90'] * 1e3:.2f}, min {t['min'] * 1e3:.2f}, max {t['max'] * 1e3:.2f}; "
+      f"{t['n']} steps)",
+  ]
+  if r['samples_per_s'] is not None:
+    lines.append(f"  samples/s         {r['samples_per_s']:.2f}")
+  lines.append(f"  tokens/s          {r['tokens_per_s']:.1f}")
+  if 'decode_tokens_per_s_per_row' in r:
+    lines.append(f"  decode tokens/s/row {r['decode_tokens_per_s_per_row']:.1f}  (bandwidth "
+                 f"limit {r['bandwidth_limit_tokens_per_s_per_row']:.1f}: "
+                 f"{r['weight_bytes'] / 1e9:.3f} GB weights / "
+                 f"{r['copy_bandwidth_GBps']:.1f} GB/s copy)")
+  lines.append(f"  model FLOPs/step  {r['model_flops_per_step']:.4g}  "
+               f"({r['achieved_tflops']:.3f} TFLOP/s achieved)")
+  lines.append(f"    = {r['flops_formula']}")
+  if r['mfu'] is not None:
+    lines.append(f"  MFU               {100 * r['mfu']:.1f}% of {r['peak_tflops_per_device']:.0f} "
+                 f"TFLOP/s x {r['num_devices']}")
+  else:
+    lines.append('  MFU               n/a (no known peak for this device)')
+  if 'mfu_vs_measured_matmul' in r:
+    lines.append(f"  MFU vs matmul     {100 * r['mfu_vs_measured_matmul']:.1f}% of "
+                 f"{r['measured_matmul_tflops_per_device']:.1f} TFLOP/s measured")
+  mem = r['memory']
+  if 'peak_bytes_in_use' in mem:
+    lines.append(f"  peak memory       {mem['peak_bytes_in_use'] / 2 ** 30:.2f} GiB per device")
+  if 'compiled_bytes' in mem:
+    lines.append(f"  compiled memory   {mem['compiled_bytes'] / 2 ** 30:.3f} GiB "
+                 '(XLA estimate: arguments + outputs + temporaries)')
+  if r.get('loss') is not None:
+    lines.append(f"  loss              {r['loss']:.4f}")
+  return '\n'.join(lines)
+
+
+# --------------------------------------------------------------------------- main
+
+def define_flags():
+  """The command-line flags (defined on demand so that importing lvm.bench defines none)."""
+  config_flags.DEFINE_config_file('config', None, 'Config file[:args].', lock_config=True)
+  flags.DEFINE_enum('mode', 'train', ['train', 'prefill', 'decode'], 'What to time.')
+  flags.DEFINE_integer('steps', 10, 'Timed steps (after warm-up).')
+  flags.DEFINE_integer('warmup', 2, 'Untimed steps after compilation.')
+  flags.DEFINE_integer('decode_len', 0, 'KV cache room past the prompt (0: 16 for prefill, '
+                       '64 for decode).')
+  flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
+  flags.DEFINE_bool('measure_peak', False, 'Also time a large matmul and report MFU against it.')
+  flags.DEFINE_bool('gpu_flags', False, 'Add GPU_XLA_FLAGS to XLA_FLAGS.')
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if f.config is None:
+    raise app.UsageError('--config is required, e.g. --config=benchmarks/configs/cpu_small.py')
+  if f.gpu_flags:
+    # XLA reads XLA_FLAGS when the backend starts, which has not happened yet.
+    os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *GPU_XLA_FLAGS]).strip()
+  report = run(f.config, f.mode, steps=f.steps, warmup=f.warmup, measure_peak=f.measure_peak,
+               decode_len=f.decode_len)
+  print(json.dumps(report) if f.json else format_report(report))
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  define_flags()
+  app.run(main)

@@ -1,0 +1,125 @@
+r"""Prints samples as the model sees them.
+
+  python -m lvm.data.inspect --config=configs/tiny.py [--split=train] [--num=4] [--json]
+
+Text shows supervised spans as [[...]] and collapses image-token runs to `<image xP>`; each
+sample lists its lengths, and dropped samples their reason. With --json, one object per line:
+`id`, `text` (the full decoded sequence), `supervised_text` (only the supervised tokens,
+decoded), `marked`, `num_image_tokens`, `length`, `num_supervised`, `truncated`, `dropped`.
+The dataset is prepared first if needed.
+"""
+
+import collections
+import json
+import sys
+
+from absl import app
+from absl import flags
+from ml_collections import config_flags
+import numpy as np
+
+from lvm.data import images as images_lib
+from lvm.data import templates
+
+_CONFIG = config_flags.DEFINE_config_file('config', None, 'Config file.', lock_config=True)
+_SPLIT = flags.DEFINE_string('split', None, 'Split (default: config.data.train_split).')
+_NUM = flags.DEFINE_integer('num', 4, 'Samples to show (records read in order).')
+_JSON = flags.DEFINE_bool('json', False, 'One JSON object per sample.')
+
+
+def spans(tokenizer, ids, mask):
+  """[(kind, text)] with kind in image|supervised|text; image runs collapsed.
+
+  A span's text is decoded in the context of the preceding text, so leading spaces that a
+  tokenizer folds into a token (SentencePiece's ▁) are kept.
+  """
+  out, context, k = [], [], 0
+  ids, mask = list(map(int, ids)), list(map(bool, mask))
+  while k < len(ids):
+    j = k
+    if ids[k] == tokenizer.image_token_id:
+      while j < len(ids) and ids[j] == tokenizer.image_token_id:
+        j += 1
+      out.append(('image', f'<image x{j - k}>'))
+      context = []
+    else:
+      while (j < len(ids) and ids[j] != tokenizer.image_token_id and mask[j] == mask[k]):
+        j += 1
+      before = tokenizer.decode(context)
+      text = tokenizer.decode(context + ids[k:j])
+      out.append(('supervised' if mask[k] else 'text',
+                  text[len(before):] if text.startswith(before) else text))
+      context = context + ids[k:j]
+    k = j
+  return out
+
+
+def describe(tokenizer, ids, mask, untruncated_length=None):
+  """The JSON-able description of one rendered sample."""
+  parts = spans(tokenizer, ids, mask)
+  ids, mask = np.asarray(ids), np.asarray(mask, bool)
+  return {
+      'text': ''.join(t for _, t in parts),
+      'supervised_text': tokenizer.decode(ids[mask]),
+      'supervised_spans': [t for k, t in parts if k == 'supervised'],
+      'marked': ''.join(f'[[{t}]]' if k == 'supervised' else t for k, t in parts),
+      'num_image_tokens': int((ids == tokenizer.image_token_id).sum()),
+      'length': int(len(ids)),
+      'num_supervised': int(mask.sum()),
+      'truncated': bool(untruncated_length is not None and untruncated_length > len(ids)),
+      'dropped': None,
+  }
+
+
+def inspect(config, split, num):
+  """Yields one description per record (the first `num` of `split`, in order)."""
+  from lvm import data, models  # pylint: disable=g-import-not-at-top
+  from lvm.data import pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  data.prepare(config)
+  tok = tokenizer_lib.load(config)
+  proc = pipeline.Processor(config, tok, models.num_image_tokens(config))
+  source = pipeline.data_source(config, split)
+  for i in range(min(num, len(source))):
+    record = source[i]
+    rid = pipeline._text(record.get('id', str(i)))  # pylint: disable=protected-access
+    try:
+      ids, mask, images = proc.text(record)
+      for b in images:
+        images_lib.decode(b)
+      turns, _ = pipeline.record_turns(record, config.data.template)
+      full, _ = templates.render(config.data.template, turns, tok, proc.num_image_tokens)
+      d = describe(tok, ids, mask, len(full))
+    except (templates.SampleError, images_lib.ImageError) as e:
+      d = {'text': None, 'supervised_text': None, 'num_image_tokens': 0, 'length': 0,
+           'dropped': e.reason, 'message': str(e)}
+    d['id'] = rid
+    yield d
+
+
+def main(argv):
+  del argv
+  config = _CONFIG.value
+  split = _SPLIT.value or config.data.train_split
+  drops = collections.Counter()
+  for d in inspect(config, split, _NUM.value):
+    drops[d['dropped']] += d['dropped'] is not None
+    if _JSON.value:
+      print(json.dumps(d))
+      continue
+    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template})')
+    if d['dropped']:
+      print(f'DROPPED: {d["message"]}')
+      continue
+    print(d['marked'])
+    print(f'--- length {d["length"]}/{config.data.seq_len}, image tokens '
+          f'{d["num_image_tokens"]}, supervised {d["num_supervised"]}'
+          f'{", TRUNCATED" if d["truncated"] else ""}; supervised text: '
+          f'{d["supervised_text"]!r}')
+  if not _JSON.value:
+    drops = {k: v for k, v in drops.items() if v}
+    print(f'=== dropped: {drops or "none"}')
+  sys.stdout.flush()
+
+
+if __name__ == '__main__':
+  app.run(main)

@@ -1,0 +1,351 @@
+"""The input pipeline: deterministic, resumable, per-process, batches as global jax.Arrays.
+
+The global batch has B rows. Row r reads the positions r, r + B, r + 2B, ... of the global
+sample stream (epoch e is a seeded permutation of the split, `shuffle_seed` and e), skipping
+samples that cannot be used (counted by reason in `.stats`). A row depends on nothing but its
+own position in the stream, so:
+  * each process reads only the rows its devices hold (its slice of the global batch), and the
+    global batch is the same for any number of processes;
+  * the state is one cursor per row (`get_state` / `set_state`), and a restored iterator
+    continues with exactly the batches an uninterrupted one would have produced.
+Host preprocessing of the rows runs in `config.data.num_workers` threads (PIL and numpy
+release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread.
+"""
+
+import atexit
+import collections
+import concurrent.futures
+import json
+import queue
+import threading
+import weakref
+from typing import Any
+
+import jax
+import numpy as np
+
+from lvm import sharding as sharding_lib
+from lvm.data import images as images_lib
+from lvm.data import templates
+from lvm.data import tokenizer as tokenizer_lib
+
+STATE_VERSION = 1
+_LIVE = weakref.WeakSet()  # Iterators whose prefetch threads must stop before exit.
+
+
+@atexit.register
+def _stop_all():
+  for it in list(_LIVE):
+    it._close_thread()  # pylint: disable=protected-access
+
+
+def data_source(config, split):
+  """Random-access source of a prepared split (raises if `prepare` was not run)."""
+  from lvm import data  # pylint: disable=g-import-not-at-top
+  b = data.builder(config)
+  if not b.is_prepared():
+    raise FileNotFoundError(
+        f'Dataset {config.data.dataset!r} is not prepared in {b.data_dir}; run '
+        'lvm.data.prepare(config) first.')
+  return b.as_data_source(split)
+
+
+def num_examples(config, split) -> int:
+  """Records in `split` (before any sample is dropped by the pipeline)."""
+  return len(data_source(config, split))
+
+
+def config_name(config):
+  return f'data.dataset={config.data.dataset}'
+
+
+def _text(x):
+  return x.decode() if isinstance(x, bytes) else str(x)
+
+
+def record_turns(record, template):
+  """LLaVA turns of a record; `plain` uses the caption when the dataset has one."""
+  images = list(record['images'])
+  caption = _text(record.get('caption', b''))
+  if template == 'plain' and caption:
+    return [{'from': 'human', 'value': templates.IMAGE_MARKER * len(images)},
+            {'from': 'gpt', 'value': caption}], images
+  return json.loads(_text(record['conversations'])), images
+
+
+class Processor:
+  """One record -> (input_ids, loss_mask, attention_mask, images) of fixed shapes."""
+
+  def __init__(self, config, tokenizer, num_image_tokens):
+    d = config.data
+    self.template, self.seq_len, self.max_images = d.template, d.seq_len, d.max_images
+    self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
+    self.size = config.model.vision.image_size
+    self.aspect, self.mean, self.std = d.image_aspect, tuple(d.image_mean), tuple(d.image_std)
+
+  def text(self, record):
+    """(ids, mask) unpadded, and the encoded images; raises SampleError."""
+    turns, images = record_turns(record, self.template)
+    if len(images) > self.max_images:
+      raise templates.SampleError('too_many_images',
+                                  f'{len(images)} > data.max_images={self.max_images}')
+    ids, mask = templates.encode_example(self.template, turns, self.tokenizer,
+                                         self.num_image_tokens, self.seq_len, len(images))
+    return ids, mask, images
+
+  def __call__(self, record):
+    ids, mask, images = self.text(record)
+    pixels = np.zeros((self.max_images, self.size, self.size, 3), np.float32)
+    for k, data in enumerate(images):
+      pixels[k] = images_lib.load(data, self.size, self.aspect, self.mean, self.std)
+    return self.pad(ids, mask, pixels)
+
+  def pad(self, ids, mask, pixels):
+    n = len(ids)
+    out_ids = np.full((self.seq_len,), self.tokenizer.pad_id, np.int32)
+    out_ids[:n] = ids
+    out_mask = np.zeros((self.seq_len,), bool)
+    out_mask[:n] = mask
+    attention = np.zeros((self.seq_len,), bool)
+    attention[:n] = True
+    return {'images': pixels, 'input_ids': out_ids, 'loss_mask': out_mask,
+            'attention_mask': attention}
+
+  def empty(self):
+    """A padding row (after the end of a finite stream): nothing attended or supervised."""
+    return self.pad(np.zeros((0,), np.int32), np.zeros((0,), bool),
+                    np.zeros((self.max_images, self.size, self.size, 3), np.float32))
+
+
+def local_rows(mesh, batch_size, seq_len) -> list[int]:
+  """Global batch rows held by this process's devices, in increasing order."""
+  s = sharding_lib.batch_sharding(mesh, 2)
+  rows = set()
+  for index in s.addressable_devices_indices_map((batch_size, seq_len)).values():
+    rows.update(range(*index[0].indices(batch_size)))
+  return sorted(rows)
+
+
+class DataIterator:
+  """Yields global batches: images f32[B, N, H, W, 3], input_ids i32[B, L], loss_mask and
+  attention_mask bool[B, L], sharded over the batch mesh axes.
+
+  `get_state()` (JSON-serializable) and `set_state()` resume exactly. With several processes,
+  call `get_state` on all of them together (it gathers every process's rows).
+  """
+
+  def __init__(self, config, split, mesh, *, shuffle=True, num_epochs=None, source=None,
+               tokenizer=None):
+    from lvm import models  # pylint: disable=g-import-not-at-top
+    self.config, self.split, self.mesh = config, split, mesh
+    self.shuffle, self.num_epochs = bool(shuffle), num_epochs
+    self.seed = int(config.data.shuffle_seed)
+    self.batch_size = int(config.train.batch_size)
+    axes = mesh.shape['data'] * mesh.shape['fsdp']
+    if self.batch_size % axes:
+      raise ValueError(f'config.train.batch_size={self.batch_size} must be divisible by the '
+                       f'batch mesh axes data*fsdp={axes}.')
+    self.source = data_source(config, split) if source is None else source
+    self.size = len(self.source)
+    if self.size == 0:
+      raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
+    tok = tokenizer or tokenizer_lib.load(config)
+    self.processor = Processor(config, tok, models.num_image_tokens(config))
+    self.rows = local_rows(mesh, self.batch_size, config.data.seq_len)
+    self.cursors = {r: 0 for r in self.rows}
+    self._stats = collections.Counter()
+    self._perms = collections.OrderedDict()
+    self._lock = threading.Lock()
+    self._delivered = (dict(self.cursors), collections.Counter())
+    self._thread = self._queue = None
+    self._finished = False
+    self._stop = threading.Event()
+    workers = int(config.data.num_workers)
+    self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+    self._shardings = {
+        k: sharding_lib.batch_sharding(mesh, nd)
+        for k, nd in (('images', 5), ('input_ids', 2), ('loss_mask', 2), ('attention_mask', 2))}
+
+  # --- the stream ----------------------------------------------------------------------------
+
+  def _index(self, position):
+    epoch, i = divmod(position, self.size)
+    if not self.shuffle:
+      return i
+    with self._lock:
+      if epoch not in self._perms:
+        self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        if len(self._perms) > 4:
+          self._perms.popitem(last=False)
+      return int(self._perms[epoch][i])
+
+  def _exhausted(self, position):
+    return self.num_epochs is not None and position >= self.num_epochs * self.size
+
+  def _fill_row(self, row, cursor):
+    """(example, new cursor, Counter of drops) for one row starting at `cursor`."""
+    drops = collections.Counter()
+    while True:
+      position = row + self.batch_size * cursor
+      if self._exhausted(position):
+        return None, cursor, drops
+      cursor += 1
+      try:
+        return self.processor(self.source[self._index(position)]), cursor, drops
+      except (templates.SampleError, images_lib.ImageError) as e:
+        drops[e.reason] += 1
+        if sum(drops.values()) > max(self.size // self.batch_size, 1) + 100:
+          # A row saw a whole epoch's share of samples with none usable: nothing will be.
+          raise ValueError(
+              f'{config_name(self.config)}: no usable sample in split {self.split!r} '
+              f'(dropped by reason: {dict(drops)}); check data.seq_len, data.template, '
+              'data.max_images and the tokenizer (python -m lvm.data.inspect).') from e
+
+  def _next_local(self, cursors):
+    rows = self.rows
+    fn = lambda r: self._fill_row(r, cursors[r])
+    results = list(self._pool.map(fn, rows)) if self._pool else [fn(r) for r in rows]
+    drops = collections.Counter()
+    examples, new = [], {}
+    for r, (ex, c, d) in zip(rows, results):
+      examples.append(ex)
+      new[r] = c
+      drops.update(d)
+    done = all(ex is None for ex in examples)
+    examples = [self.processor.empty() if ex is None else ex for ex in examples]
+    batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
+    return batch, new, drops, done
+
+  def _all_done(self, done):
+    if jax.process_count() == 1:
+      return done
+    from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+    return bool(np.all(multihost_utils.process_allgather(np.asarray(done))))
+
+  @staticmethod
+  def _produce(ref, cursors, stats, out, stop):
+    """Prefetch thread: holds the iterator weakly, so an abandoned iterator is collected."""
+    while not stop.is_set():
+      self = ref()
+      if self is None:
+        return
+      try:
+        batch, cursors, drops, done = self._next_local(cursors)  # pylint: disable=protected-access
+        stats = collections.Counter(stats)
+        stats.update(drops)
+        item = (batch, dict(cursors), stats, done)
+      except Exception as e:  # pylint: disable=broad-except
+        item, done = e, True
+      del self
+      while not stop.is_set():
+        try:
+          out.put(item, timeout=0.1)
+          break
+        except queue.Full:
+          if ref() is None:
+            return
+      if done:
+        return
+
+  def _global(self, batch):
+    pos = {r: i for i, r in enumerate(self.rows)}
+    def make(key):
+      local = batch[key]
+      def cb(index):
+        rows = range(*index[0].indices(self.batch_size))
+        return local[[pos[r] for r in rows]][(slice(None),) + tuple(index[1:])]
+      return jax.make_array_from_callback((self.batch_size,) + local.shape[1:],
+                                          self._shardings[key], cb)
+    return {k: make(k) for k in batch}
+
+  def __iter__(self):
+    return self
+
+  def __next__(self) -> dict[str, jax.Array]:
+    if self._finished:
+      raise StopIteration
+    prefetch = int(self.config.data.prefetch)
+    if prefetch > 0:
+      if self._thread is None:
+        self._queue = queue.Queue(maxsize=prefetch)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(
+            target=DataIterator._produce, daemon=True,
+            args=(weakref.ref(self), dict(self.cursors), collections.Counter(self._stats),
+                  self._queue, self._stop))
+        self._thread.start()
+        _LIVE.add(self)
+      item = self._queue.get()
+      if isinstance(item, Exception):
+        raise item
+      batch, cursors, stats, done = item
+    else:
+      batch, cursors, drops, done = self._next_local(self.cursors)
+      stats = collections.Counter(self._stats)
+      stats.update(drops)
+    self.cursors, self._stats = cursors, stats
+    if self._all_done(done):
+      self._finished = True
+      self._close_thread()
+      raise StopIteration
+    return self._global(batch)
+
+  def next_local(self) -> dict[str, np.ndarray]:
+    """This process's rows of the next batch as numpy (no prefetch thread, no device put)."""
+    batch, self.cursors, drops, _ = self._next_local(self.cursors)
+    self._stats.update(drops)
+    return batch
+
+  # --- state ---------------------------------------------------------------------------------
+
+  @property
+  def stats(self) -> dict[str, int]:
+    """Samples this process dropped so far (of the delivered batches), by reason."""
+    return dict(self._stats)
+
+  def _close_thread(self):
+    if self._thread is not None:
+      self._stop.set()
+      if self._thread is not threading.current_thread():
+        self._thread.join()
+      self._thread = None
+
+  def get_state(self) -> dict[str, Any]:
+    cursors = np.full((self.batch_size,), -1, np.int64)
+    for r, c in self.cursors.items():
+      cursors[r] = c
+    stats = dict(self._stats)
+    if jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      cursors = np.max(multihost_utils.process_allgather(cursors), axis=0)
+    return {'version': STATE_VERSION, 'split': self.split, 'seed': self.seed,
+            'shuffle': self.shuffle, 'num_examples': self.size, 'batch_size': self.batch_size,
+            'cursors': [int(c) for c in cursors], 'stats': stats}
+
+  def set_state(self, state: dict[str, Any]) -> None:
+    """Restores `get_state()`; the batch size, seed and split size must match."""
+    for key, mine in (('batch_size', self.batch_size), ('seed', self.seed),
+                      ('num_examples', self.size), ('shuffle', self.shuffle)):
+      if state.get(key) != mine:
+        raise ValueError(f'Data iterator state has {key}={state.get(key)!r} but this run has '
+                         f'{mine!r}; the stream cannot be resumed exactly.')
+    self._close_thread()
+    self._finished = False
+    self.cursors = {r: int(state['cursors'][r]) for r in self.rows}
+    self._stats = collections.Counter(state.get('stats', {}))
+
+  def close(self):
+    self._close_thread()
+    if self._pool:
+      self._pool.shutdown()
+
+  def __del__(self):
+    try:
+      self._close_thread()
+    except Exception:  # pylint: disable=broad-except
+      pass
+
+
+def make_iterator(config, split, mesh, *, shuffle=True, num_epochs=None) -> DataIterator:
+  """The iterator over `split` (a TFDS split name) of the prepared `config.data.dataset`."""
+  return DataIterator(config, split, mesh, shuffle=shuffle, num_epochs=num_epochs)

@@ -1,0 +1,334 @@
+"""`shapes`: a synthetic, deterministic, learnable visual question answering dataset.
+
+Each image shows one to four shapes (all of different kinds and colours) in the cells of a
+3x3 grid. Each sample has a caption (for stage-1 alignment) and a few question/answer turns
+that need the image: the colour of a shape, which shape has a colour, how many shapes, where a
+shape is, and yes/no existence. Splits are generated in the order test, validation, train and a
+scene already used by an earlier split is never reused, so the splits share no image.
+
+`blind_baseline` gives the accuracy of the best image-blind answerer of this kind (the majority
+answer of each question type in train), written at prepare time to `baseline.json`.
+"""
+
+import dataclasses
+import io
+import json
+import logging
+import os
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from lvm.data import templates
+
+SHAPES = ('circle', 'square', 'triangle', 'diamond')
+COLOURS = {
+    'red': (220, 40, 40), 'green': (40, 170, 60), 'blue': (40, 80, 220),
+    'yellow': (235, 200, 40), 'purple': (140, 60, 180), 'orange': (245, 130, 30),
+}
+POSITIONS = ('top left', 'top', 'top right', 'left', 'center', 'right',
+             'bottom left', 'bottom', 'bottom right')
+NUMBERS = ('zero', 'one', 'two', 'three', 'four')
+QUESTION_TYPES = ('colour', 'shape', 'count', 'position', 'exists')
+SPLITS = ('test', 'validation', 'train')  # Generation order: later splits avoid earlier scenes.
+_SPLIT_INDEX = {s: i for i, s in enumerate(SPLITS)}
+_BACKGROUND = (250, 250, 250)
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+  """What a shapes dataset is made of; every field is in the TFDS config name."""
+  train: int = 20000
+  validation: int = 1000
+  test: int = 1000
+  seed: int = 0
+  image_size: int = 64
+  turns: int = 3
+
+  @property
+  def name(self):
+    return (f'n{self.train}-{self.validation}-{self.test}_s{self.seed}_px{self.image_size}'
+            f'_t{self.turns}')
+
+  def size(self, split):
+    return getattr(self, split)
+
+
+def settings(config) -> Settings:
+  """Settings from `config.data.shapes_*` keys (all optional)."""
+  d = config.data
+  return Settings(train=int(d.get('shapes_train', 20000)),
+                  validation=int(d.get('shapes_validation', 1000)),
+                  test=int(d.get('shapes_test', 1000)), seed=int(d.get('shapes_seed', 0)),
+                  image_size=int(d.get('shapes_image_size', 64)),
+                  turns=int(d.get('shapes_turns', 3)))
+
+
+def vocab_size(config) -> int:
+  """SentencePiece vocab: `config.data.shapes_vocab_size`, 0 = just under the image/pad ids."""
+  v = int(config.data.get('shapes_vocab_size', 0))
+  return v or min(config.model.image_token_id, config.model.pad_token_id, 512)
+
+
+def data_dir(config) -> str:
+  return os.path.expanduser(config.data.data_dir or '~/tensorflow_datasets')
+
+
+def assets_dir(config) -> str:
+  return os.path.join(data_dir(config), 'lvm_shapes_assets', settings(config).name)
+
+
+def tokenizer_path(config) -> str:
+  return os.path.join(assets_dir(config), f'tokenizer_v{vocab_size(config)}.model')
+
+
+def baseline_path(config) -> str:
+  return os.path.join(assets_dir(config), 'baseline.json')
+
+
+# --- Scenes ---------------------------------------------------------------------------------
+
+def _scene(rng, image_size):
+  n = int(rng.integers(1, 5))
+  # permutation()[:n], not choice(replace=False): same distribution, several times faster.
+  kinds = rng.permutation(len(SHAPES))[:n]
+  colours = rng.permutation(len(COLOURS))[:n]
+  cells = rng.permutation(len(POSITIONS))[:n]
+  cell = image_size / 3
+  objects = []
+  for (k, c, p), (u, jx, jy) in zip(zip(kinds, colours, cells), rng.random((n, 3)).tolist()):
+    r = (0.30 + 0.12 * u) * cell
+    slack = cell / 2 - r
+    cx = (p % 3 + 0.5) * cell + (2 * jx - 1) * slack
+    cy = (p // 3 + 0.5) * cell + (2 * jy - 1) * slack
+    objects.append((SHAPES[k], list(COLOURS)[c], POSITIONS[p], round(cx, 1), round(cy, 1),
+                    round(r, 1)))
+  return tuple(sorted(objects))
+
+
+def draw(scene, image_size) -> Image.Image:
+  """Renders a scene (2x supersampled for smooth edges)."""
+  s = 2
+  im = Image.new('RGB', (image_size * s, image_size * s), _BACKGROUND)
+  d = ImageDraw.Draw(im)
+  for kind, colour, _, cx, cy, r in scene:
+    cx, cy, r = cx * s, cy * s, r * s
+    fill = COLOURS[colour]
+    if kind == 'circle':
+      d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+    elif kind == 'square':
+      q = r * 0.85
+      d.rectangle([cx - q, cy - q, cx + q, cy + q], fill=fill)
+    elif kind == 'triangle':
+      d.polygon([(cx, cy - r), (cx + r, cy + r * 0.8), (cx - r, cy + r * 0.8)], fill=fill)
+    else:
+      d.polygon([(cx, cy - r), (cx + r, cy), (cx, cy + r), (cx - r, cy)], fill=fill)
+  return im.reduce(s)
+
+
+def caption(scene) -> str:
+  parts = []
+  for kind, colour, pos, *_ in scene:
+    article = 'an' if colour[0] in 'aeiou' else 'a'
+    parts.append(f'{article} {colour} {kind} {"in the" if pos == "center" else "at the"} {pos}')
+  text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
+  return text[0].upper() + text[1:] + '.'
+
+
+def question(rng, scene, qtype) -> tuple[str, str]:
+  """A (question, answer) of type `qtype` about `scene`."""
+  obj = scene[int(rng.integers(len(scene)))]
+  kind, colour, pos = obj[:3]
+  if qtype == 'colour':
+    return f'What color is the {kind}?', colour
+  if qtype == 'shape':
+    return f'Which shape is {colour}?', kind
+  if qtype == 'count':
+    return 'How many shapes are there?', NUMBERS[len(scene)]
+  if qtype == 'position':
+    return f'Where is the {kind}?', pos
+  present = {(o[1], o[0]) for o in scene}
+  if rng.random() < 0.5:
+    return f'Is there a {colour} {kind}?', 'yes'
+  absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
+  c, k = absent[int(rng.integers(len(absent)))]
+  return f'Is there a {c} {k}?', 'no'
+
+
+def examples(s: Settings, split: str):
+  """Yields (key, example) for `split`; deterministic in `s`, disjoint across splits."""
+  used = set()
+  for sp in SPLITS:
+    rng = np.random.default_rng([s.seed, _SPLIT_INDEX[sp]])
+    i = 0
+    while i < s.size(sp):
+      scene = _scene(rng, s.image_size)
+      if scene in used:
+        continue
+      used.add(scene)
+      qtypes = [QUESTION_TYPES[j] for j in rng.permutation(len(QUESTION_TYPES))[:s.turns]]
+      qa = [question(rng, scene, t) for t in qtypes]
+      if sp == split:
+        turns = []
+        for k, (q, a) in enumerate(qa):
+          turns += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q},
+                    {'from': 'gpt', 'value': a}]
+        yield f'{split}-{i}', {'id': f'{split}-{i}', 'scene': json.dumps(scene),
+                               'caption': caption(scene), 'conversations': turns,
+                               'question_types': qtypes}
+      i += 1
+    if sp == split:
+      return
+
+
+def encode_png(im: Image.Image) -> bytes:
+  buf = io.BytesIO()
+  im.save(buf, format='PNG', compress_level=1)
+  return buf.getvalue()
+
+
+# --- Baseline and tokenizer -------------------------------------------------------------------
+
+def blind_baseline(train_examples, eval_examples) -> dict:
+  """Accuracy of answering each question type with its majority answer in `train_examples`.
+
+  Returns:
+    {'per_type': {qtype: {'majority_answer', 'accuracy', 'count'}}, 'overall': accuracy}.
+  """
+  counts = {}
+  for ex in train_examples:
+    answers = [t['value'] for t in ex['conversations'] if t['from'] == 'gpt']
+    for qtype, a in zip(ex['question_types'], answers):
+      counts.setdefault(qtype, {}).setdefault(a, 0)
+      counts[qtype][a] += 1
+  majority = {q: max(sorted(c), key=c.get) for q, c in counts.items()}
+  right, total = {}, {}
+  for ex in eval_examples:
+    answers = [t['value'] for t in ex['conversations'] if t['from'] == 'gpt']
+    for qtype, a in zip(ex['question_types'], answers):
+      total[qtype] = total.get(qtype, 0) + 1
+      right[qtype] = right.get(qtype, 0) + (a == majority.get(qtype))
+  per_type = {q: {'majority_answer': majority.get(q), 'accuracy': right[q] / total[q],
+                  'count': total[q]} for q in sorted(total)}
+  overall = sum(right.values()) / max(1, sum(total.values()))
+  return {'per_type': per_type, 'overall': overall}
+
+
+def corpus(s: Settings):
+  """Training text for the tokenizer: train conversations rendered in every template."""
+  for _, ex in examples(s, 'train'):
+    turns = ex['conversations']
+    qa = [(turns[i]['value'].replace('<image>\n', ''), turns[i + 1]['value'])
+          for i in range(0, len(turns), 2)]
+    yield ex['caption'] + '\n'
+    yield templates.VICUNA_SYSTEM + ' ' + ''.join(
+        f'USER: {q} ASSISTANT: {a}' for q, a in qa)
+    yield ('<|start_header_id|>system<|end_header_id|>\n\n' + templates.LLAMA3_SYSTEM +
+           '<|eot_id|>' + ''.join(
+               f'<|start_header_id|>user<|end_header_id|>\n\n{q}<|eot_id|>'
+               f'<|start_header_id|>assistant<|end_header_id|>\n\n{a}<|eot_id|>'
+               for q, a in qa))
+
+
+def train_tokenizer(s: Settings, vocab: int, path: str):
+  """Trains the shapes SentencePiece BPE model (unk 0, bos 1, eos 2) into `path`."""
+  import sentencepiece as spm  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  model = io.BytesIO()
+  spm.SentencePieceTrainer.train(
+      sentence_iterator=corpus(s), model_writer=model, vocab_size=vocab, model_type='bpe',
+      character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
+      user_defined_symbols=['\n'] + list(templates.LLAMA3_SPECIALS[1:]) + [
+          '<|begin_of_text|>'],
+      normalization_rule_name='identity', remove_extra_whitespaces=False,
+      hard_vocab_limit=False, num_threads=1, minloglevel=2)
+  tmp = path + '.tmp'
+  with open(tmp, 'wb') as f:
+    f.write(model.getvalue())
+  os.replace(tmp, path)
+
+
+def prepare_assets(config):
+  """Trains the tokenizer and writes the blind baseline if missing; returns the baseline."""
+  s = settings(config)
+  tok_path = tokenizer_path(config)
+  if not os.path.exists(tok_path):
+    train_tokenizer(s, vocab_size(config), tok_path)
+    logging.info('shapes: trained tokenizer %s', tok_path)
+  path = baseline_path(config)
+  if os.path.exists(path):
+    with open(path) as f:
+      return json.load(f)
+  train = [ex for _, ex in examples(s, 'train')]
+  baseline = {split: blind_baseline(train, (ex for _, ex in examples(s, split)))
+              for split in ('validation', 'test')}
+  tmp = path + '.tmp'
+  with open(tmp, 'w') as f:
+    json.dump(baseline, f, indent=1)
+  os.replace(tmp, path)
+  return baseline
+
+
+def load_baseline(config) -> dict:
+  """The image-blind majority baseline written by `lvm.data.prepare(config)`."""
+  with open(baseline_path(config)) as f:
+    return json.load(f)
+
+
+# --- TFDS builder ----------------------------------------------------------------------------
+
+def features():
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  return tfds.features.FeaturesDict({
+      'id': tfds.features.Text(),
+      'images': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
+      'conversations': tfds.features.Text(),  # JSON list of LLaVA turns
+      'caption': tfds.features.Text(),
+      'question_types': tfds.features.Text(),  # JSON list, one per answer
+  })
+
+
+def builder(config):
+  """The TFDS builder of the `shapes` dataset of `config` (not prepared)."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+
+  s = settings(config)
+
+  class LvmShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
+    """Synthetic shapes VQA (see lvm/data/shapes.py)."""
+    VERSION = tfds.core.Version('1.0.0')
+
+    def _info(self):
+      return self.dataset_info_from_configs(
+          features=features(), description=__doc__,
+          metadata=tfds.core.MetadataDict(settings=dataclasses.asdict(s)))
+
+    def _split_generators(self, dl_manager):
+      del dl_manager
+      return {split: self._generate_examples(split) for split in SPLITS}
+
+    def _generate_examples(self, split):
+      for key, ex in examples(s, split):
+        im = draw([tuple(o) for o in json.loads(ex['scene'])], s.image_size)
+        yield key, {'id': ex['id'], 'images': [encode_png(im)],
+                    'conversations': json.dumps(ex['conversations']),
+                    'caption': ex['caption'],
+                    'question_types': json.dumps(ex['question_types'])}
+
+  cfg = tfds.core.BuilderConfig(name=s.name, description='shapes settings ' + s.name)
+  return LvmShapes(config=cfg, data_dir=data_dir(config), file_format='array_record')
+
+
+def prepare(config):
+  """Builds the dataset, the tokenizer and the baseline under `config.data.data_dir`."""
+  b = builder(config)
+  if not b.is_prepared():
+    logging.info('shapes: generating %s into %s', settings(config).name, b.data_dir)
+    b.download_and_prepare()
+  baseline = prepare_assets(config)
+  for split, res in baseline.items():
+    per = ', '.join(f'{q} {r["accuracy"]:.3f} ({r["majority_answer"]!r})'
+                    for q, r in res['per_type'].items())
+    logging.info('shapes %s image-blind majority baseline: overall %.3f; %s', split,
+                 res['overall'], per)
+  return baseline

@@ -1,0 +1,239 @@
+"""Conversation templates: one function renders the ids *and* the label mask.
+
+A template turns LLaVA turns (`[{'from': 'human'|'gpt', 'value': str}]`, `<image>` marks an
+image) into a list of chunks: text, single special ids, and image slots, each flagged as
+supervised or not. Consecutive text chunks form a *run* that is tokenized as one string (so the
+ids are those of the rendered text), and each chunk's ids are the tokens added by extending the
+run's prefix to the chunk's end. If the tokens of a prefix change when the text grows (a merge
+across a chunk boundary), the chunk boundaries are not token boundaries, the mask would be
+shifted, and the sample is rejected as `tokenization_mismatch` instead of trained on.
+
+Supervised tokens are exactly each assistant answer plus its end-of-turn token; BOS is added
+once, by the template, never by the tokenizer.
+"""
+
+import dataclasses
+from typing import Sequence
+
+import numpy as np
+
+from lvm.data.tokenizer import IMAGE_MARKER
+
+TEMPLATES = ('plain', 'vicuna_v1', 'llama3')
+
+VICUNA_SYSTEM = ('A chat between a curious user and an artificial intelligence assistant. '
+                 "The assistant gives helpful, detailed, and polite answers to the user's "
+                 'questions.')
+# LLaVA-NeXT's conv_llava_llama_3 system prompt.
+LLAMA3_SYSTEM = ('You are a helpful language and vision assistant. You are able to understand '
+                 'the visual content that the user provides, and assist the user with a variety '
+                 'of tasks using natural language.')
+LLAMA3_SPECIALS = ('<|begin_of_text|>', '<|start_header_id|>', '<|end_header_id|>', '<|eot_id|>')
+
+
+class SampleError(ValueError):
+  """A sample that cannot be trained on; `reason` is the short key it is counted under."""
+
+  def __init__(self, reason: str, message: str = ''):
+    super().__init__(f'{reason}: {message}' if message else reason)
+    self.reason = reason
+
+
+@dataclasses.dataclass(frozen=True)
+class _Chunk:
+  kind: str  # text | id | image
+  value: object = None
+  supervised: bool = False
+
+
+def stop_strings(template: str) -> tuple[str, ...]:
+  """Strings that end an assistant answer in generation (besides the EOS id)."""
+  _check(template)
+  return {'plain': ('\n',), 'vicuna_v1': ('</s>',), 'llama3': ('<|eot_id|>',)}[template]
+
+
+def count_images(turns) -> int:
+  return sum(t['value'].count(IMAGE_MARKER) for t in turns)
+
+
+def normalize_turns(turns) -> list[dict]:
+  """Validates roles and moves a lone `<image>` to the front of its turn (as LLaVA does)."""
+  turns = [{'from': str(t['from']), 'value': str(t['value'])} for t in turns]
+  if turns and turns[0]['from'] != 'human':  # LLaVA drops a leading non-human turn.
+    turns = turns[1:]
+  for i, t in enumerate(turns):
+    want = 'human' if i % 2 == 0 else 'gpt'
+    if t['from'] != want:
+      raise SampleError('bad_roles', f'turn {i} is from {t["from"]!r}, expected {want!r}')
+    if want == 'gpt' and IMAGE_MARKER in t['value']:
+      raise SampleError('image_marker_in_answer', f'turn {i}')
+  if count_images(turns) == 1:
+    for t in turns:
+      if IMAGE_MARKER in t['value']:
+        rest = t['value'].replace(IMAGE_MARKER, '').strip()
+        t['value'] = IMAGE_MARKER + ('\n' + rest if rest else '')
+  return turns
+
+
+def _split_images(text: str, supervised=False) -> list[_Chunk]:
+  chunks = []
+  for k, part in enumerate(text.split(IMAGE_MARKER)):
+    if k:
+      chunks.append(_Chunk('image'))
+    if part:
+      chunks.append(_Chunk('text', part, supervised))
+  return chunks
+
+
+def _special(tokenizer, name):
+  i = tokenizer.token_to_id(name)
+  if i is None:
+    raise ValueError(f'The llama3 template needs the token {name!r}, which {tokenizer} lacks; '
+                     'use a Llama-3 tokenizer (or the shapes tokenizer).')
+  return i
+
+
+def _chunks(template, turns, tokenizer, prompt_only):
+  """Chunks of `turns`; with prompt_only, stops where the last (unanswered) answer starts."""
+  pairs = [(turns[i]['value'], turns[i + 1]['value'] if i + 1 < len(turns) else None)
+           for i in range(0, len(turns), 2)]
+  if prompt_only:
+    if not pairs or pairs[-1][1] is not None:
+      raise ValueError('render_prompt needs turns that end with a human turn.')
+  else:
+    if pairs and pairs[-1][1] is None:
+      pairs = pairs[:-1]  # A trailing question has nothing to supervise.
+    if not pairs:
+      raise SampleError('no_answer', 'no assistant turn')
+  for _, a in pairs:
+    if a is not None and not a.strip():
+      raise SampleError('empty_answer')
+  answer = lambda a: a.strip()
+  c = [_Chunk('id', tokenizer.bos_id)]
+  if template == 'plain':
+    # Stage 1: the image(s), then the caption and a newline; the question text is dropped.
+    for q, a in pairs:
+      c += [_Chunk('image')] * q.count(IMAGE_MARKER)
+      if a is not None:
+        c.append(_Chunk('text', answer(a) + '\n', True))
+  elif template == 'vicuna_v1':
+    # SYS USER: Q ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>
+    prefix = VICUNA_SYSTEM + ' '
+    for q, a in pairs:
+      c += _split_images(prefix + 'USER: ' + q + ' ASSISTANT:')
+      if a is not None:
+        c += [_Chunk('text', ' ' + answer(a), True), _Chunk('id', tokenizer.eos_id, True)]
+      prefix = ''
+  elif template == 'llama3':
+    bos, sh, eh, eot = (_special(tokenizer, n) for n in LLAMA3_SPECIALS)
+    c = [_Chunk('id', bos), _Chunk('id', sh), _Chunk('text', 'system'), _Chunk('id', eh),
+         _Chunk('text', '\n\n' + LLAMA3_SYSTEM), _Chunk('id', eot)]
+    for q, a in pairs:
+      c += [_Chunk('id', sh), _Chunk('text', 'user'), _Chunk('id', eh)]
+      c += _split_images('\n\n' + q)
+      c += [_Chunk('id', eot), _Chunk('id', sh), _Chunk('text', 'assistant'), _Chunk('id', eh),
+            _Chunk('text', '\n\n')]
+      if a is not None:
+        c += [_Chunk('text', answer(a), True), _Chunk('id', eot, True)]
+  else:
+    _check(template)
+  return c
+
+
+def _tokenize(chunks, tokenizer, num_image_tokens):
+  ids, mask = [], []
+  run: list[_Chunk] = []
+
+  def flush():
+    text, prev = '', []
+    for ch in run:
+      text += ch.value
+      cur = tokenizer.encode(text)
+      if cur[:len(prev)] != prev:
+        raise SampleError('tokenization_mismatch',
+                          f'tokens of {text[:-len(ch.value)][-40:]!r} change when '
+                          f'{ch.value[:40]!r} follows')
+      new = cur[len(prev):]
+      ids.extend(new)
+      mask.extend([ch.supervised] * len(new))
+      prev = cur
+    run.clear()
+
+  for ch in chunks:
+    if ch.kind == 'text':
+      run.append(ch)
+      continue
+    flush()
+    if ch.kind == 'id':
+      ids.append(int(ch.value))
+      mask.append(ch.supervised)
+    else:
+      ids.extend([tokenizer.image_token_id] * num_image_tokens)
+      mask.extend([False] * num_image_tokens)
+  flush()
+  return ids, mask
+
+
+def _check(template):
+  if template not in TEMPLATES:
+    raise ValueError(f'Unknown template {template!r}; known: {TEMPLATES}')
+
+
+def render(template: str, turns, tokenizer, num_image_tokens: int):
+  """Ids and label mask of a conversation for training.
+
+  Args:
+    template: one of TEMPLATES.
+    turns: LLaVA turns, human first, alternating; `<image>` marks images.
+    tokenizer: a `lvm.data.tokenizer.Tokenizer`.
+    num_image_tokens: image-token ids each `<image>` expands to.
+
+  Returns:
+    (ids int32[T], loss_mask bool[T]); loss_mask[t] is True where ids[t] is a target.
+
+  Raises:
+    SampleError: with `.reason` (bad_roles, empty_answer, no_answer, tokenization_mismatch,
+      no_supervised_tokens, ...).
+  """
+  _check(template)
+  turns = normalize_turns(turns)
+  ids, mask = _tokenize(_chunks(template, turns, tokenizer, False), tokenizer, num_image_tokens)
+  if len(ids) != len(mask):  # Defensive: the two must be built together.
+    raise SampleError('tokenization_mismatch', f'{len(ids)} ids vs {len(mask)} mask entries')
+  if not any(mask):
+    raise SampleError('no_supervised_tokens')
+  return np.asarray(ids, np.int32), np.asarray(mask, bool)
+
+
+def render_prompt(template: str, turns, tokenizer, num_image_tokens: int) -> np.ndarray:
+  """Ids of `turns` (ending with a human turn) up to where the assistant answer starts."""
+  _check(template)
+  turns = normalize_turns(turns)
+  ids, _ = _tokenize(_chunks(template, turns, tokenizer, True), tokenizer, num_image_tokens)
+  return np.asarray(ids, np.int32)
+
+
+def encode_example(template: str, turns, tokenizer, num_image_tokens: int, seq_len: int,
+                   num_images: int | None = None):
+  """Renders, checks the image count, and fits to `seq_len` (text truncated, images never).
+
+  Returns:
+    (ids int32[T], loss_mask bool[T]) with T <= seq_len (not padded).
+
+  Raises:
+    SampleError: image_count_mismatch, image_tokens_do_not_fit,
+      no_supervised_tokens_after_truncation, or any reason of `render`.
+  """
+  if num_images is not None and count_images(turns) != num_images:
+    raise SampleError('image_count_mismatch',
+                      f'{count_images(turns)} <image> markers for {num_images} images')
+  ids, mask = render(template, turns, tokenizer, num_image_tokens)
+  if len(ids) > seq_len:
+    image_pos = np.flatnonzero(ids == tokenizer.image_token_id)
+    if image_pos.size and image_pos[-1] >= seq_len:
+      raise SampleError('image_tokens_do_not_fit',
+                        f'last image token at {image_pos[-1]} >= seq_len {seq_len}')
+    ids, mask = ids[:seq_len], mask[:seq_len]
+    if not mask.any():
+      raise SampleError('no_supervised_tokens_after_truncation')
+  return ids, mask

@@ -1,0 +1,385 @@
+"""Batched, jitted, sharded generation with a KV cache, and the `python -m lvm.generate` CLI.
+
+Prompts are left-padded to a bucketed length (positions = cumsum(mask) - 1), the image
+and prompt are prefilled in one pass into a cache of length prompt_bucket + new_bucket,
+and a `lax.while_loop` decodes one token per step until every row hit a stop token or
+`max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
+are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
+traced values, so new inputs rarely recompile.
+
+Letters: B batch, N image slots, H/W image size, Lp prompt bucket, Ln new-token bucket,
+S = Lp + Ln cache length, V vocabulary.
+
+CLI:
+  python -m lvm.generate --workdir=DIR --image=cat.jpg --prompt="What is this?"
+  python -m lvm.generate --workdir=DIR --image=cat.jpg --chat
+"""
+
+import dataclasses
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec
+
+from configs import common
+from lvm import models
+from lvm import sharding as lvm_sharding
+from lvm.sampling import SamplingParams, sample
+
+
+def bucket(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> int:
+  """The smallest bucket >= n: from `buckets` if given, else a power of two >= minimum."""
+  if buckets:
+    for b in sorted(buckets):
+      if b >= n:
+        return int(b)
+    raise ValueError(f'Length {n} exceeds the largest bucket {max(buckets)}; add a larger '
+                     'bucket or shorten the input')
+  size = minimum
+  while size < n:
+    size *= 2
+  return size
+
+
+@dataclasses.dataclass
+class Output:
+  """One row's result.
+
+  Attributes:
+    tokens: generated ids, without the stop token.
+    finish: 'stop' (a stop token or stop string) or 'length' (max_new_tokens reached).
+    text: the decoded answer when generated through a tokenizer, else None.
+  """
+  tokens: list[int]
+  finish: str
+  text: str | None = None
+
+
+class Generator:
+  """Holds a model, its (sharded) parameters and the compiled generation loops.
+
+  Example:
+    gen = Generator(config, params)
+    outs = gen.generate([ids_a, ids_b], images=[img_a, None], max_new_tokens=32,
+                        stop_ids=[tokenizer.eos_id])
+  """
+
+  def __init__(self, config, params, mesh=None, prompt_buckets: Sequence[int] | None = None,
+               new_token_buckets: Sequence[int] | None = None):
+    """Args:
+      config: the full run config (uses .model and .mesh), or a bare model config (then
+        the mesh is data-parallel over all devices).
+      params: the model's parameter tree (boxed or plain; any placement).
+      mesh: a jax Mesh; default: built from config.mesh over all devices.
+      prompt_buckets / new_token_buckets: allowed padded lengths (default powers of two).
+    """
+    if 'model' not in config:  # a bare model config (e.g. from lvm.hf.load)
+      full = common.get_config()
+      full.model = config
+      config = full
+    self.config = config
+    self.model = models.build(config)
+    self.mesh = mesh if mesh is not None else lvm_sharding.make_mesh(config.mesh)
+    self.rules = lvm_sharding.rules(config)
+    self.prompt_buckets = prompt_buckets
+    self.new_token_buckets = new_token_buckets
+    self.pad_id = int(config.model.pad_token_id)
+    self.image_token_id = int(config.model.image_token_id)
+    self.tokens_per_image = models.num_image_tokens(config)
+    self.image_size = int(config.model.vision.image_size)
+    self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in lvm_sharding.BATCH_AXES]))
+    self.param_shardings = self._param_shardings()
+    params = nn.unbox(params)
+    self.params = jax.device_put(params, self.param_shardings)
+    self.num_compiles = 0  # how many (shape) variants were traced; tests check bucketing
+    self._jitted = jax.jit(self._generate, static_argnames=('new_bucket',))
+
+  def _param_shardings(self):
+    h = self.image_size
+    abstract = jax.eval_shape(
+        self.model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
+        jnp.zeros((1, 8), jnp.int32))
+    return lvm_sharding.logical_shardings(abstract['params'], self.mesh, self.rules)
+
+  def _batch_sharding(self, ndim):
+    return NamedSharding(self.mesh, PartitionSpec(lvm_sharding.BATCH_AXES, *[None] * (ndim - 1)))
+
+  def _generate(self, params, images, input_ids, prompt_mask, stop_ids, rng, temperature,
+                top_k, top_p, max_new_tokens, *, new_bucket):
+    """The jitted core: prefill then a while_loop of single-token decode steps.
+
+    Args:
+      params: the parameter tree.
+      images: float[B, N, H, W, 3] or None.
+      input_ids: int32[B, Lp] left-padded prompts.
+      prompt_mask: bool[B, Lp], True on real prompt tokens.
+      stop_ids: int32[K] ids that end a row (padded with -1).
+      rng: PRNG key.
+      temperature, top_k, top_p: sampling scalars.
+      max_new_tokens: int32 scalar <= new_bucket.
+      new_bucket: static Ln, the token buffer and cache tail size.
+
+    Returns:
+      (tokens int32[B, Ln] (pad after a row stops), num_tokens int32[B] up to and
+      including the stop token, stopped bool[B]).
+    """
+    self.num_compiles += 1  # runs only while tracing
+    model, variables = self.model, {'params': params}
+    b, lp = input_ids.shape
+    cache = model.decoder.init_cache(b, lp + new_bucket)
+    cache_spec = PartitionSpec(None, lvm_sharding.BATCH_AXES, None, 'tensor', None)
+    cache = jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, cache_spec)) \
+        if self.config.model.decoder.kv_heads % self.mesh.shape['tensor'] == 0 else cache
+    full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, new_bucket), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = model.apply(variables, images, input_ids, full_mask, positions, cache,
+                                jnp.zeros((), jnp.int32), method='forward')
+    next_pos = positions[:, -1] + 1
+    rng, key = jax.random.split(rng)
+    token = sample(logits[:, -1], key, temperature, top_k, top_p)
+    tokens = jnp.full((b, new_bucket), self.pad_id, jnp.int32).at[:, 0].set(token)
+    stopped = jnp.isin(token, stop_ids)
+    num_tokens = jnp.ones((b,), jnp.int32)
+
+    def cond(state):
+      i, _, _, _, stopped, _, _ = state
+      return (i < max_new_tokens) & ~jnp.all(stopped)
+
+    def body(state):
+      i, token, cache, tokens, stopped, num_tokens, rng = state
+      logits, cache = model.apply(variables, token[:, None], cache, lp + i - 1, full_mask,
+                                  (next_pos + i - 1)[:, None], method='decode')
+      rng, key = jax.random.split(rng)
+      new = sample(logits[:, 0], key, temperature, top_k, top_p)
+      new = jnp.where(stopped, self.pad_id, new)
+      tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
+      num_tokens = num_tokens + (~stopped).astype(jnp.int32)
+      stopped = stopped | jnp.isin(new, stop_ids)
+      return i + 1, new, cache, tokens, stopped, num_tokens, rng
+
+    state = (jnp.ones((), jnp.int32), token, cache, tokens, stopped, num_tokens, rng)
+    _, _, _, tokens, stopped, num_tokens, _ = jax.lax.while_loop(cond, body, state)
+    return tokens, num_tokens, stopped
+
+  def generate(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None = None,
+               max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+               stop_ids: Sequence[int] = ()) -> list[Output]:
+    """Generates a continuation for each prompt, in one batch.
+
+    Args:
+      prompts: token ids per row (with `tokens_per_image` image-token ids per image).
+      images: per row, None or float[n, H, W, 3] / float[H, W, 3] normalized images (n may
+        differ between rows); None for an all-text batch.
+      max_new_tokens: the most tokens to generate per row.
+      sampling: temperature / top-k / top-p / seed.
+      stop_ids: token ids that end a row (e.g. the eos id); not included in the output.
+
+    Returns:
+      One Output per prompt.
+    """
+    if not prompts:
+      return []
+    if max_new_tokens < 1:
+      raise ValueError(f'max_new_tokens must be >= 1, got {max_new_tokens}')
+    rows = len(prompts)
+    if any(len(p) == 0 for p in prompts):
+      raise ValueError('Every prompt needs at least one token (e.g. BOS)')
+    b = bucket(rows, minimum=1)
+    b = -(-b // self.batch_multiple) * self.batch_multiple
+    lp = bucket(max(len(p) for p in prompts), self.prompt_buckets)
+    ln = bucket(max_new_tokens, self.new_token_buckets)
+    ids = np.full((b, lp), self.pad_id, np.int32)
+    mask = np.zeros((b, lp), bool)
+    for r, p in enumerate(prompts):
+      ids[r, lp - len(p):] = p
+      mask[r, lp - len(p):] = True
+    mask[rows:, -1] = True  # padding rows attend to one token so their softmax is defined
+    image_array = self._image_batch(images, prompts, b)
+    stop = np.full((max(8, len(stop_ids)),), -1, np.int32)
+    stop[:len(stop_ids)] = list(stop_ids)
+    put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
+    rep = lambda x: jax.device_put(x, lvm_sharding.replicated(self.mesh))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      tokens, num_tokens, stopped = self._jitted(
+          self.params, None if image_array is None else put(image_array), put(ids), put(mask),
+          rep(stop), rep(jax.random.key(sampling.seed)), rep(np.float32(sampling.temperature)),
+          rep(np.int32(sampling.top_k)), rep(np.float32(sampling.top_p)),
+          rep(np.int32(max_new_tokens)), new_bucket=ln)
+    tokens, num_tokens, stopped = map(np.asarray, jax.device_get((tokens, num_tokens, stopped)))
+    outputs = []
+    for r in range(rows):
+      n = int(num_tokens[r])
+      if stopped[r]:
+        outputs.append(Output(tokens[r, :n - 1].tolist(), 'stop'))
+      else:
+        outputs.append(Output(tokens[r, :n].tolist(), 'length'))
+    return outputs
+
+  def _image_batch(self, images, prompts, b):
+    """Stacks per-row images into float32[B, N, H, W, 3] (zero padding), or None."""
+    counts = [sum(1 for t in p if t == self.image_token_id) for p in prompts]
+    per_row = []
+    for r in range(len(prompts)):
+      img = None if images is None else images[r]
+      img = np.zeros((0, self.image_size, self.image_size, 3), np.float32) if img is None \
+          else np.asarray(img, np.float32)
+      if img.ndim == 3:
+        img = img[None]
+      if img.shape[1:] != (self.image_size, self.image_size, 3):
+        raise ValueError(f'Row {r}: images must be [n, {self.image_size}, {self.image_size}, 3]'
+                         f' after preprocessing, got {img.shape}')
+      if counts[r] != img.shape[0] * self.tokens_per_image:
+        raise ValueError(
+            f'Row {r}: the prompt has {counts[r]} image tokens but {img.shape[0]} image(s) '
+            f'x {self.tokens_per_image} tokens per image were given')
+      per_row.append(img)
+    most = max(x.shape[0] for x in per_row)
+    if most == 0:
+      return None
+    n = bucket(most, minimum=1)
+    out = np.zeros((b, n, self.image_size, self.image_size, 3), np.float32)
+    for r, img in enumerate(per_row):
+      out[r, :img.shape[0]] = img
+    return out
+
+
+# ----------------------------------------------------------------------------------------
+# Text level: templates, tokenizer, stop strings.
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+  """Cuts `text` at the earliest stop string; returns (text, whether one was found)."""
+  cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class TextGenerator:
+  """Turns conversations (LLaVA turns with `<image>`) into answers with a run's template."""
+
+  def __init__(self, generator: Generator, tokenizer, template: str):
+    from lvm.data import templates  # pylint: disable=g-import-not-at-top
+    self.generator = generator
+    self.tokenizer = tokenizer
+    self.template = template
+    self._templates = templates
+    self.stop_strings = tuple(templates.stop_strings(template))
+    self.stop_ids = tuple(sorted({int(tokenizer.eos_id)}))
+
+  def prompt_ids(self, turns) -> list[int]:
+    return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
+                                              self.generator.tokens_per_image))
+
+  def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
+             max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams()
+             ) -> list[Output]:
+    """Answers the last human turn of each conversation, in one batch.
+
+    Args:
+      conversations: per row, LLaVA turns ending with a human turn.
+      images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s.
+      max_new_tokens: per row.
+      sampling: decoding knobs.
+
+    Returns:
+      Outputs whose `.text` is the answer, stripped and cut at the template's stop strings.
+    """
+    prompts = [self.prompt_ids(turns) for turns in conversations]
+    outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids)
+    for out in outs:
+      text, hit = cut_at_stop_strings(self.tokenizer.decode(out.tokens), self.stop_strings)
+      out.text = text.strip()
+      if hit:
+        out.finish = 'stop'
+    return outs
+
+
+def load_image(path: str, config) -> np.ndarray:
+  """Reads an image file and preprocesses it as the run's data pipeline does: float32[H, W, 3]."""
+  from lvm.data import images as data_images  # pylint: disable=g-import-not-at-top
+  with open(path, 'rb') as f:
+    data = f.read()
+  return data_images.load(data, int(config.model.vision.image_size), config.data.image_aspect,
+                          config.data.image_mean, config.data.image_std)
+
+
+def from_run(path: str, mesh=None):
+  """(config, Generator, TextGenerator) for a workdir or checkpoint path."""
+  from lvm import checkpoint  # pylint: disable=g-import-not-at-top
+  from lvm.data import tokenizer as data_tokenizer  # pylint: disable=g-import-not-at-top
+  config, params = checkpoint.load_params(path)
+  generator = Generator(config, params, mesh=mesh)
+  tok = data_tokenizer.load(config)
+  return config, generator, TextGenerator(generator, tok, config.data.template)
+
+
+# ----------------------------------------------------------------------------------------
+# CLI.
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'A training run directory (latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (or workdir).')
+  flags.DEFINE_multi_string('image', [], 'Image file(s); each becomes one <image>.')
+  flags.DEFINE_string('prompt', None, 'The question; with --chat, the first message.')
+  flags.DEFINE_integer('max_new_tokens', 128, 'Most tokens per answer.')
+  flags.DEFINE_float('temperature', 0.0, '0: greedy.')
+  flags.DEFINE_integer('top_k', 0, '0: off.')
+  flags.DEFINE_float('top_p', 1.0, '1: off.')
+  flags.DEFINE_integer('seed', 0, 'Sampling seed.')
+  flags.DEFINE_bool('chat', False, 'Multi-turn conversation on the terminal (empty line or '
+                    'EOF ends it).')
+  return flags.FLAGS
+
+
+def _read_line(prompt: str) -> str | None:
+  try:
+    return input(prompt)
+  except EOFError:
+    return None
+
+
+def main(argv):
+  del argv
+  flags = _define_flags.flags
+  path = flags.checkpoint or flags.workdir
+  if not path:
+    raise SystemExit('Give --workdir=DIR or --checkpoint=PATH')
+  if not flags.chat and not flags.prompt:
+    raise SystemExit('Give --prompt="..." (or --chat)')
+  config, _, text_gen = from_run(path)
+  sampling = SamplingParams(flags.temperature, flags.top_k, flags.top_p, flags.seed)
+  images = np.stack([load_image(p, config) for p in flags.image]) if flags.image else None
+  image_prefix = '<image>\n' * len(flags.image)
+  turns = []
+  message = flags.prompt
+  if flags.chat:
+    print('Chat: type a message, an empty line or Ctrl-D ends.', flush=True)
+  while True:
+    if message is None:
+      message = _read_line('USER: ')
+      if not message:
+        break
+    elif flags.chat:
+      print(f'USER: {message}')
+    turns.append({'from': 'human', 'value': (image_prefix if not turns else '') + message})
+    out = text_gen.answer([turns], None if images is None else [images],
+                          flags.max_new_tokens, sampling)[0]
+    print(f'ASSISTANT: {out.text}' if flags.chat else out.text, flush=True)
+    if not flags.chat:
+      break
+    turns.append({'from': 'gpt', 'value': out.text})
+    message = None
+
+
+def run():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags.flags = _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  run()
