@@ -215,6 +215,7 @@ def plot(summary: dict[str, Any], root: str, out: str) -> list[str]:
   """Writes curves.png and final_METRIC.png; returns their paths."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use('Agg')
+  import matplotlib.ticker  # pylint: disable=g-import-not-at-top
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
 
   metric = summary['metrics'][0]
@@ -237,7 +238,14 @@ def plot(summary: dict[str, Any], root: str, out: str) -> list[str]:
                 marker='o' if len(pts) < 12 else None, ms=3,
                 label=name if i == 0 else None)
     ax.set_xlabel('step')
-    ax.set_ylabel(f'{split} {key}')
+    ax.set_ylabel(f'{split} {key}' + (' (log scale)' if lower_is_better(key) else ''))
+    if lower_is_better(key) and ax.lines:
+      # The first steps' loss is several times the last; a log axis keeps the late
+      # differences between variants visible.
+      ax.set_yscale('log')
+      ax.yaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter('%.3g'))
+      ax.yaxis.set_minor_formatter(matplotlib.ticker.FormatStrFormatter('%.3g'))
+      ax.tick_params(axis='y', which='minor', labelsize=7)
     ax.set_title(f'{split} {key} (one line per seed)')
     ax.grid(alpha=0.3)
     if ax.get_legend_handles_labels()[0]:

@@ -56,10 +56,12 @@ class LocalLauncher:
       job through a coordinator on localhost (what a pod does, on one machine).
     port: coordinator port for num_processes > 1.
     env: extra environment variables for the runs.
+    grace_seconds: on interrupt, how long the run may take to checkpoint before it is killed.
   """
   num_processes: int = 1
   port: int = 0
   env: dict | None = None
+  grace_seconds: float = 120.0
 
   def process_commands(self, command: list[str], port: int) -> list[list[str]]:
     if self.num_processes <= 1:
@@ -88,13 +90,14 @@ class LocalLauncher:
         f.flush()
         logs.append(f)
         # From the repository root: configs are named relative to it, as in the docs.
+        # Own session: a Ctrl-C reaches only this launcher, which then asks the run to
+        # stop the way a preemption does (SIGTERM: lvm.main saves a checkpoint and exits).
         procs.append(subprocess.Popen(cmd, stdout=f, stderr=subprocess.STDOUT, env=env,
-                                      cwd=sweep_lib.REPO_ROOT))
+                                      cwd=sweep_lib.REPO_ROOT, start_new_session=True))
       codes = _wait_all(procs)
     except BaseException:
-      for p in procs:  # Ctrl-C: take the run's processes down with us, record it stopped.
-        if p.poll() is None:
-          p.kill()
+      log(f'  interrupted: stopping the run (SIGTERM, up to {self.grace_seconds}s to save)')
+      _stop_all(procs, self.grace_seconds)
       record.update(returncode=None, end_time=time.time(), pid=-1)
       runs_lib.write_text(os.path.join(workdir, runs_lib.LAUNCH_FILE),
                           json.dumps(record, indent=1))
@@ -121,6 +124,19 @@ def _wait_all(procs: Sequence[subprocess.Popen], poll: float = 0.5) -> list[int]
           p.kill()
       return [p.wait() for p in procs]
     time.sleep(poll)
+
+
+def _stop_all(procs: Sequence[subprocess.Popen], grace_seconds: float) -> None:
+  for p in procs:
+    if p.poll() is None:
+      p.terminate()
+  deadline = time.time() + grace_seconds
+  for p in procs:
+    try:
+      p.wait(timeout=max(deadline - time.time(), 0.1))
+    except subprocess.TimeoutExpired:
+      p.kill()
+      p.wait()
 
 
 def _free_port() -> int:

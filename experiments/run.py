@@ -127,9 +127,11 @@ def main(argv=None) -> int:
     print(f'# {sweep.description}')
   if shared_diff:
     print(f'# every run, vs the base: {format_diff(shared_diff)}')
-  if not args.dry_run:
+  # sweep.json lets compare list runs that have not started; a TPU workdir that is a path
+  # on the workers (a GCS mount) does not exist here, a gs:// one does.
+  if not args.dry_run and (args.launcher != 'tpu' or '://' in root):
     record = dict(sweep.to_json(), base_config=base_flat,
-                  extra_overrides={k: sweep_lib.flatten({'x': v})['x'] for k, v in extra.items()})
+                  extra_overrides={k: sweep_lib.jsonable(v) for k, v in extra.items()})
     runs_lib.write_text(runs_lib.join(root, runs_lib.SWEEP_FILE), json.dumps(record, indent=1))
 
   if args.launcher == 'local':
@@ -183,9 +185,9 @@ def _run_local(args, root, todo, diffs, commands) -> int:
 def _run_tpu(args, root, todo, diffs, commands) -> int:
   tpu = launchers.TpuLauncher(name=args.tpu_name, zone=args.tpu_zone, project=args.tpu_project,
                               repo_dir=args.repo_dir or '~/lvm')
-  if not root.startswith('gs://'):
-    print('# note: on a pod every worker writes to --workdir; use a gs:// bucket.',
-          file=sys.stderr)
+  if '://' not in root:
+    print(f'# note: every worker writes to {root}: it must be one folder they all share '
+          '(a GCS bucket mounted on each worker).', file=sys.stderr)
   failed = 0
   for variant, seed in todo:
     _header(variant, seed, root, diffs)

@@ -111,8 +111,8 @@ class Sweep:
     return {
         'name': self.name, 'config': self.config, 'description': self.description,
         'seeds': list(self.seeds), 'seed_keys': list(self.seed_keys),
-        'overrides': {k: _jsonable(v) for k, v in self.overrides.items()},
-        'variants': [{'name': v.name, 'overrides': {k: _jsonable(x) for k, x in
+        'overrides': {k: jsonable(v) for k, v in self.overrides.items()},
+        'variants': [{'name': v.name, 'overrides': {k: jsonable(x) for k, x in
                                                     v.overrides.items()},
                       'seeds': list(self.seeds_of(v))} for v in self.variants]}
 
@@ -177,7 +177,7 @@ def flatten(config: Mapping[str, Any] | ml_collections.ConfigDict,
     if isinstance(v, Mapping) and v:
       out.update(flatten(v, key + '.'))
     else:
-      out[key] = _jsonable(v)
+      out[key] = jsonable(v)
   return out
 
 
@@ -209,15 +209,16 @@ def config_flags(overrides: Mapping[str, Any]) -> list[str]:
   return [f'--config.{k}={format_value(v)}' for k, v in overrides.items()]
 
 
-def _jsonable(v):
+def jsonable(v):
+  """A config value as JSON data (tuples become lists, ConfigDicts dicts)."""
   if isinstance(v, ml_collections.ConfigDict):
     v = v.to_dict()
   if isinstance(v, tuple):
-    return [_jsonable(x) for x in v]
+    return [jsonable(x) for x in v]
   if isinstance(v, list):
-    return [_jsonable(x) for x in v]
+    return [jsonable(x) for x in v]
   if isinstance(v, dict):
-    return {str(k): _jsonable(x) for k, x in v.items()}
+    return {str(k): jsonable(x) for k, x in v.items()}
   if v is None or isinstance(v, (bool, int, float, str)):
     return v
   return json.loads(json.dumps(v, default=str))

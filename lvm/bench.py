@@ -307,11 +307,20 @@ class Bench:
       return {'trainable': trainable, 'frozen': state['frozen'], 'opt_state': opt_state,
               'step': state['step'] + 1}, {'loss': loss}
 
+    # Optimizer moments take their parameter's sharding (FSDP shards them too); counts
+    # and other non-parameter leaves are replicated.
+    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
+    abstract_opt = jax.eval_shape(tx.init, trainable)
+    opt_shardings = optax.tree_map_params(
+        tx, lambda _, s: s, abstract_opt, param_shardings,
+        transform_non_params=lambda _: sharding.replicated(self.mesh))
     with self.context():
-      opt_state = jax.jit(tx.init)(trainable)
+      opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
     state = {'trainable': trainable, 'frozen': frozen, 'opt_state': opt_state,
-             'step': jnp.zeros((), jnp.int32)}
-    return state, jax.jit(step, donate_argnums=0)
+             'step': jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh))}
+    state_shardings = jax.tree.map(lambda x: x.sharding, state)
+    return state, jax.jit(step, in_shardings=(state_shardings, None),
+                          out_shardings=(state_shardings, None), donate_argnums=0)
 
   def prefill_fn(self, cache_len: int):
     model = self.model

@@ -16,6 +16,7 @@ CLI:
 """
 
 import dataclasses
+import sys
 from typing import Any, Sequence
 
 import flax.linen as nn
@@ -310,8 +311,16 @@ def from_run(path: str, mesh=None):
   from lvm import checkpoint  # pylint: disable=g-import-not-at-top
   from lvm.data import tokenizer as data_tokenizer  # pylint: disable=g-import-not-at-top
   config, params = checkpoint.load_params(path)
+  try:
+    tok = data_tokenizer.load(config)
+  except FileNotFoundError:
+    if config.data.dataset != 'shapes':
+      raise
+    # The shapes tokenizer is generated (deterministically) at prepare time.
+    from lvm import data  # pylint: disable=g-import-not-at-top
+    data.prepare(config)
+    tok = data_tokenizer.load(config)
   generator = Generator(config, params, mesh=mesh)
-  tok = data_tokenizer.load(config)
   return config, generator, TextGenerator(generator, tok, config.data.template)
 
 
@@ -337,9 +346,13 @@ def _define_flags():
 
 def _read_line(prompt: str) -> str | None:
   try:
-    return input(prompt)
+    line = input(prompt)
   except EOFError:
+    print()
     return None
+  if not sys.stdin.isatty():  # piped input: echo it so the transcript reads as typed
+    print(line)
+  return line
 
 
 def main(argv):

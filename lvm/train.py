@@ -27,6 +27,7 @@ from lvm import metrics as metrics_lib
 from lvm import models
 from lvm import optim
 from lvm import sharding
+from lvm import validate
 
 # Dense bf16 peak FLOP/s per device, by `device_kind` prefix (DESIGN.md); MFU is
 # reported only where the peak is known.
@@ -230,10 +231,9 @@ class StateFactory:
       boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     self.param_shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
     abstract_params = nn.unbox(boxed)
+    # A stage that trains nothing fails here, before any compile, naming the key and fix.
+    validate.validate_trainable(config, abstract_params)
     trainable, _ = optim.split(abstract_params, self.trainable)
-    if not optim.flatten(trainable):
-      raise ValueError(f'No parameter matches the trainable regex {self.trainable!r} '
-                       f'(config.train.stage={config.train.stage!r}).')
     trainable_shardings, _ = optim.split(self.param_shardings, self.trainable)
     abstract_opt = jax.eval_shape(tx.init, trainable)
     rep = sharding.replicated(mesh)
@@ -425,10 +425,6 @@ def default_num_examples(config, split) -> int:
 
 
 def _validate(config):
-  try:
-    from lvm import validate  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return
   validate.validate_config(config, jax.device_count(), jax.process_count())
 
 
@@ -547,6 +543,8 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
   first_step = step
   last = {}
   window = None  # (time, step) of the last fetched metrics
+  in_flight = None
+  last_skipped = {}
   try:
     with _Preemption() as preemption:
       while step < steps:
@@ -563,6 +561,11 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         state, m = jit_step(state, batch)
         step += 1
+        # Stay at most one step ahead of the device, so that a SIGTERM is acted on within
+        # a step or two rather than after every queued step has run.
+        if in_flight is not None:
+          jax.block_until_ready(in_flight)
+        in_flight = m['loss']
         if profile and step == profile[-1] + 1 and jax.process_index() == 0:
           jax.block_until_ready(m)
           jax.profiler.stop_trace()
@@ -593,6 +596,12 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
             m['mfu'] = step_flops / dt / (peak * jax.device_count())
         window = (now, step)
         m['lr'] = float(lr_schedule(step - 1))
+        # Samples the input pipeline skipped so far (this process's rows), by reason.
+        skipped = dict(getattr(train_iter, 'stats', None) or {})
+        m.update({f'skipped_{reason}': count for reason, count in skipped.items()})
+        if skipped != last_skipped:
+          writer.log(f'data: samples skipped so far, by reason: {skipped}')
+          last_skipped = skipped
         if is_log:
           last['train'] = writer.write(step, 'train', m)
           writer.progress(step, first_step, m['loss'])

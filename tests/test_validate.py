@@ -1,5 +1,7 @@
 """lvm.validate: every config error is caught before compiling, naming the key and the fix."""
 
+import importlib
+import os
 import time
 
 import jax
@@ -41,6 +43,19 @@ def test_shipped_configs_are_valid():
     config.data.manual_dir = '/data/llava'
     config.init.path = config.init.vision_path = config.init.decoder_path = '/ckpt'
     validate.validate_config(config, 64)
+
+
+@pytest.mark.parametrize('name', sorted(
+    f[:-3] for f in os.listdir(os.path.join(os.path.dirname(__file__), '..', 'configs'))
+    if f.endswith('.py') and f not in ('__init__.py', 'common.py')))
+def test_every_config_file_validates(name):
+  """Every config in configs/ with its default args (user folders filled in) is valid."""
+  config = importlib.import_module(f'configs.{name}').get_config()
+  if config.data.dataset == 'llava_json':
+    config.data.manual_dir = '/data/llava'
+  config.init.path = config.init.vision_path = config.init.decoder_path = '/ckpt'
+  batch = config.train.batch_size
+  validate.validate_config(config, 8 if batch % 8 == 0 else 1)
 
 
 def test_shipped_llava15_names_missing_paths():

@@ -21,7 +21,6 @@ from PIL import Image
 
 from lvm.data import images as images_lib
 from lvm.data import templates
-from lvm.data.tokenizer import IMAGE_MARKER
 
 # Images with a longer side are downscaled at prepare time (storage and decode speed).
 MAX_SIDE = 2048
@@ -239,9 +238,12 @@ def builder(config, report=None):
   name = config_name(config)
   report = new_report() if report is None else report
 
+  cfg = tfds.core.BuilderConfig(name=name, description='LLaVA JSON from ' + _manual_dir(config))
+
   class LlavaJson(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """LLaVA JSON conversations with images, from config.data.manual_dir."""
     VERSION = tfds.core.Version('1.0.0')
+    BUILDER_CONFIGS = [cfg]  # This run's settings: a known config, not a 'custom' one.
     MANUAL_DOWNLOAD_INSTRUCTIONS = 'Set config.data.manual_dir to the LLaVA data folder.'
 
     def _info(self):
@@ -256,8 +258,7 @@ def builder(config, report=None):
     def _generate_examples(self, split):
       yield from scan(config, split, report)
 
-  cfg = tfds.core.BuilderConfig(name=name, description='LLaVA JSON from ' + _manual_dir(config))
-  return LlavaJson(config=cfg, data_dir=data_dir(config), file_format='array_record')
+  return LlavaJson(config=cfg.name, data_dir=data_dir(config), file_format='array_record')
 
 
 def _write_report(report, path):

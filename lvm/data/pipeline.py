@@ -156,7 +156,6 @@ class DataIterator:
     self._stats = collections.Counter()
     self._perms = collections.OrderedDict()
     self._lock = threading.Lock()
-    self._delivered = (dict(self.cursors), collections.Counter())
     self._thread = self._queue = None
     self._finished = False
     self._stop = threading.Event()

@@ -33,6 +33,8 @@ QUESTION_TYPES = ('colour', 'shape', 'count', 'position', 'exists')
 SPLITS = ('test', 'validation', 'train')  # Generation order: later splits avoid earlier scenes.
 _SPLIT_INDEX = {s: i for i, s in enumerate(SPLITS)}
 _BACKGROUND = (250, 250, 250)
+# Bump when the generated data changes: datasets and tokenizers are cached by version.
+GENERATOR_VERSION = '1.4.0'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -75,7 +77,8 @@ def data_dir(config) -> str:
 
 
 def assets_dir(config) -> str:
-  return os.path.join(data_dir(config), 'lvm_shapes_assets', settings(config).name)
+  return os.path.join(data_dir(config), 'lvm_shapes_assets', settings(config).name,
+                      GENERATOR_VERSION)
 
 
 def tokenizer_path(config) -> str:
@@ -126,33 +129,60 @@ def draw(scene, image_size) -> Image.Image:
   return im.reduce(s)
 
 
+def _article(word):
+  return 'an' if word[0] in 'aeiou' else 'a'
+
+
 def caption(scene) -> str:
   parts = []
   for kind, colour, pos, *_ in scene:
-    article = 'an' if colour[0] in 'aeiou' else 'a'
-    parts.append(f'{article} {colour} {kind} {"in the" if pos == "center" else "at the"} {pos}')
+    where = 'in the' if pos == 'center' else 'at the'
+    parts.append(f'{_article(colour)} {colour} {kind} {where} {pos}')
   text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
   return text[0].upper() + text[1:] + '.'
 
 
-def question(rng, scene, qtype) -> tuple[str, str]:
-  """A (question, answer) of type `qtype` about `scene`."""
-  obj = scene[int(rng.integers(len(scene)))]
-  kind, colour, pos = obj[:3]
-  if qtype == 'colour':
-    return f'What color is the {kind}?', colour
-  if qtype == 'shape':
-    return f'Which shape is {colour}?', kind
-  if qtype == 'count':
-    return 'How many shapes are there?', NUMBERS[len(scene)]
-  if qtype == 'position':
-    return f'Where is the {kind}?', pos
-  present = {(o[1], o[0]) for o in scene}
-  if rng.random() < 0.5:
-    return f'Is there a {colour} {kind}?', 'yes'
-  absent = [(c, k) for c in COLOURS for k in SHAPES if (c, k) not in present]
-  c, k = absent[int(rng.integers(len(absent)))]
-  return f'Is there a {c} {k}?', 'no'
+_OBJECT_QUESTIONS = ('colour', 'shape', 'position')
+
+
+def questions(rng, scene, turns) -> tuple[list[str], list[tuple[str, str]]] | None:
+  """Question types and (question, answer) pairs about `scene`, or None if it cannot hold them.
+
+  No answer can be read off another turn of the conversation: object questions (colour,
+  shape, position) ask about distinct objects, and the yes/no question names a shape and a
+  colour no other turn mentions (shapes and colours are unique within a scene). A scene with
+  too few objects for the drawn questions is rejected (None) rather than given other
+  questions, so that which questions are asked says nothing about the image.
+  """
+  qtypes = [QUESTION_TYPES[j] for j in rng.permutation(len(QUESTION_TYPES))[:turns]]
+  yes = 'exists' in qtypes and rng.random() < 0.5
+  if sum(q in _OBJECT_QUESTIONS for q in qtypes) + yes > len(scene):
+    return None
+  objects = [scene[j] for j in rng.permutation(len(scene))]
+  qa, shown_kinds, shown_colours = [], set(), set()
+  for qtype in qtypes:
+    if qtype in _OBJECT_QUESTIONS:
+      kind, colour, pos = objects.pop()[:3]
+      shown_kinds.add(kind)
+      shown_colours.add(colour)
+      qa.append({'colour': (f'What color is the {kind}?', colour),
+                 'shape': (f'Which shape is {colour}?', kind),
+                 'position': (f'Where is the {kind}?', pos)}[qtype])
+    elif qtype == 'count':
+      qa.append(('How many shapes are there?', NUMBERS[len(scene)]))
+    else:
+      qa.append(None)  # exists: filled once every object question has picked its object.
+  if 'exists' in qtypes:
+    if yes:
+      kind, colour = objects.pop()[:2]
+    else:
+      present = {(o[1], o[0]) for o in scene}
+      pool = [(c, k) for c in COLOURS for k in SHAPES
+              if (c, k) not in present and k not in shown_kinds and c not in shown_colours]
+      colour, kind = pool[int(rng.integers(len(pool)))]
+    qa[qtypes.index('exists')] = (f'Is there {_article(colour)} {colour} {kind}?',
+                                  'yes' if yes else 'no')
+  return qtypes, qa
 
 
 def examples(s: Settings, split: str):
@@ -165,9 +195,11 @@ def examples(s: Settings, split: str):
       scene = _scene(rng, s.image_size)
       if scene in used:
         continue
+      planned = questions(rng, scene, s.turns)
+      if planned is None:
+        continue
       used.add(scene)
-      qtypes = [QUESTION_TYPES[j] for j in rng.permutation(len(QUESTION_TYPES))[:s.turns]]
-      qa = [question(rng, scene, t) for t in qtypes]
+      qtypes, qa = planned
       if sp == split:
         turns = []
         for k, (q, a) in enumerate(qa):
@@ -294,9 +326,12 @@ def builder(config):
 
   s = settings(config)
 
+  cfg = tfds.core.BuilderConfig(name=s.name, description='shapes settings ' + s.name)
+
   class LvmShapes(tfds.core.GeneratorBasedBuilder, skip_registration=True):
     """Synthetic shapes VQA (see lvm/data/shapes.py)."""
-    VERSION = tfds.core.Version('1.0.0')
+    VERSION = tfds.core.Version(GENERATOR_VERSION)
+    BUILDER_CONFIGS = [cfg]  # This run's settings: a known config, not a 'custom' one.
 
     def _info(self):
       return self.dataset_info_from_configs(
@@ -315,8 +350,7 @@ def builder(config):
                     'caption': ex['caption'],
                     'question_types': json.dumps(ex['question_types'])}
 
-  cfg = tfds.core.BuilderConfig(name=s.name, description='shapes settings ' + s.name)
-  return LvmShapes(config=cfg, data_dir=data_dir(config), file_format='array_record')
+  return LvmShapes(config=cfg.name, data_dir=data_dir(config), file_format='array_record')
 
 
 def prepare(config):

@@ -13,7 +13,6 @@ once, by the template, never by the tokenizer.
 """
 
 import dataclasses
-from typing import Sequence
 
 import numpy as np
 

@@ -37,17 +37,9 @@ def read_config(folder: str) -> dict:
 
 
 def abstract_params(model_config, scan_layers: bool | None = None) -> dict:
-  """'/'-joined path -> jax.ShapeDtypeStruct of the model's params, without allocating."""
-  import lvm.models  # pylint: disable=g-import-not-at-top  (lvm.models imports nothing from here)
-  config = copy.deepcopy(model_config)
-  if scan_layers is not None:
-    config.scan_layers = scan_layers
-  model = lvm.models.build(config)
-  v = config.vision
-  images = jax.ShapeDtypeStruct((1, 1, v.image_size, v.image_size, 3), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), i, t), images, ids)
-  return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
+  """See `lvm.models.abstract_params`."""
+  import lvm.models  # pylint: disable=g-import-not-at-top
+  return lvm.models.abstract_params(model_config, scan_layers)
 
 
 def stack_layers(flat: dict) -> dict:

@@ -1,5 +1,10 @@
 """Model families and `build(model_config)`, the one place configs become modules."""
 
+import copy
+
+from flax import traverse_util
+import flax.linen as nn
+import jax
 import jax.numpy as jnp
 
 from lvm.models.decoder import Decoder
@@ -67,4 +72,20 @@ def num_image_tokens(config) -> int:
   return tokens_out(config.projector.kind, build_vision(config).num_tokens)
 
 
-__all__ = ['build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+def abstract_params(config, scan_layers: bool | None = None) -> dict:
+  """'/'-joined path -> jax.ShapeDtypeStruct of every parameter; allocates nothing.
+
+  `scan_layers` overrides the config's layout (True: stacked `layers`, False: `layers_i`).
+  """
+  config = copy.deepcopy(config.model if 'model' in config else config)
+  if scan_layers is not None:
+    config.scan_layers = scan_layers
+  model = build(config)
+  v = config.vision
+  images = jax.ShapeDtypeStruct((1, 1, v.image_size, v.image_size, 3), jnp.float32)
+  ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
+  shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), i, t), images, ids)
+  return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
+
+
+__all__ = ['abstract_params', 'build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']

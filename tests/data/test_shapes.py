@@ -57,6 +57,20 @@ def test_answers_follow_from_the_scene():
   assert seen == set(shapes.QUESTION_TYPES)
 
 
+def test_no_answer_can_be_read_off_another_turn():
+  names = set(shapes.SHAPES) | set(shapes.COLOURS)
+  for _, ex in shapes.examples(S, 'train'):
+    turns = [t['value'].replace('<image>\n', '') for t in ex['conversations']]
+    mentioned = []  # words naming a shape or colour, per turn (question and answer)
+    for q, a in zip(turns[::2], turns[1::2]):
+      mentioned.append({w for w in (q.rstrip('?') + ' ' + a).split() if w in names})
+    for i, qtype in enumerate(ex['question_types']):
+      others = set().union(*(m for j, m in enumerate(mentioned) if j != i))
+      if qtype != 'count':
+        # The shape / colour this turn asks about or answers appears in no other turn.
+        assert not (mentioned[i] & others), (turns, qtype)
+
+
 def test_drawn_colours_match_the_scene():
   for _, ex in list(shapes.examples(S, 'test'))[:10]:
     scene = [tuple(o) for o in json.loads(ex['scene'])]

@@ -6,13 +6,16 @@ records its argv in `argv.<process_id>.json`. The eval loss is a known function 
 config so that tests can check the numbers compare reports:
   loss = 1 + (0.5 if projector is linear else 0) + 0.01 * seed.
 Config `optimizer.lr` > 1 makes it fail (exit 3); env FAKE_STOP_AT=k stops it after step k
-with exit code 0, the way lvm.main exits after a preemption checkpoint.
+with exit code 0, the way lvm.main exits after a preemption checkpoint; env FAKE_HANG=1
+makes it wait until SIGTERM, then exit 0 (lvm.main's preemption path).
 """
 
 import ast
 import json
 import os
+import signal
 import sys
+import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
@@ -40,6 +43,16 @@ def main(argv):
     return 0
   with open(os.path.join(workdir, 'config.json'), 'w') as f:
     f.write(config.to_json_best_effort(indent=2))
+  if os.environ.get('FAKE_HANG'):
+    # A long run: waits to be stopped, and on SIGTERM "checkpoints" and exits 0.
+    def on_term(signum, frame):
+      del signum, frame
+      open(os.path.join(workdir, 'sigterm'), 'w').close()
+      sys.exit(0)
+    signal.signal(signal.SIGTERM, on_term)
+    open(os.path.join(workdir, 'started'), 'w').close()
+    time.sleep(60)
+    return 4
   if config.optimizer.lr > 1:
     print('loss is nan', file=sys.stderr)
     return 3

@@ -7,9 +7,11 @@ runs start, with which flags, what is skipped on a second call, and the tpu/slur
 import json
 import os
 import shlex
+import signal
 import stat
 import subprocess
 import sys
+import time
 
 import pytest
 
@@ -100,6 +102,30 @@ def test_local_multi_process_flags(tmp_path, capsys):
   assert a0[-2:] == ['--num_processes=2', '--process_id=0']
   assert a1[-2:] == ['--num_processes=2', '--process_id=1']
   assert runs_lib.read_run(root, 'mlp2x_gelu', '0').status == 'done'
+
+
+def test_ctrl_c_stops_the_run_gracefully(tmp_path):
+  """SIGINT to the sweep reaches the run as SIGTERM (lvm.main's checkpoint-and-exit), and
+  the run is recorded as stopped, to be resumed by the next call."""
+  root = str(tmp_path / 'sw')
+  env = dict(os.environ, FAKE_HANG='1', PYTHONPATH=sweep_lib.REPO_ROOT)
+  proc = subprocess.Popen(
+      [sys.executable, '-m', 'experiments.run', FIXTURE, f'--module={FAKE_MAIN}',
+       f'--workdir={root}', '--only=linear', '--seeds=0'],
+      cwd=sweep_lib.REPO_ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+      text=True)
+  started = os.path.join(root, 'linear', '0', 'started')
+  deadline = time.time() + 60
+  while not os.path.exists(started) and time.time() < deadline and proc.poll() is None:
+    time.sleep(0.1)
+  assert os.path.exists(started), proc.communicate()[0]
+  proc.send_signal(signal.SIGINT)
+  out = proc.communicate(timeout=60)[0]
+  assert proc.returncode != 0
+  assert 'interrupted' in out
+  assert os.path.exists(os.path.join(root, 'linear', '0', 'sigterm'))
+  run = runs_lib.read_run(root, 'linear', '0')
+  assert run.launch['returncode'] is None and run.status == 'stopped'
 
 
 def test_tpu_dry_run_commands_parse(capsys):

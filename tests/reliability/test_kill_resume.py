@@ -22,10 +22,16 @@ pytestmark = pytest.mark.slow
 
 
 def _tmp_save_dirs(workdir):
+  """{(name, inode)} of orbax's unfinished step folders (`<step>.orbax-checkpoint-tmp*`)."""
   root = os.path.join(workdir, 'checkpoints')
-  if not os.path.isdir(root):
-    return []
-  return [d for d in os.listdir(root) if 'orbax-checkpoint-tmp' in d]
+  found = set()
+  for name in os.listdir(root) if os.path.isdir(root) else ():
+    if 'orbax-checkpoint-tmp' in name:
+      try:
+        found.add((name, os.stat(os.path.join(root, name)).st_ino))
+      except FileNotFoundError:
+        pass  # Renamed (finalized) meanwhile.
+  return found
 
 
 def _log_text(path):
@@ -76,10 +82,13 @@ def test_sigkill_three_times_equals_uninterrupted(shared, reference, tmp_path):
 
   # 2. During an asynchronous checkpoint save: orbax writes into
   #    `<step>.orbax-checkpoint-tmp*` and renames it when done; kill while it exists.
+  #    A folder left by the previous kill does not count: only one this run creates.
+  before = _tmp_save_dirs(workdir)
   proc, log = start(2)
-  hit = _kill_when(proc, lambda: bool(_tmp_save_dirs(workdir)))
+  hit = _kill_when(proc, lambda: bool(_tmp_save_dirs(workdir) - before))
   assert hit, 'the run finished without a save to interrupt:\n' + _log_text(log)[-3000:]
-  kills.append(('during async save', _tmp_save_dirs(workdir), h.checkpoint_steps(workdir)))
+  kills.append(('during async save', sorted(_tmp_save_dirs(workdir) - before),
+                h.checkpoint_steps(workdir)))
 
   # 3. While resuming: a random moment after the restored run says where it resumed,
   #    i.e. during the data iterator's restore, its first batches and the first steps.

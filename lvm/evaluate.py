@@ -1,0 +1,143 @@
+"""The benchmark harness: `python -m lvm.evaluate --workdir=DIR --benchmark=NAME --data_dir=PATH`.
+
+Loads the run's model, asks every question of the benchmark (batched, jitted, greedy, with
+the run's template and LLaVA-1.5's prompts), writes `answers.jsonl` (question_id, prompt,
+answer) and `score.json` into `--out_dir` (default DIR/eval/NAME), and prints the score.
+Benchmarks and their layouts: `lvm/eval/` (vqav2, textvqa, gqa, scienceqa, pope, mme,
+shapes). Questions whose image is missing or unreadable are skipped, counted by reason in
+score.json, and scored as wrong.
+"""
+
+import collections
+import json
+import os
+import time
+
+
+from lvm import eval as benchmarks
+from lvm.sampling import SamplingParams
+
+
+def _preprocess(image, config):
+  """A path, encoded bytes or PIL image -> normalized float32[H, W, 3] (raises ImageError)."""
+  from lvm.data import images  # pylint: disable=g-import-not-at-top
+  size, aspect = int(config.model.vision.image_size), config.data.image_aspect
+  mean, std = config.data.image_mean, config.data.image_std
+  if isinstance(image, str):
+    if not os.path.exists(image):
+      raise images.ImageError('missing_image', image)
+    with open(image, 'rb') as f:
+      image = f.read()
+  if isinstance(image, bytes):
+    return images.load(image, size, aspect, mean, std)
+  return images.preprocess(images.to_rgb(image)[0], size, aspect, mean, std)
+
+
+def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: int = 0,
+        batch_size: int = 16, max_new_tokens: int = 0) -> dict:
+  """Answers and scores one benchmark.
+
+  Args:
+    text_gen: a `lvm.generate.TextGenerator` for the run.
+    config: the run's config (template, image preprocessing).
+    benchmark: a name in `lvm.eval.BENCHMARKS`.
+    data_dir: the benchmark's files in their official layout.
+    out_dir: where answers.jsonl and score.json go.
+    limit: > 0 keeps the first `limit` questions.
+    batch_size: questions per generation batch.
+    max_new_tokens: 0 = the benchmark's default.
+
+  Returns:
+    The score.json content: {'benchmark', 'scores', 'num_questions', 'skipped', ...}.
+  """
+  bench = benchmarks.get(benchmark)
+  start = time.time()
+  examples = bench.load(data_dir, config)
+  if limit > 0:
+    examples = examples[:limit]
+  if not examples:
+    raise ValueError(f'{benchmark}: no questions found under {data_dir!r}')
+  max_new_tokens = max_new_tokens or bench.max_new_tokens
+  skipped = collections.Counter()
+  predictions = {}
+  prompts = {}
+  ready = []  # (example, turns, image or None)
+  for e in examples:
+    image = None
+    if e.image is not None:
+      try:
+        image = _preprocess(e.image, config)
+      except ValueError as err:  # ImageError: missing, corrupt, truncated, too large
+        skipped[getattr(err, 'reason', 'bad_image')] += 1
+        continue
+    text = ('<image>\n' if image is not None else '') + e.prompt
+    ready.append((e, [{'from': 'human', 'value': text}], image))
+    prompts[e.question_id] = e.prompt
+  # Similar lengths share a batch, so fewer prompt buckets are compiled and padded.
+  order = sorted(range(len(ready)), key=lambda i: len(ready[i][0].prompt))
+  greedy = SamplingParams()
+  for lo in range(0, len(order), batch_size):
+    batch = [ready[i] for i in order[lo:lo + batch_size]]
+    images = [None if img is None else img[None] for _, _, img in batch]
+    outs = text_gen.answer([turns for _, turns, _ in batch], images, max_new_tokens, greedy)
+    for (e, _, _), out in zip(batch, outs):
+      predictions[e.question_id] = out.text
+  scores = bench.score(examples, predictions, config)
+  os.makedirs(out_dir, exist_ok=True)
+  with open(os.path.join(out_dir, 'answers.jsonl'), 'w') as f:
+    for e in examples:
+      if e.question_id in predictions:
+        f.write(json.dumps({'question_id': e.question_id, 'prompt': prompts[e.question_id],
+                            'answer': predictions[e.question_id]}) + '\n')
+  label, value = bench.headline(scores)
+  result = {'benchmark': benchmark, 'headline': {label: value}, 'scores': scores,
+            'num_questions': len(examples), 'num_answered': len(predictions),
+            'skipped': dict(skipped), 'data_dir': os.path.abspath(data_dir),
+            'max_new_tokens': max_new_tokens, 'limit': limit,
+            'seconds': round(time.time() - start, 2)}
+  with open(os.path.join(out_dir, 'score.json'), 'w') as f:
+    json.dump(result, f, indent=1)
+  return result
+
+
+def _define_flags():
+  from absl import flags  # pylint: disable=g-import-not-at-top
+  flags.DEFINE_string('workdir', None, 'A training run directory (latest checkpoint).')
+  flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (instead of --workdir).')
+  flags.DEFINE_string('benchmark', None, f'One of {sorted(benchmarks.BENCHMARKS)}.')
+  flags.DEFINE_string('data_dir', '', "The benchmark's files (unused by shapes).")
+  flags.DEFINE_string('out_dir', None, 'Default: WORKDIR/eval/BENCHMARK.')
+  flags.DEFINE_integer('limit', 0, 'Only the first N questions (0: all).')
+  flags.DEFINE_integer('batch_size', 16, 'Questions per batch.')
+  flags.DEFINE_integer('max_new_tokens', 0, "0: the benchmark's default.")
+  return flags.FLAGS
+
+
+def main(argv):
+  del argv
+  flags = _define_flags.flags
+  path = flags.checkpoint or flags.workdir
+  if not path or not flags.benchmark:
+    raise SystemExit('Give --workdir=DIR (or --checkpoint=PATH) and --benchmark=NAME')
+  benchmarks.get(flags.benchmark)  # fail on a bad name before loading the model
+  from lvm import generate  # pylint: disable=g-import-not-at-top
+  config, _, text_gen = generate.from_run(path)
+  out_dir = flags.out_dir or os.path.join(flags.workdir or path, 'eval', flags.benchmark)
+  result = run(text_gen, config, flags.benchmark, flags.data_dir, out_dir, flags.limit,
+               flags.batch_size, flags.max_new_tokens)
+  (label, value), = result['headline'].items()
+  skipped = sum(result['skipped'].values())
+  print(f"{flags.benchmark} {label}: {value:.2f}  ({result['num_questions']} questions, "
+        f"{skipped} skipped, {result['seconds']:.1f}s)")
+  print(json.dumps(result['scores'], indent=1))
+  print(f'answers and score.json in {out_dir}')
+
+
+def entry():
+  from absl import app  # pylint: disable=g-import-not-at-top
+  _define_flags.flags = _define_flags()
+  app.run(main)
+
+
+if __name__ == '__main__':
+  entry()

@@ -1,0 +1,150 @@
+"""Parameter and FLOP counts for MFU, by DESIGN.md's rule.
+
+A matmul with an [m, n] weight costs 2 m n FLOPs per token forward. Training adds a
+backward pass of two matmuls per weight: one for the input gradient (needed wherever a
+gradient must flow further down, even through frozen weights) and one for the weight
+gradient (trainable weights only). So, per token, a part with N weights costs
+
+  2 N                 forward
+  + 2 N               input gradient, if anything before it is trainable
+  + 2 N_trainable     weight gradient
+
+which is 6 N for a trainable decoder, 4 N for a frozen decoder under a trainable projector
+(stage 1) and 2 N for the frozen vision tower. Attention adds, per token and layer,
+2 x 2 x heads x head_dim x keys forward (QK^T and AV), halved for the causal decoder,
+and x3 in training when gradients flow through it:
+
+  decoder, per trained token:  (6 | 4) N_dec + 6 x layers x heads x head_dim x L
+  vision, per image:           T x (2 N_vis + 4 x layers_v x width_v x T)      (frozen)
+  projector, per image:        P x (2 | 4 | 6) N_proj
+
+N_dec excludes the input embedding (a gather) and includes the LM head (tied or not);
+N_vis excludes the position/class embeddings and the unused post_layernorm, and counts
+only the layers up to the deepest selected hidden state; T is the vision tower's tokens
+(class token included), P the visual tokens the projector emits.
+"""
+
+import re
+
+import numpy as np
+
+import lvm.models
+
+# The trainable-parameter regexes of LLaVA's two stages (as lvm.optim.STAGES).
+PRETRAIN = r'^projector/'
+FINETUNE = r'^(projector|decoder)/'
+
+
+def _size(shape) -> int:
+  return int(np.prod(shape.shape))
+
+
+def param_counts(config) -> dict[str, int]:
+  """Parameter counts by part (abstract: nothing is allocated)."""
+  flat = lvm.models.abstract_params(config)
+  counts = {'vision': 0, 'projector': 0, 'decoder': 0}
+  for path, shape in flat.items():
+    counts[path.split('/')[0]] += _size(shape)
+  counts['decoder_embed'] = _size(flat['decoder/embed_tokens'])
+  counts['total'] = sum(counts[p] for p in ('vision', 'projector', 'decoder'))
+  return counts
+
+
+def _layer_index(path: str) -> int | None:
+  m = re.search(r'/layers_(\d+)/', path)
+  return int(m.group(1)) if m else None
+
+
+def _matmul_params(config, trainable: str):
+  """(N, N_trainable) per part, as the FLOP rule counts them (see the module docstring)."""
+  model_config = config.model if 'model' in config else config
+  tower = lvm.models.build_vision(model_config)
+  used_layers = max(tower._resolved_layers())  # pylint: disable=protected-access
+  pattern = re.compile(trainable)
+  flat = lvm.models.abstract_params(model_config, scan_layers=False)
+  n = {'vision': 0, 'projector': 0, 'decoder': 0}
+  n_train = dict(n)
+  tied = model_config.decoder.tie_embeddings
+  for path, shape in flat.items():
+    part = path.split('/')[0]
+    size = _size(shape)
+    if part == 'vision':
+      if path in ('vision/position_embedding', 'vision/class_embedding') or (
+          'post_layernorm' in path):
+        continue
+      layer = _layer_index(path)
+      if layer is not None and layer >= used_layers:
+        continue
+    if path == 'decoder/embed_tokens' and not tied:
+      continue  # a gather, not a matmul (a tied one is also the LM head)
+    n[part] += size
+    if pattern.search(path):
+      n_train[part] += size
+  any_trainable = {p: any(pattern.search(k) for k in flat if k.startswith(p + '/'))
+                   for p in n}
+  return n, n_train, any_trainable, used_layers
+
+
+def per_token(config, seq_len: int, trainable: str = FINETUNE) -> dict:
+  """Decoder training FLOPs per token of a length-`seq_len` sequence.
+
+  Args:
+    config: the full config or `config.model`.
+    seq_len: L, the attended length.
+    trainable: regex over '/'-joined parameter paths (lvm.optim's stage regexes).
+
+  Returns:
+    dict: 'total', 'matmul', 'attention', 'n_decoder', 'n_decoder_trainable', 'formula'.
+  """
+  model_config = config.model if 'model' in config else config
+  n, n_train, any_trainable, _ = _matmul_params(model_config, trainable)
+  d = model_config.decoder
+  head_dim = d.head_dim or d.width // d.heads
+  grad_flows = any(any_trainable.values())
+  matmul = 2 * n['decoder'] + (2 * n['decoder'] if grad_flows else 0) + 2 * n_train['decoder']
+  attention = (3 if grad_flows else 1) * 2 * d.depth * d.heads * head_dim * seq_len
+  mult = matmul // max(n['decoder'], 1)
+  formula = (f'{mult} x N_dec + {3 if grad_flows else 1} x 2 x layers x heads x head_dim x L = '
+             f'{mult} x {n["decoder"]:,} + {3 if grad_flows else 1} x 2 x {d.depth} x {d.heads} x '
+             f'{head_dim} x {seq_len}')
+  return {'total': matmul + attention, 'matmul': matmul, 'attention': attention,
+          'n_decoder': n['decoder'], 'n_decoder_trainable': n_train['decoder'],
+          'formula': formula}
+
+
+def per_image(config, trainable: str = FINETUNE) -> dict:
+  """Vision tower + projector training FLOPs per image.
+
+  Returns:
+    dict: 'total', 'vision', 'projector', 'tokens' (T), 'visual_tokens' (P), 'formula'.
+  """
+  model_config = config.model if 'model' in config else config
+  n, n_train, any_trainable, used_layers = _matmul_params(model_config, trainable)
+  v = model_config.vision
+  tower = lvm.models.build_vision(model_config)
+  t = tower.num_patches + int(tower.has_class_token)
+  p = lvm.models.num_image_tokens(model_config)
+  vis_grad = any_trainable['vision']
+  vision = t * (2 * n['vision'] + 4 * used_layers * v.width * t)
+  if vis_grad:  # input gradients through the whole tower, weight gradients where trainable
+    vision = 3 * vision - 2 * t * (n['vision'] - n_train['vision'])
+  projector = p * (2 * n['projector'] + (2 * n['projector'] if vis_grad else 0)
+                   + 2 * n_train['projector'])
+  formula = (f'vision T x (2 x N_vis + 4 x layers_v x width_v x T) + projector P x k x N_proj; '
+             f'T={t} N_vis={n["vision"]:,} layers_v={used_layers} width_v={v.width} P={p} '
+             f'N_proj={n["projector"]:,}')
+  return {'total': vision + projector, 'vision': vision, 'projector': projector, 'tokens': t,
+          'visual_tokens': p, 'formula': formula}
+
+
+def per_step(config, batch_size: int, seq_len: int, images_per_sample: int,
+             trainable: str = FINETUNE) -> int:
+  """Training FLOPs of one step: B x L tokens and B x N images."""
+  return (batch_size * seq_len * per_token(config, seq_len, trainable)['total']
+          + batch_size * images_per_sample * per_image(config, trainable)['total'])
+
+
+def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
+        peak_tflops_per_device: float) -> float:
+  """Model FLOPs utilization: achieved / peak (peak bf16 dense, e.g. H100 SXM 989 TFLOP/s)."""
+  return flops_per_step / step_seconds / (num_devices * peak_tflops_per_device * 1e12)

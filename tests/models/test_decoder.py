@@ -1,0 +1,74 @@
+"""lvm/models/decoder.py: RoPE scaling against transformers, GQA, unrolled vs scanned."""
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lvm.models import decoder as decoder_lib
+import lvm.hf
+
+SCALINGS = [
+    None,
+    {'type': 'linear', 'factor': 4.0},
+    {'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
+     'original_max_position_embeddings': 64},
+]
+
+
+@pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3'])
+def test_rope_inv_freq_matches_transformers(scaling):
+  transformers = pytest.importorskip('transformers')
+  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+  rope = {'rope_type': 'default', 'rope_theta': 10000.0}
+  if scaling:
+    rope.update({k: v for k, v in scaling.items() if k != 'type'}, rope_type=scaling['type'])
+  config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=rope,
+                                    max_position_embeddings=4096)
+  if scaling:
+    ref, _ = ROPE_INIT_FUNCTIONS[scaling['type']](config, 'cpu')
+  else:
+    ref = 1.0 / (10000.0 ** (np.arange(0, 128, 2) / 128))
+  ours = decoder_lib.rope_inv_freq(128, 10000.0, scaling)
+  np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6)
+  if scaling:  # the scaling really changed something
+    assert not np.allclose(ours, decoder_lib.rope_inv_freq(128, 10000.0, None))
+
+
+def _decoder(kv_heads, scan=True):
+  return decoder_lib.Decoder(vocab_size=64, width=32, depth=2, heads=4, kv_heads=kv_heads,
+                             mlp_dim=48, scan_layers=scan)
+
+
+def test_gqa_equals_mha_with_repeated_kv_heads():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
+  gqa = _decoder(kv_heads=2, scan=False)
+  params = nn.unbox(gqa.init(jax.random.PRNGKey(0), x)['params'])
+  mha_params = jax.tree.map(lambda a: a, params)
+  for i in range(2):
+    attn = mha_params[f'layers_{i}']['self_attn']
+    for name in ('k_proj', 'v_proj'):  # [D, K, Dh] -> [D, H, Dh], each kv head twice
+      attn[name]['kernel'] = jnp.repeat(attn[name]['kernel'], 2, axis=1)
+  a = gqa.apply({'params': params}, x)[0]
+  b = _decoder(kv_heads=4, scan=False).apply({'params': mha_params}, x)[0]
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_scanned_and_unrolled_layers_give_the_same_logits():
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
+  unrolled = _decoder(kv_heads=2, scan=False)
+  params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), x)['params'])
+  flat = {k: np.asarray(v) for k, v in
+          lvm.hf.traverse_util.flatten_dict(params, sep='/').items()}
+  stacked = lvm.hf.traverse_util.unflatten_dict(lvm.hf.stack_layers(
+      {f'decoder/{k}': v for k, v in flat.items()}), sep='/')['decoder']
+  mask = jnp.array([[True] * 10, [True] * 7 + [False] * 3])
+  a = unrolled.apply({'params': params}, x, attention_mask=mask)[0]
+  b = _decoder(kv_heads=2, scan=True).apply({'params': stacked}, x, attention_mask=mask)[0]
+  np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
+
+
+def test_kv_heads_must_divide_heads():
+  with pytest.raises(ValueError, match='multiple of kv_heads'):
+    _decoder(kv_heads=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 32)))

@@ -1,0 +1,50 @@
+"""lvm.flops against a count by hand on the tiny config."""
+
+import pytest
+
+from configs import tiny
+import lvm.flops
+
+# configs/tiny.py: decoder D=64 F=128 heads 4 kv 2 head_dim 16 V=512, 2 layers;
+# CLIP 32px / 8px patches (16 patches + class token), width 32, mlp 64, 2 layers,
+# feature layer -2; projector mlp2x_gelu 32 -> 64 -> 64.
+D, F, H, K, DH, V, LAYERS = 64, 128, 4, 2, 16, 512, 2
+DEC_LAYER = D * H * DH + 2 * D * K * DH + H * DH * D + 3 * D * F + 2 * D
+N_DEC = LAYERS * DEC_LAYER + D + D * V  # blocks, final norm, LM head (no input embedding)
+W, MLP, T = 32, 64, 17
+VIS_LAYER = 4 * (W * W + W) + 2 * (W * MLP) + MLP + W + 4 * W
+N_VIS_1 = 1 * VIS_LAYER + 8 * 8 * 3 * W + 2 * W  # 1 layer needed for hidden state -2, patch conv, pre-LN
+N_PROJ = W * D + D + D * D + D
+
+
+def test_param_counts():
+  counts = lvm.flops.param_counts(tiny.get_config())
+  assert counts['decoder'] == N_DEC + V * D
+  assert counts['projector'] == N_PROJ
+  assert counts['vision'] == 2 * VIS_LAYER + 8 * 8 * 3 * W + W + T * W + 4 * W
+  assert counts['total'] == counts['vision'] + counts['projector'] + counts['decoder']
+
+
+@pytest.mark.parametrize('trainable,mult', [(lvm.flops.FINETUNE, 6), (lvm.flops.PRETRAIN, 4)])
+def test_per_token(trainable, mult):
+  out = lvm.flops.per_token(tiny.get_config(), 64, trainable)
+  assert out['n_decoder'] == N_DEC
+  assert out['total'] == mult * N_DEC + 6 * LAYERS * H * DH * 64
+  assert f'{mult} x N_dec' in out['formula']
+
+
+def test_per_image_and_step():
+  config = tiny.get_config()
+  out = lvm.flops.per_image(config, lvm.flops.FINETUNE)
+  assert out['tokens'] == T and out['visual_tokens'] == 16
+  assert out['vision'] == T * (2 * N_VIS_1 + 4 * 1 * W * T)  # frozen tower: forward only
+  assert out['projector'] == 16 * 4 * N_PROJ  # trainable, tower below frozen: 2 + 2
+  step = lvm.flops.per_step(config, 8, 64, 1)
+  assert step == 8 * 64 * lvm.flops.per_token(config, 64)['total'] + 8 * out['total']
+  # Training the tower too: 3x its forward.
+  full = lvm.flops.per_image(config, r'.*')
+  assert full['vision'] == 3 * out['vision'] and full['projector'] == 16 * 6 * N_PROJ
+
+
+def test_mfu():
+  assert lvm.flops.mfu(989e12, 1.0, 2, 989.0) == pytest.approx(0.5)
