@@ -226,4 +226,9 @@ def _run_slurm(args, sweep, root, todo, diffs, commands) -> int:
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  try:
+    sys.exit(main())
+  except KeyboardInterrupt:
+    print('\n# interrupted: the current run was asked to checkpoint and stop; run the same '
+          'command again to resume the sweep.')
+    sys.exit(130)

@@ -131,9 +131,10 @@ class Generator:
     model, variables = self.model, {'params': params}
     b, lp = input_ids.shape
     cache = model.decoder.init_cache(b, lp + new_bucket)
-    cache_spec = PartitionSpec(None, lvm_sharding.BATCH_AXES, None, 'tensor', None)
-    cache = jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, cache_spec)) \
-        if self.config.model.decoder.kv_heads % self.mesh.shape['tensor'] == 0 else cache
+    if self.config.model.decoder.kv_heads % self.mesh.shape['tensor'] == 0:
+      # [L, B, S, K, Dh]: rows over the batch axes, kv heads over 'tensor' (as k/v_proj).
+      spec = PartitionSpec(None, lvm_sharding.BATCH_AXES, None, 'tensor', None)
+      cache = jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, spec))
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, new_bucket), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = model.apply(variables, images, input_ids, full_mask, positions, cache,
@@ -267,7 +268,14 @@ class TextGenerator:
     self.template = template
     self._templates = templates
     self.stop_strings = tuple(templates.stop_strings(template))
-    self.stop_ids = tuple(sorted({int(tokenizer.eos_id)}))
+    # Stop strings that are single tokens (</s>, <|eot_id|>) also end the loop on device;
+    # the rest are cut on the host after decoding.
+    ids = {int(tokenizer.eos_id)}
+    for s in self.stop_strings:
+      token_id = tokenizer.token_to_id(s) if hasattr(tokenizer, 'token_to_id') else None
+      if token_id is not None:
+        ids.add(int(token_id))
+    self.stop_ids = tuple(sorted(ids))
 
   def prompt_ids(self, turns) -> list[int]:
     return list(self._templates.render_prompt(self.template, turns, self.tokenizer,

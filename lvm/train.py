@@ -324,19 +324,20 @@ def initial_params(config, factory: StateFactory, log: Callable[[str], None] = p
       raise ValueError('config.init.kind="checkpoint" needs config.init.path: an earlier '
                        "run's workdir or checkpoint step folder.")
     # Restore only the leaves this model has, straight into this mesh's shardings.
-    source_config = ckpt_lib.load_config(init.path)
-    del source_config
-    loaded_abstract = factory.abstract_params
-    _, loaded = ckpt_lib.load_params(init.path, loaded_abstract)
+    _, loaded = ckpt_lib.load_params(init.path, factory.abstract_params)
     params, count = overlay_params(params, loaded, f'config.init.path={init.path!r}')
   elif init.kind == 'hf':
     from lvm import hf  # pylint: disable=import-outside-toplevel
-    _, loaded = hf.load(init.path)
+    _, loaded = hf.load(init.path, scan_layers=config.model.scan_layers)
     params, count = overlay_params(params, loaded, f'config.init.path={init.path!r}')
   elif init.kind == 'hf_parts':
     from lvm import hf  # pylint: disable=import-outside-toplevel
-    result = hf.assemble(init.vision_path, init.decoder_path)
-    loaded = result[1] if isinstance(result, tuple) else result
+    m = config.model
+    _, loaded = hf.assemble(
+        init.vision_path, init.decoder_path, projector=m.projector.kind,
+        feature_layer=m.vision.feature_layer, select=m.vision.select,
+        image_token_id=m.image_token_id, pad_token_id=m.pad_token_id,
+        vocab_size=m.decoder.vocab_size, scan_layers=m.scan_layers)
     # The projector is new in stage 1: keep its random init.
     loaded = {k: v for k, v in loaded.items() if k != 'projector'}
     params, count = overlay_params(params, loaded, 'config.init.vision_path/decoder_path')

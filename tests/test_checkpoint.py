@@ -63,3 +63,14 @@ def test_preempt_and_resume_on_another_mesh(tmp_path):
     np.testing.assert_allclose(np.asarray(flat_b[k]), np.asarray(flat_a[k]), rtol=1e-4,
                                atol=1e-6, err_msg=k)
   assert sorted(os.listdir(full)) >= ['checkpoints', 'config.json', 'metrics.jsonl']
+  # Restoring params straight into shardings of another mesh (how config.init.kind=checkpoint
+  # starts stage 2 from stage 1).
+  mesh = train_utils.mesh_for(config, (2, 4, 1))
+  target = jax.tree.map(
+      lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=jax.sharding.NamedSharding(
+          mesh, jax.sharding.PartitionSpec(*(['fsdp'] if x.shape[0] % 4 == 0 else [])))),
+      params)
+  _, sharded = checkpoint.load_params(full, target)
+  leaf = sharded['decoder']['embed_tokens']
+  assert leaf.sharding == target['decoder']['embed_tokens'].sharding
+  np.testing.assert_array_equal(np.asarray(leaf), np.asarray(params['decoder']['embed_tokens']))

@@ -130,4 +130,5 @@ def test_sweep_json_lists_runs_not_started(tmp_path, capsys):
   assert compare.main([root, '--no_plots']) == 0
   out = capsys.readouterr().out
   assert '| a | projector.kind=linear | 1 done, 1 pending |' in out
-  assert '| b | projector.kind=mlp2x_gelu | 2 pending | — | — | — | — | — | — | — |' in out
+  empty = ' — |' * 7
+  assert '| b | projector.kind=mlp2x_gelu | 2 pending |' + empty in out
