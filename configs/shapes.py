@@ -13,10 +13,11 @@ def get_config(arg=None):
   arg = common.parse_arg(arg, steps=600, train=20000, batch_size=32, data_dir='')
   config = common.get_config()
 
-  # 64 px images, 8 px patches -> 8x8 patch grid; the pixel-shuffle projector folds it to
-  # 16 visual tokens per image, which keeps the decoder's sequence short.
+  # 48 px images, 8 px patches -> a 6x6 patch grid; the pixel-shuffle projector folds each
+  # 2x2 block into one token: 9 visual tokens per image, one per cell of the scenes' 3x3
+  # grid, which keeps both the tower and the decoder's sequence short.
   config.model.vision = common.vision_config(
-      'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=256,
+      'clip', image_size=48, patch_size=8, width=128, depth=2, heads=4, mlp_dim=256,
       feature_layer=-1)
   config.model.projector = common.projector_config('downsample_mlp')
   config.model.decoder = common.decoder_config(
@@ -29,7 +30,7 @@ def get_config(arg=None):
   config.data.dataset = 'shapes'
   config.data.data_dir = arg.data_dir
   config.data.template = 'vicuna_v1'
-  config.data.seq_len = 96
+  config.data.seq_len = 84
   config.data.image_aspect = 'pad'
   config.data.shapes_train = arg.train
   config.data.shapes_validation = 500

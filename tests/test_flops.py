@@ -13,7 +13,8 @@ DEC_LAYER = D * H * DH + 2 * D * K * DH + H * DH * D + 3 * D * F + 2 * D
 N_DEC = LAYERS * DEC_LAYER + D + D * V  # blocks, final norm, LM head (no input embedding)
 W, MLP, T = 32, 64, 17
 VIS_LAYER = 4 * (W * W + W) + 2 * (W * MLP) + MLP + W + 4 * W
-N_VIS_1 = 1 * VIS_LAYER + 8 * 8 * 3 * W + 2 * W  # 1 layer needed for hidden state -2, patch conv, pre-LN
+# Hidden state -2 needs 1 of the 2 layers; plus the patch conv and pre-LN.
+N_VIS_1 = 1 * VIS_LAYER + 8 * 8 * 3 * W + 2 * W
 N_PROJ = W * D + D + D * D + D
 
 

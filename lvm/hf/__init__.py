@@ -178,7 +178,8 @@ def _mean_resize(embedding: np.ndarray, rows: int) -> np.ndarray:
   """Grows an embedding/lm-head matrix [V, D] to `rows`, new rows at the mean (as LLaVA does)."""
   extra = rows - embedding.shape[0]
   if extra < 0:
-    raise ValueError(f'vocab_size {rows} is smaller than the LLaMA vocabulary ({embedding.shape[0]})')
+    raise ValueError(f'vocab_size {rows} is smaller than the LLaMA vocabulary '
+                     f'({embedding.shape[0]})')
   mean = embedding.astype(np.float32).mean(axis=0, keepdims=True).astype(embedding.dtype)
   return np.concatenate([embedding, np.repeat(mean, extra, axis=0)])
 

@@ -88,4 +88,5 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
   return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 
-__all__ = ['abstract_params', 'build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+__all__ = ['abstract_params', 'build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector',
+           'Decoder']

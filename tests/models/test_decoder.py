@@ -20,14 +20,14 @@ SCALINGS = [
 @pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3'])
 def test_rope_inv_freq_matches_transformers(scaling):
   transformers = pytest.importorskip('transformers')
-  from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS  # pylint: disable=g-import-not-at-top
+  rope_utils = pytest.importorskip('transformers.modeling_rope_utils')
   rope = {'rope_type': 'default', 'rope_theta': 10000.0}
   if scaling:
     rope.update({k: v for k, v in scaling.items() if k != 'type'}, rope_type=scaling['type'])
   config = transformers.LlamaConfig(hidden_size=256, num_attention_heads=2, rope_parameters=rope,
                                     max_position_embeddings=4096)
   if scaling:
-    ref, _ = ROPE_INIT_FUNCTIONS[scaling['type']](config, 'cpu')
+    ref, _ = rope_utils.ROPE_INIT_FUNCTIONS[scaling['type']](config, 'cpu')
   else:
     ref = 1.0 / (10000.0 ** (np.arange(0, 128, 2) / 128))
   ours = decoder_lib.rope_inv_freq(128, 10000.0, scaling)

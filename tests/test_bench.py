@@ -1,0 +1,108 @@
+"""Tests of lvm/bench.py and the scaling checks in benchmarks/scaling_checks.py.
+
+Every test process sees 8 emulated CPU devices (tests/conftest.py).
+"""
+
+import jax
+import numpy as np
+import pytest
+
+from benchmarks import scaling_checks
+from configs import tiny
+from lvm import bench
+
+
+def test_scan_compile_time_does_not_grow_with_depth():
+  r = scaling_checks.check_compile(depth_small=2, depth_large=32, repeats=1)
+  assert r['ok'], scaling_checks.format_result(r)
+
+
+def test_fsdp_shards_params_and_optimizer_state():
+  r = scaling_checks.check_fsdp(num_devices=8)
+  assert len(r['per_device_bytes']) == 8
+  assert r['ok'], scaling_checks.format_result(r)
+
+
+def test_model_flops_matches_hand_count():
+  config = tiny.get_config()
+  counts = bench.param_counts(config)
+  # Decoder without embedding: 2 layers x (4 x 64 x 16*4 attn with kv 2 heads ...) counted
+  # independently here from the shapes: q,o 64x64, k,v 64x32, mlp 3 x 64x128, 2 norms; + norm
+  # + lm_head 64x512.
+  per_layer = 64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64
+  assert counts['decoder_no_embed'] == 2 * per_layer + 64 + 64 * 512
+  b, l = 2, 64
+  f = bench.model_flops(config, b, l, 'prefill')
+  dec = b * l * (2 * counts['decoder_no_embed'] + 2 * 2 * 4 * 16 * l)
+  assert f['parts']['decoder'] == dec
+  t = (32 // 8) ** 2 + 1  # patches + CLS
+  assert f['parts']['vision'] == b * t * (2 * counts['vision'] + 4 * 2 * 32 * t)
+  # finetune: decoder + projector trained (x3), vision frozen with no gradient (x1).
+  ft = bench.model_flops(config, b, l, 'train')
+  assert ft['parts']['decoder'] == 3 * dec
+  assert ft['parts']['vision'] == f['parts']['vision']
+  assert ft['parts']['projector'] == 3 * f['parts']['projector']
+
+
+def test_peak_table():
+  class Dev:
+    def __init__(self, platform, kind):
+      self.platform, self.device_kind = platform, kind
+  assert bench.peak_tflops(Dev('gpu', 'NVIDIA H100 80GB HBM3')) == 989.0
+  assert bench.peak_tflops(Dev('gpu', 'NVIDIA H200')) == 989.0
+  assert bench.peak_tflops(Dev('tpu', 'TPU v5 lite')) == 197.0
+  assert bench.peak_tflops(Dev('tpu', 'TPU v5p')) == 459.0
+  assert bench.peak_tflops(Dev('tpu', 'TPU v4')) == 275.0
+  assert bench.peak_tflops(Dev('tpu', 'TPU v6 lite')) == 918.0
+  assert bench.peak_tflops(Dev('cpu', 'cpu')) is None
+
+
+def test_cross_entropy_matches_numpy():
+  rng = np.random.default_rng(0)
+  logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
+  ids = rng.integers(0, 7, (2, 5)).astype(np.int32)
+  mask = np.array([[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]], bool)
+  got = float(bench.cross_entropy(logits, ids, mask))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t]]
+  np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
+  grad = jax.grad(bench.cross_entropy)(logits, ids, mask)
+  num = np.zeros_like(logits)
+  for b in range(2):
+    for t in range(1, 5):
+      if mask[b, t]:
+        p = np.exp(logp[b, t - 1])
+        p[ids[b, t]] -= 1
+        num[b, t - 1] = p / len(terms)
+  np.testing.assert_allclose(np.asarray(grad), num, atol=1e-6)
+
+
+@pytest.mark.parametrize('mode', ['train', 'prefill', 'decode'])
+def test_run_reports_every_mode(mode):
+  config = tiny.get_config('scan=0')
+  with config.unlocked():
+    config.mesh.data = -1
+  r = bench.run(config, mode, steps=2, warmup=1, decode_len=8)
+  assert r['num_devices'] == 8
+  assert r['step_s']['n'] == 2 and r['step_s']['median'] > 0
+  assert r['mfu'] is None  # no peak is claimed on CPU
+  assert r['model_flops_per_step'] > 0
+  assert r['tokens_per_s'] == pytest.approx(
+      (8 if mode == 'decode' else 8 * 64) / r['step_s']['median'])
+  if mode == 'train':
+    assert np.isfinite(r['loss']) and abs(r['loss'] - np.log(512)) < 1.0
+  if mode == 'decode':
+    assert r['bandwidth_limit_tokens_per_s_per_row'] > 0
+
+
+def test_fused_cross_entropy_equals_reference():
+  rng = np.random.default_rng(1)
+  logits = rng.standard_normal((3, 6, 11)).astype(np.float32)
+  ids = rng.integers(0, 11, (3, 6)).astype(np.int32)
+  mask = rng.random((3, 6)) < 0.6
+  mask[0, 3] = True
+  np.testing.assert_allclose(bench.cross_entropy(logits, ids, mask),
+                             bench.cross_entropy_reference(logits, ids, mask), rtol=1e-6)
+  g1 = jax.grad(bench.cross_entropy)(logits, ids, mask)
+  g2 = jax.grad(bench.cross_entropy_reference)(logits, ids, mask)
+  np.testing.assert_allclose(np.asarray(g1), np.asarray(g2), atol=1e-6)
