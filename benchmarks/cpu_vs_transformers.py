@@ -1,7 +1,7 @@
 """Side by side on this CPU: one lvm train step against transformers' PyTorch LLaVA.
 
   python -m benchmarks.cpu_vs_transformers [--config=benchmarks/configs/cpu_small.py]
-      [--rounds=6] [--block=4] [--json]
+      [--rounds=6] [--block=4] [--threads=1] [--json]
 
 Both sides train the same model on the same batch: transformers'
 `LlavaForConditionalGeneration` is built from a local `LlavaConfig` with the lvm
@@ -13,7 +13,9 @@ jitted, donated train step (loss + grad + optax AdamW).
 Timing interleaves the two in blocks of `--block` steps for `--rounds` rounds, so
 machine load hits both alike; the first step of each block is dropped (it pays for
 the other framework's thread pool going idle). Prints the medians, spreads, and the
-ratio torch / lvm (> 1: lvm is faster).
+ratio torch / lvm (> 1: lvm is faster) of wall time and of process CPU time. With
+`--threads=1` both run single-threaded, and CPU time measures the work done
+independently of other jobs on the machine.
 """
 
 import json
@@ -34,6 +36,11 @@ _CONFIG = config_flags.DEFINE_config_file('config', 'benchmarks/configs/cpu_smal
 _ROUNDS = flags.DEFINE_integer('rounds', 6, 'Interleaved rounds.')
 _BLOCK = flags.DEFINE_integer('block', 4, 'Steps per framework per round (first dropped).')
 _JSON = flags.DEFINE_bool('json', False, 'Print one JSON object.')
+_THREADS = flags.DEFINE_integer('threads', 0, 'Threads per framework (0: their defaults, all '
+                                'cores). 1 makes CPU time a load-independent measure of work.')
+
+_ONE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
+
 
 
 def hf_config(config):
@@ -180,21 +187,26 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
       holder[0], metrics = compiled(holder[0], sbatch)
       return float(metrics['loss'])
 
-    lvm_times, torch_times, lvm_losses, torch_losses = [], [], [], []
+    times = {'lvm': ([], []), 'torch': ([], [])}  # (wall, process CPU) seconds
+    lvm_losses, torch_losses = [], []
     for _ in range(rounds):
-      for fn, times, losses in ((lvm_step, lvm_times, lvm_losses),
-                                (torch_step, torch_times, torch_losses)):
+      for name, fn, losses in (('lvm', lvm_step, lvm_losses),
+                               ('torch', torch_step, torch_losses)):
         for i in range(block):
-          start = time.perf_counter()
+          wall, cpu = time.perf_counter(), time.process_time()
           losses.append(fn())  # float() waits for the step to finish
           if i:
-            times.append(time.perf_counter() - start)
-  lvm_s, torch_s = bench.summarize(lvm_times), bench.summarize(torch_times)
+            times[name][0].append(time.perf_counter() - wall)
+            times[name][1].append(time.process_time() - cpu)
+  lvm_s, torch_s = bench.summarize(times['lvm'][0]), bench.summarize(times['torch'][0])
+  lvm_cpu, torch_cpu = bench.summarize(times['lvm'][1]), bench.summarize(times['torch'][1])
   return {
       'params': bench._count(params),  # pylint: disable=protected-access
       'batch_size': config.train.batch_size, 'seq_len': config.data.seq_len,
       'dtype': config.model.dtype, 'lvm_step_s': lvm_s, 'torch_step_s': torch_s,
       'ratio_torch_over_lvm': torch_s['median'] / lvm_s['median'],
+      'lvm_cpu_s': lvm_cpu, 'torch_cpu_s': torch_cpu,
+      'cpu_time_ratio_torch_over_lvm': torch_cpu['median'] / lvm_cpu['median'],
       'initial_loss': {'lvm': lvm_loss0, 'torch': torch_loss0},
       'loss_after_steps': {'lvm': lvm_losses[-1], 'torch': torch_losses[-1],
                            'steps': len(lvm_losses)},
@@ -217,12 +229,21 @@ def format_result(r: dict) -> str:
       f"  loss after {r['loss_after_steps']['steps']} steps    lvm "
       f"{r['loss_after_steps']['lvm']:.5f}  torch {r['loss_after_steps']['torch']:.5f}",
       f"  lvm compile            {r['lvm_compile_s']:.1f} s",
-      f"  ratio torch / lvm      {r['ratio_torch_over_lvm']:.2f}x  (> 1: lvm faster)",
+      f"  CPU time per step      lvm {r['lvm_cpu_s']['median'] * 1e3:.1f} ms  torch "
+      f"{r['torch_cpu_s']['median'] * 1e3:.1f} ms  (ratio {r['cpu_time_ratio_torch_over_lvm']:.2f}x)",
+      f"  ratio torch / lvm      {r['ratio_torch_over_lvm']:.2f}x wall time  (> 1: lvm faster)",
   ])
 
 
 def main(argv):
   del argv
+  if _THREADS.value:
+    if _THREADS.value != 1:
+      raise app.UsageError('--threads supports 0 (the defaults) or 1')
+    import torch  # pylint: disable=g-import-not-at-top
+    torch.set_num_threads(1)
+    # XLA reads XLA_FLAGS when its CPU backend starts, which has not happened yet.
+    os.environ['XLA_FLAGS'] = f"{os.environ.get('XLA_FLAGS', '')} {_ONE_THREAD_XLA}".strip()
   r = compare(_CONFIG.value, _ROUNDS.value, _BLOCK.value)
   if abs(r['initial_loss']['lvm'] - r['initial_loss']['torch']) > 1e-3:
     raise SystemExit(f"the two models disagree: initial loss lvm {r['initial_loss']['lvm']} vs "

@@ -108,6 +108,10 @@ class Generator:
   def _batch_sharding(self, ndim):
     return NamedSharding(self.mesh, PartitionSpec(lvm_sharding.BATCH_AXES, *[None] * (ndim - 1)))
 
+  def _suppress(self, logits):
+    """Never emits the image placeholder: fed back, it would embed as token 0 (not itself)."""
+    return logits.at[:, self.image_token_id].set(-jnp.inf)
+
   def _generate(self, params, images, input_ids, prompt_mask, stop_ids, rng, temperature,
                 top_k, top_p, max_new_tokens, *, new_bucket):
     """The jitted core: prefill then a while_loop of single-token decode steps.
@@ -141,7 +145,7 @@ class Generator:
                                 jnp.zeros((), jnp.int32), method='forward')
     next_pos = positions[:, -1] + 1
     rng, key = jax.random.split(rng)
-    token = sample(logits[:, -1], key, temperature, top_k, top_p)
+    token = sample(self._suppress(logits[:, -1]), key, temperature, top_k, top_p)
     tokens = jnp.full((b, new_bucket), self.pad_id, jnp.int32).at[:, 0].set(token)
     stopped = jnp.isin(token, stop_ids)
     num_tokens = jnp.ones((b,), jnp.int32)
@@ -155,7 +159,7 @@ class Generator:
       logits, cache = model.apply(variables, token[:, None], cache, lp + i - 1, full_mask,
                                   (next_pos + i - 1)[:, None], method='decode')
       rng, key = jax.random.split(rng)
-      new = sample(logits[:, 0], key, temperature, top_k, top_p)
+      new = sample(self._suppress(logits[:, 0]), key, temperature, top_k, top_p)
       new = jnp.where(stopped, self.pad_id, new)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
       num_tokens = num_tokens + (~stopped).astype(jnp.int32)

@@ -369,20 +369,14 @@ def peak_flops() -> float | None:
   return None
 
 
-def flops_per_step(config) -> float | None:
-  """Model FLOPs of one train step from `lvm.flops`, if that module is available."""
+def flops_per_step(config, trainable: str) -> float | None:
+  """Model FLOPs of one train step (`lvm.flops.per_step`, DESIGN.md's rule)."""
   try:
     from lvm import flops  # pylint: disable=import-outside-toplevel
-  except ImportError:
-    return None
-  for name in ('train_step_flops', 'flops_per_step'):
-    fn = getattr(flops, name, None)
-    if fn is not None:
-      try:
-        return float(fn(config))
-      except Exception:  # pylint: disable=broad-except
-        return None
-  return None
+    return float(flops.per_step(config, config.train.batch_size, config.data.seq_len,
+                                int(config.data.max_images), trainable))
+  except Exception:  # pylint: disable=broad-except
+    return None  # No MFU rather than no training.
 
 
 class _Preemption:
@@ -520,7 +514,7 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
                     out_shardings=sharding.replicated(mesh))
   jit_step = None
   peak = peak_flops()
-  step_flops = flops_per_step(config) if peak else None
+  step_flops = flops_per_step(config, factory.trainable) if peak else None
   profile = tuple(config.train.profile_steps or ())
   tokens_per_batch = config.train.batch_size * config.data.seq_len
 

@@ -47,7 +47,7 @@ def recompute_greedy(model, params, prompts, images, n):
   Rows are right-padded to one length (causal attention: padding after a token cannot
   change its logits), so a single jitted forward serves every step on one device.
   """
-  h = np.shape(images[0])[-2]
+  h = model.vision.image_size
   slots = max(1, max(0 if x is None else np.reshape(x, (-1, h, h, 3)).shape[0] for x in images))
   batch_images = np.zeros((len(prompts), slots, h, h, 3), np.float32)
   for r, x in enumerate(images):
@@ -59,7 +59,12 @@ def recompute_greedy(model, params, prompts, images, n):
   lens = np.asarray([len(p) for p in prompts])
   for r, p in enumerate(prompts):
     ids[r, :len(p)] = p
-  forward = jax.jit(lambda i: jnp.argmax(model.apply({'params': params}, batch_images, i), -1))
+  def next_token(i):
+    logits = model.apply({'params': params}, batch_images, i)
+    # Generation never emits the image placeholder (see Generator._suppress).
+    return jnp.argmax(logits.at[..., model.image_token_id].set(-jnp.inf), -1)
+
+  forward = jax.jit(next_token)
   for _ in range(n):
     best = np.asarray(forward(ids))
     ids[np.arange(len(prompts)), lens] = best[np.arange(len(prompts)), lens - 1]
@@ -117,6 +122,19 @@ def test_stop_ids_end_rows_independently(setup):
   for o, r in zip(outs[1:], ref[1:]):  # other rows run on unless they hit the same id
     cut = r.tokens.index(stop) if stop in r.tokens else NEW
     assert o.tokens == r.tokens[:cut]
+
+
+def test_image_placeholder_is_never_generated(setup):
+  s = setup
+  params = jax.tree.map(lambda x: x, s['params'])
+  kernel = params['decoder']['lm_head']['kernel']
+  # Make the image token every position's argmax by a wide margin.
+  params['decoder']['lm_head']['kernel'] = kernel.at[:, s['config'].model.image_token_id].set(
+      100 * jnp.abs(kernel).max())
+  gen = Generator(s['config'], params, mesh=s['gen'].mesh)
+  out = gen.generate(s['prompts'][1:2], None, max_new_tokens=NEW)[0].tokens
+  assert s['config'].model.image_token_id not in out
+  assert out == recompute_greedy(s['model'], params, s['prompts'][1:2], [None], NEW)[0]
 
 
 def test_sampling_seeded_and_restricted(setup):
@@ -218,5 +236,5 @@ def test_greedy_matches_transformers_generate(tmp_path):
     with torch.no_grad():
       ref = hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids),
                               max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
-                              eos_token_id=None, pad_token_id=0, **kw)
+                              eos_token_id=None, pad_token_id=0, suppress_tokens=[500], **kw)
     assert out.tokens == ref[0, len(prompt):].tolist()

@@ -1,0 +1,52 @@
+"""LLaVA-1.5-shaped benchmark configs for one GPU (H100/H200) or a TPU host.
+
+  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b --mode=train \\
+      --gpu_flags --measure_peak
+  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=7b,batch_size=1,seq_len=640 \\
+      --mode=prefill --measure_peak
+  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=7b,batch_size=1,seq_len=640 \\
+      --mode=decode --decode_len=128 --steps=64
+
+CLIP ViT-L/14-336 (frozen, as in LLaVA-1.5 stage 2) + mlp2x_gelu + a LLaMA decoder
+trained in full (`stage=finetune`), bf16 compute with float32 parameters and AdamW
+state, scanned layers, a remat policy and cuDNN flash attention
+(`jax.nn.dot_product_attention(implementation='cudnn')`). Sizes: 1b, 2b and 3b fit a
+full fine-tune on one 80 GB H100 (float32 weights + grads + 2 Adam moments = 16 bytes
+per trained parameter, plus activations); 7b is for inference timing (prefill = time to
+first token for an image + 64-token prompt: 576 + 64 = 640 tokens).
+"""
+
+from configs import common
+
+SIZES = {
+    '1b': dict(width=2048, depth=16, heads=16, kv_heads=16, mlp_dim=5632),
+    '2b': dict(width=2560, depth=24, heads=20, kv_heads=20, mlp_dim=6912),
+    '3b': dict(width=3200, depth=26, heads=32, kv_heads=32, mlp_dim=8640),  # OpenLLaMA-3B
+    '7b': dict(width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008),  # LLaMA-2 7B
+}
+
+
+def get_config(arg=None):
+  arg = common.parse_arg(arg, size='2b', batch_size=8, seq_len=2048, remat='dots_no_batch',
+                         attention='cudnn', scan=True, dtype='bfloat16')
+  if arg.size not in SIZES:
+    raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
+  config = common.get_config()
+  config.model.vision = common.vision_config('clip')
+  config.model.projector = common.projector_config('mlp2x_gelu')
+  config.model.decoder = common.decoder_config(**SIZES[arg.size])
+  config.model.dtype = arg.dtype
+  config.model.param_dtype = 'float32'
+  config.model.scan_layers = arg.scan
+  config.model.remat_policy = arg.remat
+  config.model.attention_impl = arg.attention
+  config.data.dataset = 'llava_json'
+  config.data.seq_len = arg.seq_len
+  config.train.stage = 'finetune'
+  config.train.batch_size = arg.batch_size
+  config.optimizer.lr = 2e-5
+  config.optimizer.clip_norm = 1.0
+  config.mesh.data = -1
+  config.mesh.fsdp = 1
+  config.mesh.tensor = 1
+  return config
