@@ -7,8 +7,9 @@ Both sides train the same model on the same batch: transformers'
 `LlavaForConditionalGeneration` is built from a local `LlavaConfig` with the lvm
 config's sizes, loaded with the lvm parameters (so the losses must agree, which is
 checked), and stepped with forward + backward + `torch.optim.AdamW` (eager, the
-default foreach implementation, `torch.get_num_threads()` threads). lvm runs its
-jitted, donated train step (loss + grad + optax AdamW).
+default foreach implementation, `torch.get_num_threads()` threads). lvm runs the
+training loop's own step (`lvm.train.train_step`: loss + grad + AdamW from
+`lvm.optim`), jitted with the state donated.
 
 Timing interleaves the two in blocks of `--block` steps for `--rounds` rounds, so
 machine load hits both alike; the first step of each block is dropped (it pays for
@@ -172,6 +173,7 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
   b = bench.Bench(config)
   batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
   params = b.init_params(batch)
+  num_params = bench._count(params)  # pylint: disable=protected-access
   torch_step, torch_loss0, threads = torch_step_fn(config, params, batch)
   with b.context():
     sbatch = b.shard_batch(batch)
@@ -179,7 +181,8 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
         b.model.apply({'params': p}, x['images'], x['input_ids'],
                       attention_mask=x['attention_mask']),
         x['input_ids'], x['loss_mask']))(params, sbatch))
-    state, step = b.train_step_fn(params)
+  state, step = b.train_step_fn(params)
+  with b.context():
     compiled, compile_s = bench.compile_timed(step, state, sbatch)
     holder = [state]
 
@@ -201,7 +204,7 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
   lvm_s, torch_s = bench.summarize(times['lvm'][0]), bench.summarize(times['torch'][0])
   lvm_cpu, torch_cpu = bench.summarize(times['lvm'][1]), bench.summarize(times['torch'][1])
   return {
-      'params': bench._count(params),  # pylint: disable=protected-access
+      'params': num_params,
       'batch_size': config.train.batch_size, 'seq_len': config.data.seq_len,
       'dtype': config.model.dtype, 'lvm_step_s': lvm_s, 'torch_step_s': torch_s,
       'ratio_torch_over_lvm': torch_s['median'] / lvm_s['median'],

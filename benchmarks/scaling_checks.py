@@ -33,9 +33,9 @@ def compile_seconds(config, repeats: int = 2) -> dict[str, float]:
   b = bench.Bench(config)
   batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
   params = b.init_params(batch)
+  state, step = b.train_step_fn(params)
   with b.context():
     sbatch = b.shard_batch(batch)
-    state, step = b.train_step_fn(params)
     cpu, wall = [], []
     for _ in range(repeats):
       jax.clear_caches()
@@ -88,7 +88,7 @@ def check_fsdp(num_devices: int = 8, tolerance: float = 0.02) -> dict:
   state, step = b.train_step_fn(params)
   with b.context():
     state, _ = step(state, b.shard_batch(batch))  # the step must keep the layout
-  tree = {'params': {**state['trainable'], **state['frozen']}, 'opt_state': state['opt_state']}
+  tree = {'params': state['params'], 'opt_state': state['opt_state']}
   total = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
   per_device = device_bytes(tree)
   worst = max(abs(v * num_devices / total - 1) for v in per_device.values())

@@ -69,7 +69,9 @@ def vision_config(kind='clip', **overrides):
   c.heads = 16
   c.mlp_dim = 4096
   c.norm_eps = 1e-5 if kind == 'clip' else 1e-6
-  c.feature_layer = -2  # index into hidden states (embeddings, layer 1, ..., layer depth); or a list
+  # Index into the hidden states (embeddings, layer 1, ..., layer depth), or a list of them to
+  # concatenate; typed `object` so both `=-1` and `=[-3,-1]` work as overrides.
+  c.feature_layer = ml_collections.FieldReference(-2, field_type=object)
   c.select = 'patch'  # patch: drop the class token (if any) | all | drop_first (HF 'default' on SigLIP)
   c.update(overrides)
   return c

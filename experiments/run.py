@@ -110,10 +110,11 @@ def main(argv=None) -> int:
   # Shared overrides are shown once; each run's diff is against base + shared.
   shared = sweep_lib.apply_overrides(base, {**sweep.overrides, **extra})
   shared_diff = sweep_lib.diff(base, shared)
-  diffs = {}
+  diffs, configs = {}, {}
   for variant, seed in todo:
     cfg = sweep_lib.apply_overrides(base, {**sweep.overrides_of(variant, seed), **extra})
     diffs[variant.name, seed] = sweep_lib.diff(shared, cfg, ignore=sweep.seed_keys)
+    configs[variant.name, seed] = cfg
 
   python = args.python or {'local': launchers.python_executable(), 'tpu': 'python3',
                            'slurm': 'python'}[args.launcher]
@@ -135,10 +136,10 @@ def main(argv=None) -> int:
     runs_lib.write_text(runs_lib.join(root, runs_lib.SWEEP_FILE), json.dumps(record, indent=1))
 
   if args.launcher == 'local':
-    return _run_local(args, root, todo, diffs, commands)
+    return _run_local(args, root, todo, diffs, commands, configs)
   if args.launcher == 'tpu':
     return _run_tpu(args, root, todo, diffs, commands)
-  return _run_slurm(args, sweep, root, todo, diffs, commands)
+  return _run_slurm(args, sweep, root, todo, diffs, commands, configs)
 
 
 def _header(variant, seed, root, diffs):
@@ -146,7 +147,13 @@ def _header(variant, seed, root, diffs):
   print(f'  diff vs base: {format_diff(diffs[variant.name, seed])}')
 
 
-def _run_local(args, root, todo, diffs, commands) -> int:
+def stale_diff(workdir: str, config) -> dict:
+  """How the config a run folder was made with (its config.json) differs from `config`."""
+  ran = runs_lib.read_json(runs_lib.join(workdir, 'config.json'))
+  return sweep_lib.diff(ran, config) if ran else {}
+
+
+def _run_local(args, root, todo, diffs, commands, configs) -> int:
   launcher = launchers.LocalLauncher(num_processes=args.num_processes)
   counts = {'done': 0, 'skipped': 0, 'failed': 0}
   for variant, seed in todo:
@@ -158,6 +165,14 @@ def _run_local(args, root, todo, diffs, commands) -> int:
     for c in launcher.process_commands(cmd, port=launcher.port or 12345):
       print('  $ ' + shlex.join(c))
     state = runs_lib.status(workdir)
+    # A folder made with another config (the experiment or its base changed since) is
+    # neither a result of this sweep nor a checkpoint to resume from: say so, touch nothing.
+    stale = stale_diff(workdir, configs[variant.name, seed]) if state != 'pending' else {}
+    if stale:
+      print(f'  {state}, but made with another config (ran -> now: {format_diff(stale)}): '
+            'left as is; use a new --workdir (or delete this folder) to run it again')
+      counts['failed'] += 1
+      continue
     if state in ('done', 'running'):
       print(f'  {state}: skipped')
       counts['skipped'] += 1
@@ -178,7 +193,7 @@ def _run_local(args, root, todo, diffs, commands) -> int:
         break
   if not args.dry_run:
     print(f'\n# {counts["done"]} ran, {counts["skipped"]} skipped (finished or running), '
-          f'{counts["failed"]} failed or unfinished. Compare: python -m experiments.compare {root}')
+          f'{counts["failed"]} failed, unfinished or stale. Compare: python -m experiments.compare {root}')
   return 1 if counts['failed'] else 0
 
 
@@ -200,7 +215,7 @@ def _run_tpu(args, root, todo, diffs, commands) -> int:
   return 1 if failed else 0
 
 
-def _run_slurm(args, sweep, root, todo, diffs, commands) -> int:
+def _run_slurm(args, sweep, root, todo, diffs, commands, configs) -> int:
   slurm = launchers.SlurmLauncher(
       nodes=args.nodes, gpus_per_node=args.gpus_per_node, partition=args.partition,
       account=args.account, time=args.time, repo_dir=args.repo_dir,
@@ -214,8 +229,15 @@ def _run_slurm(args, sweep, root, todo, diffs, commands) -> int:
     if args.dry_run:
       print(script)
       continue
-    if runs_lib.status(workdir) == 'done':
-      print('  done: skipped')
+    state = runs_lib.status(workdir)
+    stale = stale_diff(workdir, configs[variant.name, seed]) if state != 'pending' else {}
+    if stale:
+      print(f'  {state}, but made with another config (ran -> now: {format_diff(stale)}): '
+            'left as is; use a new --workdir (or delete this folder) to run it again')
+      failed += 1
+      continue
+    if state in ('done', 'running'):
+      print(f'  {state}: skipped')
       continue
     path = runs_lib.join(workdir, 'job.sbatch')
     runs_lib.write_text(path, script)

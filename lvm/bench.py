@@ -26,7 +26,6 @@ also times a large matmul on the same device and reports MFU against that rate.
 import functools
 import json
 import os
-import re
 import statistics
 import sys
 import time
@@ -35,12 +34,10 @@ from typing import Any, Callable
 from absl import app
 from absl import flags
 import flax.linen as nn
-from flax import traverse_util
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
-import optax
 
 from lvm import sharding
 import lvm.models
@@ -61,14 +58,6 @@ PEAK_TFLOPS = (
 # The latency-hiding scheduler overlaps collectives and copies with compute.
 GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
 
-STAGE_TRAINABLE = {
-    # Regex over '/'-joined parameter paths; mirrors config.train.stage.
-    'pretrain': r'^projector/',
-    'finetune': r'^(projector|decoder)/',
-    'full': r'.*',
-}
-
-
 def peak_tflops(device) -> float | None:
   """The dense bf16 peak of `device` in TFLOP/s, or None where none is known (CPU)."""
   if device.platform == 'cpu':
@@ -78,16 +67,6 @@ def peak_tflops(device) -> float | None:
     if name.lower() in kind.lower():
       return peak
   return None
-
-
-def trainable_regex(config) -> str:
-  stage = config.train.stage
-  if stage == 'custom':
-    return config.train.trainable
-  if stage not in STAGE_TRAINABLE:
-    raise ValueError(f"config.train.stage must be one of {sorted(STAGE_TRAINABLE)} or 'custom', "
-                     f'got {stage!r}')
-  return STAGE_TRAINABLE[stage]
 
 
 # --------------------------------------------------------------------------- FLOPs
@@ -104,89 +83,40 @@ def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
 
-def param_counts(config) -> dict[str, int]:
-  """Parameter counts by part (abstract init: no memory is allocated)."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    config.model.attention_impl = 'xla'  # same parameters; traceable without a GPU
-  model = lvm.models.build(config)
-  c = config.model
-  images = jax.ShapeDtypeStruct((1, 1, c.vision.image_size, c.vision.image_size, 3), jnp.float32)
-  ids = jax.ShapeDtypeStruct((1, 8), jnp.int32)
-  params = unbox(jax.eval_shape(model.init, jax.random.PRNGKey(0), images, ids))['params']
-  dec = params['decoder']
-  embed = _count(dec['embed_tokens'])
-  return {
-      'vision': _count(params['vision']),
-      'projector': _count(params['projector']),
-      'decoder': _count(dec),
-      'decoder_embed': embed,
-      'decoder_no_embed': _count(dec) - embed + (embed if c.decoder.tie_embeddings else 0),
-      'total': _count(params),
-  }
-
-
 def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
                 cache_len: int = 0) -> dict[str, Any]:
-  """Model FLOPs of one step, by DESIGN.md's rule, and the formula as text.
+  """Model FLOPs of one step (DESIGN.md's rule, as `lvm.flops` counts it) and the formula.
 
-  Decoder, per token: 2 x N forward (N = decoder parameters without the input
-  embedding, the LM head included; a tied head counts once) plus causal attention
-  2 x layers x heads x head_dim x L forward (QK^T and AV, halved by causality).
-  Training multiplies a trainable part by 3 (forward + two backward matmuls) and a
-  frozen part that gradients flow through by 2 (forward + input gradient).
-  Vision, per patch token (class token included): 2 x params + 4 x layers x width x T
-  (bidirectional attention over T tokens); projector, per visual token: 2 x params.
-  Decode: one token per row attending to `cache_len` keys (4 x layers x heads x
-  head_dim x cache_len, no causal halving).
+  train: `lvm.flops` with the config's trainable stage. prefill: the same count with
+  nothing trainable (forward only). decode: one token per row, 2 x N_dec plus
+  attention to `cache_len` keys, 4 x layers x heads x head_dim x cache_len (no causal
+  halving).
 
   Returns:
-    dict with 'total', the parts, 'tokens' and 'formula'.
+    dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
   """
-  c = config.model
-  counts = param_counts(config)
-  dec = c.decoder
-  head_dim = dec.head_dim or dec.width // dec.heads
-  attn_width = dec.depth * dec.heads * head_dim
-  n_img = config.data.max_images
-  v = c.vision
-  vis_tokens = (v.image_size // v.patch_size) ** 2 + (1 if v.kind == 'clip' else 0)
-  visual_out = lvm.models.num_image_tokens(config)
-  n_dec = counts['decoder_no_embed']
-
-  if mode == 'train':
-    pattern = re.compile(trainable_regex(config))
-    trainable = {part: bool(pattern.search(f'{part}/x')) for part in
-                 ('vision', 'projector', 'decoder')}
-    # Multipliers of the forward FLOPs: 3 trainable, 2 if a gradient flows through, 1 else.
-    mult_dec = 3 if trainable['decoder'] else (2 if trainable['projector'] or
-                                               trainable['vision'] else 1)
-    mult_proj = 3 if trainable['projector'] else (2 if trainable['vision'] else 1)
-    mult_vis = 3 if trainable['vision'] else 1
-  else:
-    mult_dec = mult_proj = mult_vis = 1
-
-  parts = {}
+  from lvm import flops as flops_lib, optim  # pylint: disable=g-import-not-at-top
+  regex = optim.trainable_regex(config.train) if mode == 'train' else r'$^'  # $^: nothing
+  per_token = flops_lib.per_token(config, seq_len, regex)
   if mode == 'decode':
-    tokens = batch_size
-    parts['decoder'] = tokens * (2 * n_dec + 4 * attn_width * cache_len)
-    parts['vision'] = parts['projector'] = 0
+    d = config.model.decoder
+    attn_width = d.depth * d.heads * (d.head_dim or d.width // d.heads)
+    n_dec = per_token['n_decoder']
+    parts = {'decoder': batch_size * (2 * n_dec + 4 * attn_width * cache_len), 'vision': 0,
+             'projector': 0}
     formula = (f'B x (2 x N_dec + 4 x layers x heads x head_dim x S) = {batch_size} x '
                f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
+    tokens = batch_size
   else:
+    per_image = flops_lib.per_image(config, regex)
+    images = batch_size * config.data.max_images
+    parts = {'decoder': batch_size * seq_len * per_token['total'],
+             'vision': images * per_image['vision'], 'projector': images * per_image['projector']}
+    formula = (f"B*L x ({per_token['formula']}) + B*N x ({per_image['formula']}); "
+               f'B={batch_size} L={seq_len} N={config.data.max_images}')
     tokens = batch_size * seq_len
-    parts['decoder'] = mult_dec * tokens * (2 * n_dec + 2 * attn_width * seq_len)
-    images = batch_size * n_img
-    parts['vision'] = mult_vis * images * vis_tokens * (
-        2 * counts['vision'] + 4 * v.depth * v.width * vis_tokens)
-    parts['projector'] = mult_proj * images * visual_out * 2 * counts['projector']
-    formula = (f'decoder {mult_dec} x B*L x (2 x N_dec + 2 x layers x heads x head_dim x L) '
-               f'+ vision {mult_vis} x B*N*T x (2 x N_vis + 4 x layers_v x width_v x T) '
-               f'+ projector {mult_proj} x B*N*P x 2 x N_proj; B={batch_size} L={seq_len} '
-               f'N={n_img} T={vis_tokens} P={visual_out} N_dec={n_dec:,} '
-               f'N_vis={counts["vision"]:,} N_proj={counts["projector"]:,}')
   return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
-          'formula': formula, 'params': counts}
+          'formula': formula}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -246,25 +176,6 @@ def cross_entropy(logits, input_ids, loss_mask):
   return jnp.sum((logz - target_logit) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
 
-def split_params(params, regex: str):
-  """(trainable, frozen) flat dicts keyed by '/'-joined paths."""
-  pattern = re.compile(regex)
-  flat = traverse_util.flatten_dict(params, sep='/')
-  trainable = {k: v for k, v in flat.items() if pattern.search(k)}
-  frozen = {k: v for k, v in flat.items() if not pattern.search(k)}
-  if not trainable:
-    raise ValueError(f'No parameter matches the trainable regex {regex!r}')
-  return trainable, frozen
-
-
-def make_optimizer(config) -> optax.GradientTransformation:
-  o = config.optimizer
-  tx = optax.adamw(o.lr, b1=o.b1, b2=o.b2, eps=o.eps, weight_decay=o.weight_decay)
-  if o.clip_norm:
-    tx = optax.chain(optax.clip_by_global_norm(o.clip_norm), tx)
-  return tx
-
-
 class Bench:
   """Builds the model, sharded parameters and jitted step functions for one config."""
 
@@ -293,43 +204,29 @@ class Bench:
       variables = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
     return unbox(variables)['params']
 
-  def train_step_fn(self, params):
-    """(state, jitted step): the step is loss + grad + AdamW update, donating the state.
+  def train_step_fn(self, params, total_steps: int = 1000):
+    """(state, jitted step) from `lvm.train`: the training loop's own step and state.
 
-    Only the trainable parameters are differentiated and carry optimizer state.
+    `lvm.train.train_step` (loss + grad + optimizer update of the trainable subtree)
+    jitted with the state's shardings in and out and the state donated, exactly as
+    `lvm.train.jit_train_step` does, but returned as a jit object so that it can be
+    lowered and compiled separately (call it inside `self.context()`; call this
+    method outside it). `params` are consumed (donated into the state).
     """
-    regex = trainable_regex(self.config)
-    trainable, frozen = split_params(params, regex)
-    tx = make_optimizer(self.config)
-    model = self.model
-
-    def loss_fn(trainable, frozen, batch):
-      params = traverse_util.unflatten_dict({**trainable, **frozen}, sep='/')
-      logits = model.apply({'params': params}, batch['images'], batch['input_ids'],
-                           attention_mask=batch['attention_mask'])
-      return cross_entropy(logits, batch['input_ids'], batch['loss_mask'])
-
-    def step(state, batch):
-      loss, grads = jax.value_and_grad(loss_fn)(state['trainable'], state['frozen'], batch)
-      updates, opt_state = tx.update(grads, state['opt_state'], state['trainable'])
-      trainable = optax.apply_updates(state['trainable'], updates)
-      return {'trainable': trainable, 'frozen': state['frozen'], 'opt_state': opt_state,
-              'step': state['step'] + 1}, {'loss': loss}
-
-    # Optimizer moments take their parameter's sharding (FSDP shards them too); counts
-    # and other non-parameter leaves are replicated.
-    param_shardings = jax.tree.map(lambda x: x.sharding, trainable)
-    abstract_opt = jax.eval_shape(tx.init, trainable)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, param_shardings,
-        transform_non_params=lambda _: sharding.replicated(self.mesh))
-    with self.context():
-      opt_state = jax.jit(tx.init, out_shardings=opt_shardings)(trainable)
-    state = {'trainable': trainable, 'frozen': frozen, 'opt_state': opt_state,
-             'step': jax.device_put(jnp.zeros((), jnp.int32), sharding.replicated(self.mesh))}
-    state_shardings = jax.tree.map(lambda x: x.sharding, state)
-    return state, jax.jit(step, in_shardings=(state_shardings, None),
-                          out_shardings=(state_shardings, None), donate_argnums=0)
+    from lvm import optim, train  # pylint: disable=g-import-not-at-top
+    tx, _ = optim.make(self.config.optimizer, total_steps)
+    factory = train.StateFactory(self.config, self.model, tx, self.mesh, self.rules)
+    state = factory.from_params(params)
+    step_fn = functools.partial(train.train_step, model=self.model, tx=tx,
+                                trainable=factory.trainable, z_loss=self.config.train.z_loss,
+                                accum_steps=self.config.train.grad_accum_steps)
+    batch_shardings = {k: sharding.batch_sharding(self.mesh, n) for k, n in
+                       (('images', 5), ('input_ids', 2), ('loss_mask', 2),
+                        ('attention_mask', 2))}
+    jitted = jax.jit(step_fn, in_shardings=(factory.shardings, batch_shardings),
+                     out_shardings=(factory.shardings, sharding.replicated(self.mesh)),
+                     donate_argnums=(0,))
+    return state, jitted
 
   def prefill_fn(self, cache_len: int):
     model = self.model
@@ -472,11 +369,13 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
             'attention_impl': config.model.attention_impl, 'jax': jax.__version__}
   params = bench.init_params(batch)
   report['params'] = _count(params)
+  if mode == 'train':
+    # Built outside the rules context: StateFactory unboxes abstract values itself.
+    state, step = bench.train_step_fn(params)
+    del params
   with bench.context():
     sbatch = bench.shard_batch(batch)
     if mode == 'train':
-      state, step = bench.train_step_fn(params)
-      del params
       compiled, report['compile_s'] = compile_timed(step, state, sbatch)
       holder = [state]
 

@@ -79,7 +79,8 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   for lo in range(0, len(order), batch_size):
     batch = [ready[i] for i in order[lo:lo + batch_size]]
     images = [None if img is None else img[None] for _, _, img in batch]
-    outs = text_gen.answer([turns for _, turns, _ in batch], images, max_new_tokens, greedy)
+    outs = text_gen.answer([turns for _, turns, _ in batch], images, max_new_tokens, greedy,
+                           min_batch=batch_size)
     for (e, _, _), out in zip(batch, outs):
       predictions[e.question_id] = out.text
   scores = bench.score(examples, predictions, config)
@@ -100,13 +101,23 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   return result
 
 
+def default_out_dir(path: str, benchmark: str) -> str:
+  """WORKDIR/eval/NAME; for a step folder WORKDIR/checkpoints/N: WORKDIR/eval/NAME_stepN."""
+  path = os.path.abspath(path)
+  parent = os.path.dirname(path)
+  if os.path.basename(parent) == 'checkpoints' and os.path.basename(path).isdigit():
+    step = os.path.basename(path)
+    return os.path.join(os.path.dirname(parent), 'eval', f'{benchmark}_step{step}')
+  return os.path.join(path, 'eval', benchmark)
+
+
 def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'A training run directory (latest checkpoint).')
   flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (instead of --workdir).')
   flags.DEFINE_string('benchmark', None, f'One of {sorted(benchmarks.BENCHMARKS)}.')
   flags.DEFINE_string('data_dir', '', "The benchmark's files (unused by shapes).")
-  flags.DEFINE_string('out_dir', None, 'Default: WORKDIR/eval/BENCHMARK.')
+  flags.DEFINE_string('out_dir', None, 'Default: WORKDIR/eval/BENCHMARK (or BENCHMARK_stepN).')
   flags.DEFINE_integer('limit', 0, 'Only the first N questions (0: all).')
   flags.DEFINE_integer('batch_size', 16, 'Questions per batch.')
   flags.DEFINE_integer('max_new_tokens', 0, "0: the benchmark's default.")
@@ -122,7 +133,7 @@ def main(argv):
   benchmarks.get(flags.benchmark)  # fail on a bad name before loading the model
   from lvm import generate  # pylint: disable=g-import-not-at-top
   config, _, text_gen = generate.from_run(path)
-  out_dir = flags.out_dir or os.path.join(flags.workdir or path, 'eval', flags.benchmark)
+  out_dir = flags.out_dir or default_out_dir(path, flags.benchmark)
   result = run(text_gen, config, flags.benchmark, flags.data_dir, out_dir, flags.limit,
                flags.batch_size, flags.max_new_tokens)
   (label, value), = result['headline'].items()

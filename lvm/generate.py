@@ -172,7 +172,7 @@ class Generator:
 
   def generate(self, prompts: Sequence[Sequence[int]], images: Sequence[Any] | None = None,
                max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
-               stop_ids: Sequence[int] = ()) -> list[Output]:
+               stop_ids: Sequence[int] = (), min_batch: int = 1) -> list[Output]:
     """Generates a continuation for each prompt, in one batch.
 
     Args:
@@ -182,6 +182,8 @@ class Generator:
       max_new_tokens: the most tokens to generate per row.
       sampling: temperature / top-k / top-p / seed.
       stop_ids: token ids that end a row (e.g. the eos id); not included in the output.
+      min_batch: pad the batch to at least this many rows (a harness passes its batch
+        size so that a short last batch reuses the compiled loop).
 
     Returns:
       One Output per prompt.
@@ -193,7 +195,7 @@ class Generator:
     rows = len(prompts)
     if any(len(p) == 0 for p in prompts):
       raise ValueError('Every prompt needs at least one token (e.g. BOS)')
-    b = bucket(rows, minimum=1)
+    b = bucket(max(rows, min_batch), minimum=1)
     b = -(-b // self.batch_multiple) * self.batch_multiple
     lp = bucket(max(len(p) for p in prompts), self.prompt_buckets)
     ln = bucket(max_new_tokens, self.new_token_buckets)
@@ -286,8 +288,8 @@ class TextGenerator:
                                               self.generator.tokens_per_image))
 
   def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
-             max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams()
-             ) -> list[Output]:
+             max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+             min_batch: int = 1) -> list[Output]:
     """Answers the last human turn of each conversation, in one batch.
 
     Args:
@@ -295,12 +297,14 @@ class TextGenerator:
       images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s.
       max_new_tokens: per row.
       sampling: decoding knobs.
+      min_batch: see `Generator.generate`.
 
     Returns:
       Outputs whose `.text` is the answer, stripped and cut at the template's stop strings.
     """
     prompts = [self.prompt_ids(turns) for turns in conversations]
-    outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids)
+    outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids,
+                                   min_batch)
     for out in outs:
       text, hit = cut_at_stop_strings(self.tokenizer.decode(out.tokens), self.stop_strings)
       out.text = text.strip()

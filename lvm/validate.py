@@ -45,8 +45,10 @@ _LOGICAL_DIMS = {
     'embed': ('model.decoder.width', 'model.vision.width'),
 }
 
-# Subtrees whose keys are free-form (user dictionaries), skipped by the schema check.
-_FREE_FORM = ('optimizer.module_lr', 'model.decoder.rope_scaling', 'mesh.rules')
+# Subtrees whose keys are free-form (user dictionaries), skipped by the schema check, and
+# fields that take an int or a list (checked by the model checks instead).
+_FREE_FORM = ('optimizer.module_lr', 'model.decoder.rope_scaling', 'mesh.rules',
+              'model.vision.feature_layer')
 
 
 def _get(config, dotted: str, default=None):

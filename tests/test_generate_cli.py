@@ -8,7 +8,6 @@ import sys
 import jax
 import jax.numpy as jnp
 import flax.linen as nn
-import numpy as np
 import pytest
 
 from configs import tiny

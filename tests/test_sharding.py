@@ -36,7 +36,8 @@ def test_mesh_shape_infers_one_axis():
 def test_meshes_match_one_device(reference):
   reference, params = reference
   assert len(jax.devices()) >= 8, 'tests/conftest.py should give 8 CPU devices'
-  assert np.all(np.isfinite(reference)) and reference[-1] < reference[0]
+  # Random targets over a 512-token vocabulary: the loss starts near log(512).
+  assert np.all(np.isfinite(reference)) and abs(reference[0] - np.log(512)) < 0.2
   config = train_utils.tiny_config()
   for shape in MESHES:
     # Sharded random init is checked once (2,2,2); the others start from the same host

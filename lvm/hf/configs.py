@@ -66,9 +66,8 @@ def vision_from_hf(vision_cfg: dict, feature_layer=-2, strategy='default'):
 
 
 def set_feature_layer(vision_config, feature_layer):
-  """Sets an int or a list; ConfigDict's type check would refuse to turn an int into a list."""
+  """Sets an int or a list (the field is typed `object` in configs/common.py)."""
   if isinstance(feature_layer, (list, tuple)):
-    del vision_config['feature_layer']
     vision_config.feature_layer = [int(i) for i in feature_layer]
   else:
     vision_config.feature_layer = int(feature_layer)

@@ -21,9 +21,11 @@ def check_image_tokens(input_ids, image_token_id: int, tokens_per_image: int, nu
   slots provide (fewer is fine: trailing slots are padding). Only concrete ids can be
   checked; under jit the data pipeline guarantees this (and tests it).
   """
-  if isinstance(input_ids, jax.core.Tracer):
-    return
-  counts = np.asarray((np.asarray(input_ids) == image_token_id).sum(axis=-1))
+  try:
+    ids = np.asarray(input_ids)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    return  # traced (under jit): nothing concrete to check
+  counts = (ids == image_token_id).sum(axis=-1)
   for row, count in enumerate(counts.reshape(-1)):
     if count % tokens_per_image or count > num_images * tokens_per_image:
       raise ValueError(

@@ -69,6 +69,19 @@ def test_local_runs_skips_finished_and_resumes(tmp_path, capsys, monkeypatch):
   assert changed == [os.path.join(root, 'bad_lr', '0', 'launch.json')]
 
 
+def test_runs_made_with_another_config_are_flagged_not_reused(tmp_path, capsys):
+  root = str(tmp_path / 'sw')
+  rc, _ = _run([f'--workdir={root}', '--only=linear'], capsys)
+  assert rc == 0
+  before = _mtimes(root)
+  # The experiment changed after the runs finished: they are not results of it any more.
+  rc, out = _run([f'--workdir={root}', '--only=linear', '--set=optimizer.warmup_steps=3'],
+                 capsys)
+  assert rc == 1 and 'done: skipped' not in out
+  assert out.count('made with another config (ran -> now: optimizer.warmup_steps: 1 -> 3)') == 2
+  assert _mtimes(root) == before
+
+
 def test_dry_run_prints_diffs_and_commands_and_writes_nothing(tmp_path, capsys):
   root = str(tmp_path / 'sw')
   rc, out = _run([f'--workdir={root}', '--dry_run', '--set=optimizer.warmup_steps=2'], capsys)
@@ -190,6 +203,25 @@ def test_slurm_script_runs_one_task_per_node(tmp_path, capsys):
                          f'--process_id={i}']
     assert '--config.model.projector.kind=linear' in argv
   assert runs_lib.read_run(root, 'linear', '0').status == 'done'
+
+
+def test_slurm_submits_one_script_per_unfinished_run(tmp_path, capsys, monkeypatch):
+  root = str(tmp_path / 'sw')
+  _run([f'--workdir={root}', '--only=linear', '--seeds=0'], capsys)  # one run already done
+  bin_dir = tmp_path / 'bin'
+  bin_dir.mkdir()
+  log = tmp_path / 'sbatch.log'
+  (bin_dir / 'sbatch').write_text(f'#!/bin/bash\necho "$@" >> {log}\necho Submitted\n')
+  (bin_dir / 'sbatch').chmod(0o755)
+  monkeypatch.setenv('PATH', f'{bin_dir}:{os.environ["PATH"]}')
+  rc, out = _run([f'--workdir={root}', '--launcher=slurm', '--nodes=2'], capsys)
+  assert rc == 0 and 'done: skipped' in out
+  submitted = log.read_text().split()
+  expected = [os.path.join(root, v, s, 'job.sbatch')
+              for v, s in (('linear', '1'), ('mlp2x_gelu', '0'), ('mlp2x_gelu', '1'),
+                           ('bad_lr', '0'))]
+  assert submitted == expected
+  assert '#SBATCH --nodes=2' in open(expected[0]).read()
 
 
 def test_experiment_names_resolve():

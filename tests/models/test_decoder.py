@@ -44,28 +44,29 @@ def _decoder(kv_heads, scan=True):
 def test_gqa_equals_mha_with_repeated_kv_heads():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
   gqa = _decoder(kv_heads=2, scan=False)
-  params = nn.unbox(gqa.init(jax.random.PRNGKey(0), x)['params'])
+  params = nn.unbox(jax.jit(gqa.init)(jax.random.PRNGKey(0), x)['params'])
   mha_params = jax.tree.map(lambda a: a, params)
   for i in range(2):
     attn = mha_params[f'layers_{i}']['self_attn']
     for name in ('k_proj', 'v_proj'):  # [D, K, Dh] -> [D, H, Dh], each kv head twice
       attn[name]['kernel'] = jnp.repeat(attn[name]['kernel'], 2, axis=1)
-  a = gqa.apply({'params': params}, x)[0]
-  b = _decoder(kv_heads=4, scan=False).apply({'params': mha_params}, x)[0]
+  a = jax.jit(gqa.apply)({'params': params}, x)[0]
+  b = jax.jit(_decoder(kv_heads=4, scan=False).apply)({'params': mha_params}, x)[0]
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 
 def test_scanned_and_unrolled_layers_give_the_same_logits():
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
   unrolled = _decoder(kv_heads=2, scan=False)
-  params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), x)['params'])
+  params = nn.unbox(jax.jit(unrolled.init)(jax.random.PRNGKey(0), x)['params'])
   flat = {k: np.asarray(v) for k, v in
           lvm.hf.traverse_util.flatten_dict(params, sep='/').items()}
   stacked = lvm.hf.traverse_util.unflatten_dict(lvm.hf.stack_layers(
       {f'decoder/{k}': v for k, v in flat.items()}), sep='/')['decoder']
   mask = jnp.array([[True] * 10, [True] * 7 + [False] * 3])
-  a = unrolled.apply({'params': params}, x, attention_mask=mask)[0]
-  b = _decoder(kv_heads=2, scan=True).apply({'params': stacked}, x, attention_mask=mask)[0]
+  a = jax.jit(unrolled.apply)({'params': params}, x, attention_mask=mask)[0]
+  b = jax.jit(_decoder(kv_heads=2, scan=True).apply)({'params': stacked}, x,
+                                                    attention_mask=mask)[0]
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
 

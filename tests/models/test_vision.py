@@ -22,7 +22,7 @@ def _tower(kind='clip', scan=False, feature_layers=(-2,), select='patch'):
 def test_selected_token_counts(kind, select, tokens):
   tower = _tower(kind, select=select)
   images = jnp.zeros((2, 16, 16, 3))
-  out, _ = tower.init_with_output(jax.random.PRNGKey(0), images)
+  out, _ = jax.eval_shape(tower.init_with_output, jax.random.PRNGKey(0), images)
   assert tower.num_tokens == tokens and out.shape == (2, tokens, 16)
 
 
@@ -31,17 +31,18 @@ def test_scanned_equals_unrolled_and_layers_concatenate(kind):
   images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 16, 16, 3)), jnp.float32)
   layers = (-2, 0, -1)
   unrolled = _tower(kind, scan=False, feature_layers=layers, select='all')
-  params = nn.unbox(unrolled.init(jax.random.PRNGKey(0), images)['params'])
+  params = nn.unbox(jax.jit(unrolled.init)(jax.random.PRNGKey(0), images)['params'])
   flat = lvm.hf.traverse_util.flatten_dict(params, sep='/')
   stacked = lvm.hf.traverse_util.unflatten_dict(lvm.hf.stack_layers(
       {f'vision/{k}': np.asarray(v) for k, v in flat.items()}), sep='/')['vision']
-  a = unrolled.apply({'params': params}, images)
-  b = _tower(kind, scan=True, feature_layers=layers, select='all').apply({'params': stacked},
-                                                                          images)
+  a = jax.jit(unrolled.apply)({'params': params}, images)
+  scanned = _tower(kind, scan=True, feature_layers=layers, select='all')
+  b = jax.jit(scanned.apply)({'params': stacked}, images)
   assert a.shape == (2, 5 if kind == 'clip' else 4, 3 * 16)
   np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
   # Each 16-wide slice is one hidden state: slice 1 (layer 0) is the embeddings alone.
-  single = _tower(kind, feature_layers=(0,), select='all').apply({'params': params}, images)
+  single = jax.jit(_tower(kind, feature_layers=(0,), select='all').apply)({'params': params},
+                                                                          images)
   np.testing.assert_allclose(a[..., 16:32], single, rtol=1e-6, atol=1e-6)
   assert np.abs(a[..., :16] - a[..., 32:]).max() > 1e-3  # layers 2 and 3 differ
 
