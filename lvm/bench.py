@@ -367,6 +367,12 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
             'dtype': config.model.dtype, 'scan_layers': bool(config.model.scan_layers),
             'remat_policy': config.model.remat_policy,
             'attention_impl': config.model.attention_impl, 'jax': jax.__version__}
+  # FLOPs first: counting traces the model outside the mesh/rules context.
+  if mode == 'decode':
+    # Attention cost grows with the cache position; count the middle of the timed span.
+    flops = model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
+  else:
+    flops = model_flops(config, b, l, mode)
   params = bench.init_params(batch)
   report['params'] = _count(params)
   if mode == 'train':
@@ -385,7 +391,6 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
 
       times = time_steps(one, steps, warmup)
       report['loss'] = float(one()[1]['loss'])
-      flops = model_flops(config, b, l, 'train')
       tokens = b * l
     elif mode == 'prefill':
       decode_len = decode_len or 16
@@ -393,7 +398,6 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
       args = (params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'])
       compiled, report['compile_s'] = compile_timed(prefill, *args)
       times = time_steps(lambda: compiled(*args), steps, warmup)
-      flops = model_flops(config, b, l, 'prefill')
       tokens = b * l
     else:
       decode_len = decode_len or 64
@@ -415,8 +419,6 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
         return holder
 
       times = time_steps(one, steps, warmup)
-      # Attention cost grows with the cache position; count the middle of the timed span.
-      flops = model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
       tokens = b
       weight_bytes = tree_bytes(params)
       bw = copy_bandwidth(device)

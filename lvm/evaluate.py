@@ -93,7 +93,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   label, value = bench.headline(scores)
   result = {'benchmark': benchmark, 'headline': {label: value}, 'scores': scores,
             'num_questions': len(examples), 'num_answered': len(predictions),
-            'skipped': dict(skipped), 'data_dir': os.path.abspath(data_dir),
+            'skipped': dict(skipped), 'data_dir': os.path.abspath(data_dir) if data_dir else '',
             'max_new_tokens': max_new_tokens, 'limit': limit,
             'seconds': round(time.time() - start, 2)}
   with open(os.path.join(out_dir, 'score.json'), 'w') as f:
