@@ -26,7 +26,6 @@ also times a large matmul on the same device and reports MFU against that rate.
 import functools
 import json
 import os
-import statistics
 import sys
 import time
 from typing import Any, Callable
@@ -420,13 +419,14 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
 
       times = time_steps(one, steps, warmup)
       tokens = b
-      weight_bytes = tree_bytes(params)
-      bw = copy_bandwidth(device)
-      report['weight_bytes'] = weight_bytes
-      report['copy_bandwidth_GBps'] = bw / 1e9
-      # Batch-1 decode reads every weight once per token: tokens/s <= bandwidth / bytes.
-      report['bandwidth_limit_tokens_per_s_per_row'] = bw / weight_bytes
+      report['weight_bytes'] = tree_bytes(params)
     report['memory'] = memory_stats(compiled, device)
+  if mode == 'decode':
+    # Outside the mesh context: a single-device copy. Batch-1 decode reads every weight
+    # once per token, so tokens/s <= bandwidth / weight bytes.
+    bw = copy_bandwidth(device)
+    report['copy_bandwidth_GBps'] = bw / 1e9
+    report['bandwidth_limit_tokens_per_s_per_row'] = bw / report['weight_bytes']
 
   t = summarize(times)
   report['step_s'] = t
