@@ -19,7 +19,7 @@ measured separately, so it never leaks into the step time.
 Model FLOPs follow DESIGN.md ("Counting FLOPs for MFU"), counted on the batch's full
 shape (every position of every row, as the device computes them); see `model_flops`.
 MFU = model FLOPs per step / step time / peak; the peak is the device's dense bf16
-rate from `PEAK_TFLOPS` (none on CPU, so no MFU is claimed there). `--measure_peak`
+rate from `lvm.flops.PEAK_TFLOPS` (none on CPU, so no MFU is claimed there). `--measure_peak`
 also times a large matmul on the same device and reports MFU against that rate.
 """
 
@@ -39,34 +39,12 @@ from ml_collections import config_flags
 import numpy as np
 
 from lvm import sharding
+from lvm.flops import peak_tflops  # re-exported: bench reports MFU against it
 import lvm.models
-
-# Dense bf16 peak TFLOP/s per chip, matched against `device.device_kind` (first match wins).
-PEAK_TFLOPS = (
-    ('H200', 989.0),
-    ('H100', 989.0),
-    ('TPU v6', 918.0),  # v6e ('TPU v6 lite')
-    ('TPU v5 lite', 197.0),  # v5e
-    ('TPU v5e', 197.0),
-    ('TPU v5p', 459.0),
-    ('TPU v5', 459.0),  # v5p reports 'TPU v5'
-    ('TPU v4', 275.0),
-)
 
 # XLA flags for a GPU training step (set before the backend starts; --gpu_flags).
 # The latency-hiding scheduler overlaps collectives and copies with compute.
 GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
-
-def peak_tflops(device) -> float | None:
-  """The dense bf16 peak of `device` in TFLOP/s, or None where none is known (CPU)."""
-  if device.platform == 'cpu':
-    return None
-  kind = getattr(device, 'device_kind', '')
-  for name, peak in PEAK_TFLOPS:
-    if name.lower() in kind.lower():
-      return peak
-  return None
-
 
 # --------------------------------------------------------------------------- FLOPs
 

@@ -30,6 +30,31 @@ import numpy as np
 
 import lvm.models
 
+# Dense bf16 peak TFLOP/s per chip (DESIGN.md), matched against `device.device_kind`
+# (first match wins); MFU is reported only where the peak is known.
+PEAK_TFLOPS = (
+    ('H200', 989.0),
+    ('H100', 989.0),
+    ('TPU v6', 918.0),  # v6e ('TPU v6 lite')
+    ('TPU v5 lite', 197.0),  # v5e
+    ('TPU v5e', 197.0),
+    ('TPU v5p', 459.0),
+    ('TPU v5', 459.0),  # v5p reports 'TPU v5'
+    ('TPU v4', 275.0),
+)
+
+
+def peak_tflops(device) -> float | None:
+  """The dense bf16 peak of `device` in TFLOP/s, or None where none is known (CPU)."""
+  if device.platform == 'cpu':
+    return None
+  kind = getattr(device, 'device_kind', '').lower()
+  for name, peak in PEAK_TFLOPS:
+    if name.lower() in kind:
+      return peak
+  return None
+
+
 # The trainable-parameter regexes of LLaVA's two stages (as lvm.optim.STAGES).
 PRETRAIN = r'^projector/'
 FINETUNE = r'^(projector|decoder)/'

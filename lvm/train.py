@@ -29,14 +29,6 @@ from lvm import optim
 from lvm import sharding
 from lvm import validate
 
-# Dense bf16 peak FLOP/s per device, by `device_kind` prefix (DESIGN.md); MFU is
-# reported only where the peak is known.
-PEAK_FLOPS = (
-    ('TPU v5p', 459e12), ('TPU v5 lite', 197e12), ('TPU v5e', 197e12),
-    ('TPU v6', 918e12), ('NVIDIA H100', 989e12), ('NVIDIA H200', 989e12),
-)
-
-
 class NonFiniteLossError(RuntimeError):
   """The training loss became NaN or Inf."""
 
@@ -362,11 +354,10 @@ def total_steps(config, num_train_examples: Callable[[], int]) -> int:
 
 
 def peak_flops() -> float | None:
-  kind = jax.devices()[0].device_kind
-  for prefix, flops in PEAK_FLOPS:
-    if kind.startswith(prefix):
-      return flops
-  return None
+  """Peak FLOP/s of this host's devices (`lvm.flops.PEAK_TFLOPS`), None where unknown."""
+  from lvm import flops  # pylint: disable=import-outside-toplevel
+  peak = flops.peak_tflops(jax.devices()[0])
+  return None if peak is None else peak * 1e12
 
 
 def flops_per_step(config, trainable: str) -> float | None:

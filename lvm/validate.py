@@ -193,10 +193,8 @@ def _check_model(p: _Problems, config):
           "use 'linear', 'mlp2x_gelu' (LLaVA-1.5), 'downsample_mlp' or 'identity'")
 
   v = config.model.vision
-  for key in ('image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim'):
-    if not isinstance(v.get(key), int) or v.get(key) <= 0:
-      p.add(f'model.vision.{key}', f'must be a positive integer, got {v.get(key)!r}',
-            'set a positive integer')
+  _positive_ints(p, v, 'model.vision', ('image_size', 'patch_size', 'width', 'depth', 'heads',
+                                         'mlp_dim'))
   if _all_positive(v, ('image_size', 'patch_size')) and v.image_size % v.patch_size:
     p.add('model.vision.image_size', f'{v.image_size} is not a multiple of patch_size '
           f'{v.patch_size}', f'use a multiple of {v.patch_size} (e.g. '
@@ -214,10 +212,8 @@ def _check_model(p: _Problems, config):
             f'use indices in [-{n}, {n - 1}] (LLaVA-1.5: -2)')
 
   d = config.model.decoder
-  for key in ('vocab_size', 'width', 'depth', 'heads', 'kv_heads', 'mlp_dim'):
-    if not isinstance(d.get(key), int) or d.get(key) <= 0:
-      p.add(f'model.decoder.{key}', f'must be a positive integer, got {d.get(key)!r}',
-            'set a positive integer')
+  _positive_ints(p, d, 'model.decoder', ('vocab_size', 'width', 'depth', 'heads', 'kv_heads',
+                                          'mlp_dim'))
   if _all_positive(d, ('heads', 'kv_heads')) and d.heads % d.kv_heads:
     p.add('model.decoder.kv_heads', f'heads {d.heads} is not a multiple of kv_heads '
           f'{d.kv_heads} (grouped-query attention)', 'pick kv_heads dividing model.decoder.heads')
@@ -240,6 +236,13 @@ def _check_model(p: _Problems, config):
 def _remat_policies():
   from lvm.models import layers  # pylint: disable=g-import-not-at-top
   return layers.REMAT_POLICIES
+
+
+def _positive_ints(p, section, prefix: str, keys) -> None:
+  for key in keys:
+    if not isinstance(section.get(key), int) or section.get(key) <= 0:
+      p.add(f'{prefix}.{key}', f'must be a positive integer, got {section.get(key)!r}',
+            'set a positive integer')
 
 
 def _all_positive(node, keys) -> bool:
