@@ -21,16 +21,17 @@ independently of other jobs on the machine.
 
 import json
 import os
+import tempfile
 import time
 
 from absl import app
 from absl import flags
 import jax
-import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from lvm import bench
+import lvm.hf
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'benchmarks/configs/cpu_small.py',
                                           'Config file[:args].', lock_config=True)
@@ -44,101 +45,16 @@ _ONE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threa
 
 
 
-def hf_config(config):
-  """A transformers LlavaConfig with the sizes of lvm `config.model`."""
-  from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig  # pylint: disable=g-import-not-at-top
-  c = config.model
-  v, d = c.vision, c.decoder
-  if v.kind != 'clip' or d.kind != 'llama' or c.projector.kind != 'mlp2x_gelu':
-    raise ValueError('the side-by-side supports a CLIP tower, mlp2x_gelu and a LLaMA decoder')
-  if d.rope_scaling or d.tie_embeddings:
-    raise ValueError('the side-by-side supports no rope_scaling and untied embeddings')
-  vision = CLIPVisionConfig(
-      hidden_size=v.width, intermediate_size=v.mlp_dim, num_hidden_layers=v.depth,
-      num_attention_heads=v.heads, image_size=v.image_size, patch_size=v.patch_size,
-      hidden_act='quick_gelu', layer_norm_eps=v.norm_eps)
-  text = LlamaConfig(
-      vocab_size=d.vocab_size, hidden_size=d.width, intermediate_size=d.mlp_dim,
-      num_hidden_layers=d.depth, num_attention_heads=d.heads, num_key_value_heads=d.kv_heads,
-      head_dim=d.head_dim or d.width // d.heads, rms_norm_eps=d.norm_eps,
-      rope_theta=d.rope_theta, max_position_embeddings=max(2048, config.data.seq_len),
-      tie_word_embeddings=False, pad_token_id=c.pad_token_id)
-  select = {'patch': 'default', 'all': 'full'}[v.select]
-  hf = LlavaConfig(
-      vision_config=vision, text_config=text, image_token_index=c.image_token_id,
-      projector_hidden_act='gelu', vision_feature_layer=v.feature_layer,
-      vision_feature_select_strategy=select,
-      image_seq_length=(v.image_size // v.patch_size) ** 2)
-  hf._attn_implementation = 'sdpa'  # pylint: disable=protected-access
-  return hf
-
-
-def to_torch_state(params) -> dict[str, np.ndarray]:
-  """lvm parameters (unscanned layout) -> transformers LLaVA state dict (numpy)."""
-  out = {}
-
-  def dense(prefix, p, n_in=1):
-    k = np.asarray(p['kernel'])
-    k = k.reshape(int(np.prod(k.shape[:n_in])), -1).T  # [out, in]
-    out[prefix + '.weight'] = k
-    if 'bias' in p:
-      out[prefix + '.bias'] = np.asarray(p['bias']).reshape(-1)
-
-  def norm(prefix, p):
-    out[prefix + '.weight'] = np.asarray(p['scale'])
-    if 'bias' in p:
-      out[prefix + '.bias'] = np.asarray(p['bias'])
-
-  v = params['vision']
-  vt = 'model.vision_tower.'
-  out[vt + 'embeddings.patch_embedding.weight'] = np.asarray(v['patch_embedding']).transpose(
-      3, 2, 0, 1)
-  out[vt + 'embeddings.class_embedding'] = np.asarray(v['class_embedding'])
-  out[vt + 'embeddings.position_embedding.weight'] = np.asarray(v['position_embedding'])
-  norm(vt + 'pre_layrnorm', v['pre_layrnorm'])
-  norm(vt + 'post_layernorm', v['post_layernorm'])
-  i = 0
-  while f'layers_{i}' in v:
-    lp, pre = v[f'layers_{i}'], f'{vt}encoder.layers.{i}.'
-    norm(pre + 'layer_norm1', lp['layer_norm1'])
-    norm(pre + 'layer_norm2', lp['layer_norm2'])
-    for name in ('q_proj', 'k_proj', 'v_proj'):
-      dense(pre + 'self_attn.' + name, lp['self_attn'][name])
-    dense(pre + 'self_attn.out_proj', lp['self_attn']['out_proj'], n_in=2)
-    dense(pre + 'mlp.fc1', lp['mlp']['fc1'])
-    dense(pre + 'mlp.fc2', lp['mlp']['fc2'])
-    i += 1
-  for name in ('linear_1', 'linear_2'):
-    dense('model.multi_modal_projector.' + name, params['projector'][name])
-  d = params['decoder']
-  out['model.language_model.embed_tokens.weight'] = np.asarray(d['embed_tokens'])
-  norm('model.language_model.norm', d['norm'])
-  dense('lm_head', d['lm_head'])
-  i = 0
-  while f'layers_{i}' in d:
-    lp, pre = d[f'layers_{i}'], f'model.language_model.layers.{i}.'
-    norm(pre + 'input_layernorm', lp['input_layernorm'])
-    norm(pre + 'post_attention_layernorm', lp['post_attention_layernorm'])
-    for name in ('q_proj', 'k_proj', 'v_proj'):
-      dense(pre + 'self_attn.' + name, lp['self_attn'][name])
-    dense(pre + 'self_attn.o_proj', lp['self_attn']['o_proj'], n_in=2)
-    for name in ('gate_proj', 'up_proj', 'down_proj'):
-      dense(pre + 'mlp.' + name, lp['mlp'][name])
-    i += 1
-  return out
-
-
 def torch_step_fn(config, params, batch):
   """(step() -> loss, initial loss): transformers LLaVA loaded with lvm's parameters."""
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import LlavaForConditionalGeneration  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
-  model = LlavaForConditionalGeneration(hf_config(config)).float().train()
-  state = {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in to_torch_state(params).items()}
-  missing, unexpected = model.load_state_dict(state, strict=False)
-  missing = [k for k in missing if 'position_ids' not in k]
-  if missing or unexpected:
-    raise ValueError(f'state dict mismatch: missing {missing}, unexpected {unexpected}')
+  # The same weights through lvm's own export (the path tests/hf proves logit-equal).
+  with tempfile.TemporaryDirectory() as hf_dir:
+    lvm.hf.save(config.model, params, hf_dir)
+    model = LlavaForConditionalGeneration.from_pretrained(
+        hf_dir, torch_dtype=torch.float32, attn_implementation='sdpa').train()
   o = config.optimizer
   opt = torch.optim.AdamW(model.parameters(), lr=o.lr, betas=(o.b1, o.b2), eps=o.eps,
                           weight_decay=o.weight_decay)
@@ -165,9 +81,6 @@ def torch_step_fn(config, params, batch):
 
 def compare(config, rounds: int = 6, block: int = 4) -> dict:
   """Runs both steps interleaved; returns medians, spreads, losses and the ratio."""
-  if config.model.scan_layers:
-    raise ValueError('use an unscanned config (scan=False) for the side-by-side: the '
-                     'parameter mapping to transformers expects layers_0, layers_1, ...')
   if block < 2:
     raise ValueError('--block must be >= 2 (the first step of each block is dropped)')
   b = bench.Bench(config)
