@@ -23,6 +23,7 @@ rate from `lvm.flops.PEAK_TFLOPS` (none on CPU, so no MFU is claimed there). `--
 also times a large matmul on the same device and reports MFU against that rate.
 """
 
+import contextlib
 import functools
 import json
 import os
@@ -284,15 +285,22 @@ def memory_stats(compiled, device) -> dict[str, Any]:
   return out
 
 
-def time_steps(run: Callable[[], Any], steps: int, warmup: int) -> list[float]:
-  """Seconds per call of `run` (which must return the outputs to wait for)."""
+def time_steps(run: Callable[[], Any], steps: int, warmup: int,
+               trace_dir: str | None = None) -> list[float]:
+  """Seconds per call of `run` (which must return the outputs to wait for).
+
+  With `trace_dir`, the timed calls run under `jax.profiler.trace` (a Perfetto trace too), so
+  their times include the profiler's overhead: compare traced runs only with traced runs.
+  """
   for _ in range(warmup):
     jax.block_until_ready(run())
   times = []
-  for _ in range(steps):
-    start = time.perf_counter()
-    jax.block_until_ready(run())
-    times.append(time.perf_counter() - start)
+  with (jax.profiler.trace(trace_dir, create_perfetto_trace=True) if trace_dir
+        else contextlib.nullcontext()):
+    for _ in range(steps):
+      start = time.perf_counter()
+      jax.block_until_ready(run())
+      times.append(time.perf_counter() - start)
   return times
 
 
@@ -301,8 +309,10 @@ def matmul_tflops(device, n: int | None = None, dtype=None, reps: int = 10) -> f
   accel = device.platform != 'cpu'
   n = n or (8192 if accel else 1024)
   dtype = dtype or (jnp.bfloat16 if accel else jnp.float32)
-  a = jax.device_put(jnp.ones((n, n), dtype), device)
-  b = jax.device_put(jnp.ones((n, n), dtype), device)
+  # Random operands: constant ones or zeros can run faster than real data.
+  ka, kb = jax.random.split(jax.random.key(0))
+  a = jax.device_put(jax.random.normal(ka, (n, n), dtype), device)
+  b = jax.device_put(jax.random.normal(kb, (n, n), dtype), device)
   f = jax.jit(lambda a, b: a @ b)
   times = time_steps(lambda: f(a, b), reps, 2)
   return 2 * n ** 3 / float(np.median(times)) / 1e12
@@ -325,8 +335,13 @@ def tree_bytes(tree) -> int:
 
 
 def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
-        measure_peak: bool = False, decode_len: int = 0) -> dict[str, Any]:
-  """Benchmarks one mode of `config`; returns the report as a dict."""
+        measure_peak: bool = False, decode_len: int = 0,
+        trace_dir: str | None = None) -> dict[str, Any]:
+  """Benchmarks one mode of `config`; returns the report as a dict.
+
+  `trace_dir`: write a `jax.profiler` trace of the timed steps there (their times then
+  include the profiler's overhead).
+  """
   if mode not in ('train', 'prefill', 'decode'):
     raise ValueError(f"mode must be 'train', 'prefill' or 'decode', got {mode!r}")
   if steps < 1:
@@ -366,7 +381,7 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
         holder[0], metrics = compiled(holder[0], sbatch)
         return holder[0], metrics
 
-      times = time_steps(one, steps, warmup)
+      times = time_steps(one, steps, warmup, trace_dir)
       report['loss'] = float(one()[1]['loss'])
       tokens = b * l
     elif mode == 'prefill':
@@ -374,7 +389,7 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
       prefill = bench.prefill_fn(l + decode_len)
       args = (params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'])
       compiled, report['compile_s'] = compile_timed(prefill, *args)
-      times = time_steps(lambda: compiled(*args), steps, warmup)
+      times = time_steps(lambda: compiled(*args), steps, warmup, trace_dir)
       tokens = b * l
     else:
       decode_len = decode_len or 64
@@ -395,7 +410,7 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
         holder[:] = compiled(params, *holder)
         return holder
 
-      times = time_steps(one, steps, warmup)
+      times = time_steps(one, steps, warmup, trace_dir)
       tokens = b
       report['weight_bytes'] = tree_bytes(params)
     report['memory'] = memory_stats(compiled, device)
@@ -484,6 +499,8 @@ def define_flags():
   flags.DEFINE_bool('json', False, 'Print one JSON object instead of text.')
   flags.DEFINE_bool('measure_peak', False, 'Also time a large matmul and report MFU against it.')
   flags.DEFINE_bool('gpu_flags', False, 'Add GPU_XLA_FLAGS to XLA_FLAGS.')
+  flags.DEFINE_string('profile_dir', '', 'Write a jax.profiler (and Perfetto) trace of the timed '
+                      'steps to this folder; their times then include profiling overhead.')
 
 
 def main(argv):
@@ -495,7 +512,7 @@ def main(argv):
     # XLA reads XLA_FLAGS when the backend starts, which has not happened yet.
     os.environ['XLA_FLAGS'] = ' '.join([os.environ.get('XLA_FLAGS', ''), *GPU_XLA_FLAGS]).strip()
   report = run(f.config, f.mode, steps=f.steps, warmup=f.warmup, measure_peak=f.measure_peak,
-               decode_len=f.decode_len)
+               decode_len=f.decode_len, trace_dir=f.profile_dir or None)
   print(json.dumps(report) if f.json else format_report(report))
   sys.stdout.flush()
 

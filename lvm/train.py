@@ -58,11 +58,17 @@ def token_losses(logits, batch):
 
 
 def apply_model(model, params, batch):
+  """Logits of a right-padded batch (what lvm.data makes: tokens first, padding after).
+
+  No attention mask is passed: under the causal mask a real token never sees the padding
+  after it, so its logits are the same with or without `attention_mask`, and without one
+  fused attention (cuDNN flash) takes its causal path instead of reading a [B, 1, L, L] mask
+  and computing the masked half (measured on an H100: docs/performance.md).
+  """
   images = batch.get('images')
   if images is not None and images.shape[1] == 0:
     images = None
-  return model.apply({'params': params}, images, batch['input_ids'],
-                     attention_mask=batch.get('attention_mask'))
+  return model.apply({'params': params}, images, batch['input_ids'])
 
 
 def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0):

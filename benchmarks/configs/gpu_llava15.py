@@ -21,7 +21,9 @@ from configs import common
 SIZES = {
     '1b': dict(width=2048, depth=16, heads=16, kv_heads=16, mlp_dim=5632),
     '2b': dict(width=2560, depth=24, heads=20, kv_heads=20, mlp_dim=6912),
-    '3b': dict(width=3200, depth=26, heads=32, kv_heads=32, mlp_dim=8640),  # OpenLLaMA-3B
+    # OpenLLaMA-3B's widths with 25 heads of 128: its 32 heads of 100 are not a head size
+    # cuDNN's flash attention takes (a multiple of 8, at most 256).
+    '3b': dict(width=3200, depth=26, heads=25, kv_heads=25, mlp_dim=8640),
     '7b': dict(width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008),  # LLaMA-2 7B
 }
 

@@ -1,0 +1,167 @@
+"""The GPU rows of docs/performance.md, each a `python -m lvm.bench` run in its own process.
+
+  python -m benchmarks.gpu_suite --only=train_2b,prefill_7b,decode_7b --out=DIR
+  python -m benchmarks.gpu_suite --list
+
+One process per variant so that each starts with an empty device (no allocator state or
+compiled executables carried over) and a variant that runs out of memory fails alone. Each
+report is written to DIR/NAME.json (the bench's `--json` object) and a table of all of them is
+printed last: step time, MFU against the peak table and against the matmul rate measured on
+the same card (`--measure_peak`), peak memory, and for decode the bandwidth limit.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import time
+
+from absl import app, flags
+
+_CONFIG = 'benchmarks/configs/gpu_llava15.py'
+_TRAIN = ['--mode=train', '--gpu_flags', '--measure_peak', '--steps=20', '--warmup=3']
+_BF16_WEIGHTS = ['--config.model.param_dtype=bfloat16']  # inference: weights stored in bf16
+
+# A scanned layer's weights are a dynamic slice of the stacked [layers, ...] arrays; without
+# this XLA copies each slice before its matmul (more bytes than the matmul reads at batch 1).
+_DSF = '--xla_gpu_enable_dynamic_slice_fusion=true'
+_CUBLAS_DSF = '--xla_gpu_enable_triton_gemm=false ' + _DSF
+_UNROLL = '--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL'
+
+# name -> (config args, extra flags[, extra XLA flags]). Training: CLIP ViT-L/14-336 (frozen) + LLaMA decoder
+# trained in full, bf16 compute, float32 master weights and AdamW state.
+VARIANTS = {
+    'train_2b': ('size=2b', _TRAIN),
+    'train_2b_remat_none': ('size=2b,remat=none', _TRAIN),
+    'train_2b_remat_dots': ('size=2b,remat=dots', _TRAIN),
+    'train_2b_remat_full': ('size=2b,remat=full', _TRAIN),
+    'train_2b_xla_attention': ('size=2b,attention=xla', _TRAIN),
+    'train_2b_unscanned': ('size=2b,scan=0', _TRAIN),
+    'train_2b_batch16': ('size=2b,batch_size=16', _TRAIN),
+    'train_1b': ('size=1b', _TRAIN),
+    'train_1b_remat_none': ('size=1b,remat=none', _TRAIN),
+    'train_3b': ('size=3b', _TRAIN),
+    'train_2b_dynamic_slice_fusion': ('size=2b', _TRAIN, _DSF),
+    'train_2b_no_triton_gemm': ('size=2b', _TRAIN, '--xla_gpu_enable_triton_gemm=false'),
+    # Time to first token: one image (576 visual tokens) + a 64-token prompt.
+    'prefill_7b': ('size=7b,batch_size=1,seq_len=640',
+                   ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS),
+    # Batch-1 decode of the 7B decoder against weight bytes / measured copy bandwidth.
+    'decode_7b': ('size=7b,batch_size=1,seq_len=640',
+                  ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS),
+    'decode_7b_dynamic_slice_fusion': ('size=7b,batch_size=1,seq_len=640',
+                                       ['--mode=decode', '--decode_len=128', '--steps=64']
+                                       + _BF16_WEIGHTS, _DSF),
+    'decode_7b_unrolled_loop': ('size=7b,batch_size=1,seq_len=640',
+                                ['--mode=decode', '--decode_len=128', '--steps=64']
+                                + _BF16_WEIGHTS, _UNROLL),
+    'prefill_7b_dynamic_slice_fusion': ('size=7b,batch_size=1,seq_len=640',
+                                        ['--mode=prefill', '--measure_peak', '--steps=20']
+                                        + _BF16_WEIGHTS, _DSF),
+    # cuBLAS instead of Triton GEMMs, so that dynamic-slice fusion lets each GEMM read its
+    # layer's weights in place in the scanned stack (no per-layer copy; docs/performance.md).
+    'decode_7b_cublas': ('size=7b,batch_size=1,seq_len=640',
+                         ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS,
+                         _CUBLAS_DSF),
+    'prefill_7b_cublas': ('size=7b,batch_size=1,seq_len=640',
+                          ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS,
+                          _CUBLAS_DSF),
+    'prefill_7b_unscanned': ('size=7b,batch_size=1,seq_len=640,scan=0',
+                             ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS),
+    'decode_7b_xla_attention': ('size=7b,batch_size=1,seq_len=640,attention=xla',
+                                ['--mode=decode', '--decode_len=128', '--steps=64']
+                                + _BF16_WEIGHTS),
+    'decode_7b_unscanned': ('size=7b,batch_size=1,seq_len=640,scan=0',
+                            ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS),
+}
+
+flags.DEFINE_list('only', ['train_2b', 'prefill_7b', 'decode_7b'], 'Variants to run, in order.')
+flags.DEFINE_string('out', '', 'Folder for NAME.json and NAME.log (default: no files).')
+flags.DEFINE_integer('timeout', 420, 'Seconds allowed to one variant.')
+flags.DEFINE_bool('list', False, 'Print the variants and their commands, run nothing.')
+
+
+def command(name):
+  config_args, extra = VARIANTS[name][:2]
+  return [sys.executable, '-m', 'lvm.bench', f'--config={_CONFIG}:{config_args}', '--json',
+          *extra]
+
+
+def run(name, out, timeout):
+  start = time.time()
+  try:
+    env = dict(os.environ)
+    if len(VARIANTS[name]) > 2:
+      env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', ''), VARIANTS[name][2]]).strip()
+    p = subprocess.run(command(name), capture_output=True, text=True, timeout=timeout,
+                       check=False, env=env)
+    stdout, stderr, rc = p.stdout, p.stderr, p.returncode
+  except subprocess.TimeoutExpired as e:
+    text = lambda b: b.decode(errors='replace') if isinstance(b, bytes) else (b or '')
+    stdout, stderr, rc = text(e.stdout), text(e.stderr) + f'\ntimeout after {timeout} s', 'timeout'
+  if out:
+    with open(os.path.join(out, f'{name}.log'), 'w') as f:
+      f.write(stdout + '\n--- stderr\n' + stderr)
+  report = None
+  for line in reversed(stdout.splitlines()):
+    if line.startswith('{'):
+      report = json.loads(line)
+      break
+  if report is None:
+    last = [l for l in stderr.splitlines() if l.strip()][-3:]
+    print(f'{name}: FAILED (rc {rc}, {time.time() - start:.0f} s): ' + ' | '.join(last),
+          flush=True)
+    return None
+  report['variant'] = name
+  report['command'] = ' '.join(['python'] + command(name)[1:])
+  if len(VARIANTS[name]) > 2:
+    report['command'] = f'XLA_FLAGS={VARIANTS[name][2]} ' + report['command']
+  report['wall_s'] = time.time() - start
+  if out:
+    with open(os.path.join(out, f'{name}.json'), 'w') as f:
+      json.dump(report, f, indent=1)
+  print(f'{name}: done in {report["wall_s"]:.0f} s', flush=True)
+  return report
+
+
+def row(r):
+  t = r['step_s']
+  mem = r['memory'].get('peak_bytes_in_use')
+  cells = [r['variant'], f"{t['median'] * 1e3:.1f} ({t['p10'] * 1e3:.1f}-{t['p90'] * 1e3:.1f})",
+           f"{r['tokens_per_s']:.0f}", f"{r['achieved_tflops']:.1f}",
+           f"{100 * r['mfu']:.1f}%" if r.get('mfu') is not None else 'n/a',
+           (f"{100 * r['mfu_vs_measured_matmul']:.1f}% of "
+            f"{r['measured_matmul_tflops_per_device']:.0f}")
+           if 'mfu_vs_measured_matmul' in r else '-',
+           f'{mem / 2 ** 30:.1f}' if mem else '-', f"{r['compile_s']:.0f}"]
+  if 'decode_tokens_per_s_per_row' in r:
+    cells.append(f"{r['decode_tokens_per_s_per_row']:.1f} tok/s vs limit "
+                 f"{r['bandwidth_limit_tokens_per_s_per_row']:.1f}")
+  return '| ' + ' | '.join(cells) + ' |'
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  unknown = [n for n in f.only if n not in VARIANTS]
+  if unknown:
+    raise app.UsageError(f'unknown variants {unknown}; known: {sorted(VARIANTS)}')
+  if f.list:
+    for name in VARIANTS:
+      xla = f'XLA_FLAGS={VARIANTS[name][2]} ' if len(VARIANTS[name]) > 2 else ''
+      print(f"{name}: {xla}{' '.join(['python'] + command(name)[1:])}")
+    return
+  if f.out:
+    os.makedirs(f.out, exist_ok=True)
+  reports = [r for r in (run(n, f.out, f.timeout) for n in f.only) if r]
+  print('| variant | step ms median (p10-p90) | tokens/s | TFLOP/s | MFU (989) | MFU vs matmul '
+        '| peak GiB | compile s | decode |')
+  print('|---|---|---|---|---|---|---|---|---|')
+  for r in reports:
+    print(row(r))
+  if reports:
+    print(f"device: {reports[0].get('device')}, jax {reports[0].get('jax')}")
+
+
+if __name__ == '__main__':
+  app.run(main)
