@@ -131,6 +131,12 @@ def get_config(arg=None):
   config.data.eval_split = 'validation'
   config.data.test_split = 'test'
   config.data.template = 'vicuna_v1'  # plain | vicuna_v1 | llama3
+  # The template's system prompt: None = its own (LLaVA's), '' = none, or any text. Training,
+  # evaluation and generation all render with it.
+  config.data.system_prompt = ml_collections.FieldReference(None, field_type=str)
+  # Training split only: records with a caption get a last turn, this prompt answered by the
+  # caption ('' = off). A dense target beside short answers (see configs/shapes.py).
+  config.data.caption_prompt = ''
   config.data.tokenizer = ''  # path to tokenizer.model or tokenizer.json ('' = the dataset's own)
   config.data.seq_len = 2048
   config.data.max_images = 1  # images per sample (padded); more are dropped and counted

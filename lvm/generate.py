@@ -267,11 +267,13 @@ def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bo
 class TextGenerator:
   """Turns conversations (LLaVA turns with `<image>`) into answers with a run's template."""
 
-  def __init__(self, generator: Generator, tokenizer, template: str):
+  def __init__(self, generator: Generator, tokenizer, template: str,
+               system_prompt: str | None = None):
     from lvm.data import templates  # pylint: disable=g-import-not-at-top
     self.generator = generator
     self.tokenizer = tokenizer
     self.template = template
+    self.system_prompt = system_prompt  # None: the template's own; as trained
     self._templates = templates
     self.stop_strings = tuple(templates.stop_strings(template))
     # Stop strings that are single tokens (</s>, <|eot_id|>) also end the loop on device;
@@ -285,7 +287,8 @@ class TextGenerator:
 
   def prompt_ids(self, turns) -> list[int]:
     return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
-                                              self.generator.tokens_per_image))
+                                              self.generator.tokens_per_image,
+                                              self.system_prompt))
 
   def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
              max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
@@ -337,7 +340,8 @@ def from_run(path: str, mesh=None):
     data.prepare(config)
     tok = data_tokenizer.load(config)
   generator = Generator(config, params, mesh=mesh)
-  return config, generator, TextGenerator(generator, tok, config.data.template)
+  return config, generator, TextGenerator(generator, tok, config.data.template,
+                                          config.data.get('system_prompt'))
 
 
 # ----------------------------------------------------------------------------------------

@@ -206,6 +206,32 @@ def dummy_inputs(config, batch_size: int):
   return images, ids
 
 
+def opt_state_shardings(abstract_opt, params, param_shardings, replicated):
+  """Shardings of an optimizer state: a leaf shaped like a parameter takes its sharding.
+
+  A leaf is matched to a parameter by the parameter-tree keys its path ends with (Adam's
+  `mu/decoder/layers/...`, also inside `multi_transform`'s per-label states) and by shape;
+  counts and other leaves are replicated. (`optax.tree_map_params` cannot be used: it calls
+  `multi_transform`'s label function on a placeholder instead of the parameters.)
+  """
+  flat_params = {tuple(k.key for k in path): (leaf.shape, sh) for (path, leaf), sh in zip(
+      jax.tree_util.tree_leaves_with_path(params), jax.tree.leaves(param_shardings))}
+
+  def sharding_of(path, leaf):
+    keys = []
+    for k in reversed(path):
+      if not isinstance(k, jax.tree_util.DictKey):
+        break
+      keys.insert(0, k.key)
+    for start in range(len(keys)):
+      shape_sharding = flat_params.get(tuple(keys[start:]))
+      if shape_sharding is not None and shape_sharding[0] == leaf.shape:
+        return shape_sharding[1]
+    return replicated
+
+  return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
+
+
 class StateFactory:
   """Abstract-first sharded train state for one config, mesh and optimizer.
 
@@ -235,10 +261,7 @@ class StateFactory:
     trainable_shardings, _ = optim.split(self.param_shardings, self.trainable)
     abstract_opt = jax.eval_shape(tx.init, trainable)
     rep = sharding.replicated(mesh)
-    opt_shardings = optax.tree_map_params(
-        tx, lambda _, s: s, abstract_opt, trainable_shardings,
-        transform_non_params=lambda _: rep,
-        is_leaf=lambda x: isinstance(x, jax.ShapeDtypeStruct))
+    opt_shardings = opt_state_shardings(abstract_opt, trainable, trainable_shardings, rep)
     self.shardings = {'step': rep, 'params': self.param_shardings, 'opt_state': opt_shardings}
     abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
                 'opt_state': abstract_opt}

@@ -263,6 +263,16 @@ def _check_data(p: _Problems, config):
   std = _get(config, 'data.image_std')
   if isinstance(std, (tuple, list)) and any(not s > 0 for s in std):
     p.add('data.image_std', f'{std} has a non-positive entry', 'use positive stds')
+  system = _get(config, 'data.system_prompt')
+  if system is not None and not isinstance(system, str):
+    p.add('data.system_prompt', f'must be text or None, got {system!r}',
+          "None keeps the template's own, '' drops it")
+  caption_prompt = _get(config, 'data.caption_prompt')
+  if caption_prompt is not None and not isinstance(caption_prompt, str):
+    p.add('data.caption_prompt', f'must be text, got {caption_prompt!r}', "'' turns it off")
+  if isinstance(caption_prompt, str) and '<image>' in caption_prompt:
+    p.add('data.caption_prompt', 'must not contain <image>',
+          'the caption turn asks about the image already in the first turn')
   max_images = _get(config, 'data.max_images')
   if not isinstance(max_images, int) or max_images < 0:
     p.add('data.max_images', f'must be an integer >= 0, got {max_images!r}',

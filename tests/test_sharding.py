@@ -81,3 +81,32 @@ def test_two_processes_match_one_device(reference):
     assert out['devices'] == 8 and out['processes'] == 2
     for shape, losses in out['losses'].items():
       np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=f'2 processes, {shape}')
+
+
+def test_module_lr_trains_and_shards_its_optimizer_state_like_the_params():
+  """Per-module learning rates (optax.multi_transform) under FSDP: the Adam moments of every
+  parameter take that parameter's sharding, and a module at lr 0 does not move."""
+  config = train_utils.tiny_config(**{'train.stage': 'full'})
+  config.optimizer.module_lr = {'^vision/': 0.0}
+  config.optimizer.weight_decay = 0.0
+  mesh = train_utils.mesh_for(config, (1, 8, 1))
+  losses, state, factory = train_utils.run_steps(config, mesh, num_steps=3)
+  assert all(np.isfinite(losses))
+  params = state['params']
+  before = factory.initial_params
+  for name in ('vision', 'decoder'):
+    moved = [not np.array_equal(a, b) for a, b in zip(
+        jax.tree.leaves(jax.device_get(params[name])), jax.tree.leaves(before[name]))]
+    assert (any(moved) if name == 'decoder' else not any(moved)), name
+  flat_params = {jax.tree_util.keystr(p): (x.shape, x.sharding) for p, x in
+                 jax.tree_util.tree_leaves_with_path(params)}
+  matched = 0
+  for path, leaf in jax.tree_util.tree_leaves_with_path(state['opt_state']):
+    # The parameter's keys end the path (after optax's own `inner_states/default/...`).
+    for start in range(len(path)):
+      keys = jax.tree_util.keystr(tuple(path[start:]))
+      if keys in flat_params and flat_params[keys][0] == leaf.shape:
+        assert leaf.sharding.is_equivalent_to(flat_params[keys][1], leaf.ndim), keys
+        matched += 1
+        break
+  assert matched >= 2 * len(flat_params)  # mu and nu of every parameter

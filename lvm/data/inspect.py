@@ -77,7 +77,8 @@ def inspect(config, split, num):
   from lvm.data import pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   data.prepare(config)
   tok = tokenizer_lib.load(config)
-  proc = pipeline.Processor(config, tok, models.num_image_tokens(config))
+  proc = pipeline.Processor(config, tok, models.num_image_tokens(config),
+                            train=split == config.data.train_split)
   source = pipeline.data_source(config, split)
   for i in range(min(num, len(source))):
     record = source[i]
@@ -86,8 +87,9 @@ def inspect(config, split, num):
       ids, mask, images = proc.text(record)
       for b in images:
         images_lib.decode(b)
-      turns, _ = pipeline.record_turns(record, config.data.template)
-      full, _ = templates.render(config.data.template, turns, tok, proc.num_image_tokens)
+      turns, _ = pipeline.record_turns(record, config.data.template, proc.caption_prompt)
+      full, _ = templates.render(config.data.template, turns, tok, proc.num_image_tokens,
+                                 proc.system)
       d = describe(tok, ids, mask, len(full))
     except (templates.SampleError, images_lib.ImageError) as e:
       d = {'text': None, 'supervised_text': None, 'num_image_tokens': 0, 'length': 0,

@@ -63,34 +63,46 @@ def _text(x):
   return x.decode() if isinstance(x, bytes) else str(x)
 
 
-def record_turns(record, template):
-  """LLaVA turns of a record; `plain` uses the caption when the dataset has one."""
+def record_turns(record, template, caption_prompt=''):
+  """LLaVA turns of a record; `plain` uses the caption when the dataset has one.
+
+  With `caption_prompt`, a record with a caption gets one more turn at the end, that prompt
+  answered by the caption: a dense description target beside the short answers. It comes
+  last so that no earlier answer can be copied from it.
+  """
   images = list(record['images'])
   caption = _text(record.get('caption', b''))
   if template == 'plain' and caption:
     return [{'from': 'human', 'value': templates.IMAGE_MARKER * len(images)},
             {'from': 'gpt', 'value': caption}], images
-  return json.loads(_text(record['conversations'])), images
+  turns = json.loads(_text(record['conversations']))
+  if caption_prompt and caption:
+    turns += [{'from': 'human', 'value': caption_prompt}, {'from': 'gpt', 'value': caption}]
+  return turns, images
 
 
 class Processor:
   """One record -> (input_ids, loss_mask, attention_mask, images) of fixed shapes."""
 
-  def __init__(self, config, tokenizer, num_image_tokens):
+  def __init__(self, config, tokenizer, num_image_tokens, train=False):
     d = config.data
     self.template, self.seq_len, self.max_images = d.template, d.seq_len, d.max_images
+    self.system = d.get('system_prompt')
+    # Caption turns are a training target only: evaluation scores the dataset's own answers.
+    self.caption_prompt = d.get('caption_prompt', '') if train else ''
     self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
     self.size = config.model.vision.image_size
     self.aspect, self.mean, self.std = d.image_aspect, tuple(d.image_mean), tuple(d.image_std)
 
   def text(self, record):
     """(ids, mask) unpadded, and the encoded images; raises SampleError."""
-    turns, images = record_turns(record, self.template)
+    turns, images = record_turns(record, self.template, self.caption_prompt)
     if len(images) > self.max_images:
       raise templates.SampleError('too_many_images',
                                   f'{len(images)} > data.max_images={self.max_images}')
     ids, mask = templates.encode_example(self.template, turns, self.tokenizer,
-                                         self.num_image_tokens, self.seq_len, len(images))
+                                         self.num_image_tokens, self.seq_len, len(images),
+                                         self.system)
     return ids, mask, images
 
   def __call__(self, record):
@@ -150,7 +162,8 @@ class DataIterator:
     if self.size == 0:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
-    self.processor = Processor(config, tok, models.num_image_tokens(config))
+    self.processor = Processor(config, tok, models.num_image_tokens(config),
+                               train=split == config.data.train_split)
     self.rows = local_rows(mesh, self.batch_size, config.data.seq_len)
     self.cursors = {r: 0 for r in self.rows}
     self._stats = collections.Counter()

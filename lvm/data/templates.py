@@ -92,8 +92,11 @@ def _special(tokenizer, name):
   return i
 
 
-def _chunks(template, turns, tokenizer, prompt_only):
-  """Chunks of `turns`; with prompt_only, stops where the last (unanswered) answer starts."""
+def _chunks(template, turns, tokenizer, prompt_only, system=None):
+  """Chunks of `turns`; with prompt_only, stops where the last (unanswered) answer starts.
+
+  `system`: the system prompt (None: the template's own; '': none). `plain` has none.
+  """
   pairs = [(turns[i]['value'], turns[i + 1]['value'] if i + 1 < len(turns) else None)
            for i in range(0, len(turns), 2)]
   if prompt_only:
@@ -117,7 +120,8 @@ def _chunks(template, turns, tokenizer, prompt_only):
         c.append(_Chunk('text', answer(a) + '\n', True))
   elif template == 'vicuna_v1':
     # SYS USER: Q ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>
-    prefix = VICUNA_SYSTEM + ' '
+    system = VICUNA_SYSTEM if system is None else system
+    prefix = system + ' ' if system else ''
     for q, a in pairs:
       c += _split_images(prefix + 'USER: ' + q + ' ASSISTANT:')
       if a is not None:
@@ -125,8 +129,11 @@ def _chunks(template, turns, tokenizer, prompt_only):
       prefix = ''
   elif template == 'llama3':
     bos, sh, eh, eot = (_special(tokenizer, n) for n in LLAMA3_SPECIALS)
-    c = [_Chunk('id', bos), _Chunk('id', sh), _Chunk('text', 'system'), _Chunk('id', eh),
-         _Chunk('text', '\n\n' + LLAMA3_SYSTEM), _Chunk('id', eot)]
+    system = LLAMA3_SYSTEM if system is None else system
+    c = [_Chunk('id', bos)]
+    if system:
+      c += [_Chunk('id', sh), _Chunk('text', 'system'), _Chunk('id', eh),
+            _Chunk('text', '\n\n' + system), _Chunk('id', eot)]
     for q, a in pairs:
       c += [_Chunk('id', sh), _Chunk('text', 'user'), _Chunk('id', eh)]
       c += _split_images('\n\n' + q)
@@ -178,7 +185,7 @@ def _check(template):
     raise ValueError(f'Unknown template {template!r}; known: {TEMPLATES}')
 
 
-def render(template: str, turns, tokenizer, num_image_tokens: int):
+def render(template: str, turns, tokenizer, num_image_tokens: int, system: str | None = None):
   """Ids and label mask of a conversation for training.
 
   Args:
@@ -186,6 +193,7 @@ def render(template: str, turns, tokenizer, num_image_tokens: int):
     turns: LLaVA turns, human first, alternating; `<image>` marks images.
     tokenizer: a `lvm.data.tokenizer.Tokenizer`.
     num_image_tokens: image-token ids each `<image>` expands to.
+    system: system prompt; None = the template's own, '' = none (`plain` has none).
 
   Returns:
     (ids int32[T], loss_mask bool[T]); loss_mask[t] is True where ids[t] is a target.
@@ -196,7 +204,8 @@ def render(template: str, turns, tokenizer, num_image_tokens: int):
   """
   _check(template)
   turns = normalize_turns(turns)
-  ids, mask = _tokenize(_chunks(template, turns, tokenizer, False), tokenizer, num_image_tokens)
+  ids, mask = _tokenize(_chunks(template, turns, tokenizer, False, system), tokenizer,
+                        num_image_tokens)
   if len(ids) != len(mask):  # Defensive: the two must be built together.
     raise SampleError('tokenization_mismatch', f'{len(ids)} ids vs {len(mask)} mask entries')
   if not any(mask):
@@ -204,16 +213,18 @@ def render(template: str, turns, tokenizer, num_image_tokens: int):
   return np.asarray(ids, np.int32), np.asarray(mask, bool)
 
 
-def render_prompt(template: str, turns, tokenizer, num_image_tokens: int) -> np.ndarray:
+def render_prompt(template: str, turns, tokenizer, num_image_tokens: int,
+                  system: str | None = None) -> np.ndarray:
   """Ids of `turns` (ending with a human turn) up to where the assistant answer starts."""
   _check(template)
   turns = normalize_turns(turns)
-  ids, _ = _tokenize(_chunks(template, turns, tokenizer, True), tokenizer, num_image_tokens)
+  ids, _ = _tokenize(_chunks(template, turns, tokenizer, True, system), tokenizer,
+                     num_image_tokens)
   return np.asarray(ids, np.int32)
 
 
 def encode_example(template: str, turns, tokenizer, num_image_tokens: int, seq_len: int,
-                   num_images: int | None = None):
+                   num_images: int | None = None, system: str | None = None):
   """Renders, checks the image count, and fits to `seq_len` (text truncated, images never).
 
   Returns:
@@ -226,7 +237,7 @@ def encode_example(template: str, turns, tokenizer, num_image_tokens: int, seq_l
   if num_images is not None and count_images(turns) != num_images:
     raise SampleError('image_count_mismatch',
                       f'{count_images(turns)} <image> markers for {num_images} images')
-  ids, mask = render(template, turns, tokenizer, num_image_tokens)
+  ids, mask = render(template, turns, tokenizer, num_image_tokens, system)
   if len(ids) > seq_len:
     image_pos = np.flatnonzero(ids == tokenizer.image_token_id)
     if image_pos.size and image_pos[-1] >= seq_len:

@@ -178,3 +178,27 @@ def test_two_processes_each_read_their_slice(shapes_dir, tmp_path):
   assert res[0]['batches'] == res[1]['batches']
   # The gathered state is global and restores a single-process run exactly.
   assert res[0]['state'] == res[1]['state'] == it.get_state()
+
+
+def test_caption_turn_and_system_prompt(shapes_dir):
+  """`data.caption_prompt` adds the caption as a last, supervised turn to training samples
+  only; `data.system_prompt=''` drops the system prompt everywhere."""
+  from lvm import models  # pylint: disable=g-import-not-at-top
+  from lvm.data import tokenizer  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config(shapes_dir)
+  config.data.seq_len = 160
+  config.data.system_prompt = ''
+  config.data.caption_prompt = 'What shapes are there?'
+  tok = tokenizer.load(config)
+  record = pipeline.data_source(config, 'train')[0]
+  n = models.num_image_tokens(config)
+  train_ids, train_mask, _ = pipeline.Processor(config, tok, n, train=True).text(record)
+  eval_ids, eval_mask, _ = pipeline.Processor(config, tok, n, train=False).text(record)
+  caption = pipeline._text(record['caption'])  # pylint: disable=protected-access
+  assert caption
+  supervised = tok.decode([int(i) for i in train_ids[train_mask]])
+  assert supervised.replace('</s>', '').strip().endswith(caption)
+  assert caption not in tok.decode([int(i) for i in eval_ids[eval_mask]])
+  # The evaluation sample is the training sample without its last turn.
+  assert train_ids[:len(eval_ids)].tolist() == eval_ids.tolist()
+  assert 'chat between' not in tok.decode([int(i) for i in eval_ids if i != tok.image_token_id])

@@ -190,3 +190,20 @@ def test_lone_image_marker_moves_to_front():
   turns = templates.normalize_turns(TURNS)
   assert turns[0]['value'] == '<image>\nWhat color is the circle?'
   assert templates.stop_strings('vicuna_v1') == ('</s>',)
+
+
+def test_system_prompt_override(word_tok):
+  """None keeps the template's system prompt, '' drops it, other text replaces it; the
+  prompt and the mask of everything after it are unchanged."""
+  ids, mask = templates.render('vicuna_v1', TURNS, word_tok, 3)
+  want_ids, want_mask = GOLDEN_WORD['vicuna_v1']
+  none_ids, none_mask = templates.render('vicuna_v1', TURNS, word_tok, 3, system='')
+  assert none_ids.tolist() == [1] + want_ids[1 + len(VICUNA_SYSTEM_IDS):]
+  assert none_mask.tolist() == [0] + want_mask[1 + len(VICUNA_SYSTEM_IDS):]
+  own_ids, _ = templates.render('vicuna_v1', TURNS, word_tok, 3, system='the circle is red')
+  assert own_ids.tolist()[:6] == [1, 27, 37, 36, 39, 31]  # <s> the circle is red USER
+  l3_ids, l3_mask = templates.render('llama3', TURNS, word_tok, 3, system='')
+  assert l3_ids.tolist() == [3] + GOLDEN_WORD['llama3'][0][4 + len(LLAMA3_SYSTEM_IDS) + 1:]
+  assert l3_mask.tolist() == [0] + GOLDEN_WORD['llama3'][1][4 + len(LLAMA3_SYSTEM_IDS) + 1:]
+  prompt = templates.render_prompt('vicuna_v1', TURNS[:1], word_tok, 3, system='')
+  assert prompt.tolist() == none_ids.tolist()[:len(prompt)]
