@@ -48,13 +48,17 @@ def token_losses(logits, batch):
   Returns:
     (nll float[B, L-1], log_z float[B, L-1], correct bool[B, L-1], mask bool[B, L-1]).
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = batch['input_ids'][:, 1:]
+  # Every position is scored against the next token (the last against a dummy 0) and
+  # the [B, L] results are sliced, rather than slicing the [B, L, V] logits: their
+  # gradient then needs no pad (a full extra pass over [B, L, V] on CPU).
+  logits = logits.astype(jnp.float32)
+  ids = batch['input_ids']
+  targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
   mask = batch['loss_mask'][:, 1:].astype(bool)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(logits, axis=-1) == targets
-  return log_z - target_logit, log_z, correct, mask
+  return ((log_z - target_logit)[:, :-1], log_z[:, :-1], correct[:, :-1], mask)
 
 
 def apply_model(model, params, batch):

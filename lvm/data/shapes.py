@@ -34,7 +34,7 @@ SPLITS = ('test', 'validation', 'train')  # Generation order: later splits avoid
 _SPLIT_INDEX = {s: i for i, s in enumerate(SPLITS)}
 _BACKGROUND = (250, 250, 250)
 # Bump when the generated data changes: datasets and tokenizers are cached by version.
-GENERATOR_VERSION = '1.5.0'
+GENERATOR_VERSION = '1.4.0'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,13 +134,14 @@ def _article(word):
 
 
 def caption(scene) -> str:
-  """Names every object, in reading order of the grid (top left first, bottom right last).
+  """Names every object, ordered by kind (circle, diamond, square, triangle).
 
-  Reading order ties each phrase to the next occupied cell, so a model learns to describe
-  cell by cell; an order by kind would make every phrase a search for a kind.
+  Ordered by kind, each phrase is a search for that kind in the image, as the questions
+  are; captions in the grid's reading order taught the demo's model less (its position
+  answers fell from 0.97 to 0.37: docs/training.md).
   """
   parts = []
-  for kind, colour, pos, *_ in sorted(scene, key=lambda o: POSITIONS.index(o[2])):
+  for kind, colour, pos, *_ in scene:
     where = 'in the' if pos == 'center' else 'at the'
     parts.append(f'{_article(colour)} {colour} {kind} {where} {pos}')
   text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]

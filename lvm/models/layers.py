@@ -7,6 +7,8 @@ Einsum letters: B batch, T query length, S key length, D model width, H heads,
 K kv heads, G heads per kv head, Dh head width, F mlp width.
 """
 
+import functools
+import math
 from typing import Any, Callable, Sequence
 
 import flax.linen as nn
@@ -21,6 +23,57 @@ default_kernel_init = nn.initializers.normal(stddev=0.02)
 
 def param_with_axes(module, name, init, shape, axes, dtype):
   return module.param(name, nn.with_logical_partitioning(init, axes), shape, dtype)
+
+
+@jax.custom_vjp
+def matmul_cpu_layouts(x, w):
+  """x[M, K] @ w[K, N] as one 2-D dot, with a backward laid out for XLA's CPU dots.
+
+  Two things, both measured on the CPU side by side (docs/performance.md):
+  - Dense contracts a 2-D view ([B*L, in] @ [in, out]) instead of dot_general on the
+    [B, L, in] activation (this alone, with plain autodiff, cut the cpu_small train step
+    by about a fifth; the HLO of that variant was not inspected).
+  - The weight gradient x^T g contracts the leading dim of both operands, a form the
+    CPU dot runs at about half speed, so one operand must be transposed first. Left to
+    itself XLA transposed g (for a SwiGLU the [B*L, mlp] gradient, fused with the
+    activation gradient into a slow strided loop; for the LM head the [B*L, V] logits
+    gradient). Here the smaller of x and g is transposed behind an optimization
+    barrier (so it is not folded back into the dot) and the product is row-major.
+  Same float32 products and sums as the plain dot; only the operand layouts differ.
+  """
+  return jnp.dot(x, w)
+
+
+def _matmul_fwd(x, w):
+  return jnp.dot(x, w), (x, w)
+
+
+def _matmul_bwd(res, g):
+  x, w = res
+  dx = jnp.dot(g, w.T)
+  if x.shape[1] <= g.shape[1]:  # transpose the smaller operand
+    dw = jnp.dot(jax.lax.optimization_barrier(x.T), g)
+  else:
+    dw = jnp.dot(jax.lax.optimization_barrier(g.T), x).T
+  return dx, dw
+
+
+matmul_cpu_layouts.defvjp(_matmul_fwd, _matmul_bwd)
+
+# Dense layers use `matmul_cpu_layouts` when the default backend is the CPU (measured in
+# docs/performance.md); GPU/TPU keep the plain dot_general, whose layouts and fusions
+# their compilers choose well, and which remat policies see as a dot.
+CPU_MATMUL_VJP = True
+
+
+def dense_matmul(x, kernel, n_in: int):
+  """Contracts the last `n_in` dims of x with the first `n_in` of kernel."""
+  if CPU_MATMUL_VJP and jax.default_backend() == 'cpu':
+    k = math.prod(kernel.shape[:n_in])
+    y = matmul_cpu_layouts(x.reshape(-1, k), kernel.reshape(k, -1))
+    return y.reshape(*x.shape[:x.ndim - n_in], *kernel.shape[n_in:])
+  contract = tuple(range(x.ndim - n_in, x.ndim))
+  return jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())))
 
 
 class Dense(nn.Module):
@@ -46,8 +99,7 @@ class Dense(nn.Module):
                              (*self.in_axes, *self.out_axes), self.param_dtype)
     x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
-    contract = tuple(range(x.ndim - n_in, x.ndim))
-    y = jax.lax.dot_general(x, kernel, ((contract, tuple(range(n_in))), ((), ())))
+    y = dense_matmul(x, kernel, n_in)
     if self.use_bias:
       bias = param_with_axes(self, 'bias', nn.initializers.zeros, features, self.out_axes,
                              self.param_dtype)
@@ -137,11 +189,92 @@ def stack_blocks(block_cls, *, depth: int, scan: bool, remat_policy: str,
   return block_cls
 
 
+def _keep_mask(mask, is_causal, b, kv, g, t, s):
+  """The bool mask broadcastable to [B, K, G, T, S] (None: keep everything)."""
+  keep = None
+  if mask is not None:
+    mask = jnp.asarray(mask, bool)
+    mask = mask.reshape((1,) * (4 - mask.ndim) + mask.shape)
+    mb, mh = mask.shape[:2]
+    keep = (mask[:, :, None] if mh == 1 else mask.reshape(mb, kv, g, *mask.shape[2:]))
+  if is_causal:
+    causal = jnp.tril(jnp.ones((t, s), dtype=bool))[None, None, None]
+    keep = causal if keep is None else keep & causal
+  return keep
+
+
+def _attention_probs(q, k, mask, is_causal, scale):
+  """(probs float32[B, K, G, T, S], keep mask or None): what jax.nn's 'xla' path computes."""
+  b, t, h, dh = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = h // kv
+  logits = jnp.einsum('btkgd,bskd->bkgts', q.reshape(b, t, kv, g, dh), k,
+                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
+  logits = logits * jnp.array(scale, dtype=logits.dtype)
+  keep = _keep_mask(mask, is_causal, b, kv, g, t, s)
+  if keep is not None:
+    large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
+    logits = jnp.where(keep, logits, jnp.asarray(large_negative, logits.dtype))
+  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), keep
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
+def attention_cpu(q, k, v, mask, is_causal, scale):
+  """jax.nn.dot_product_attention's 'xla' math with a flash-style backward.
+
+  The forward is the same computation (f32 softmax of the scaled, masked logits).
+  The backward uses dS = P * (dP - rowsum(dO * O)) instead of differentiating the
+  softmax graph, which on CPU was several passes over [B, H, T, S] (divisions, a
+  reduction and broadcasts per layer; docs/performance.md).
+  """
+  return _attention_fwd(q, k, v, mask, is_causal, scale)[0]
+
+
+def _attention_fwd(q, k, v, mask, is_causal, scale):
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  probs, keep = _attention_probs(q, k, mask, is_causal, scale)
+  p = probs.astype(v.dtype)
+  out = jnp.einsum('bkgts,bskd->btkgd', p, v).reshape(b, t, h, dh)
+  return out, (q, k, v, mask, p, out)
+
+
+def _attention_bwd(is_causal, scale, res, d_out):
+  q, k, v, mask, p, out = res
+  b, t, h, dh = q.shape
+  s, kv = k.shape[1], k.shape[2]
+  g = h // kv
+  qg = q.reshape(b, t, kv, g, dh)
+  dog = d_out.reshape(b, t, kv, g, dh)
+  f32 = jnp.promote_types(q.dtype, jnp.float32)
+  dv = jnp.einsum('bkgts,btkgd->bskd', p, dog).astype(v.dtype)
+  dp = jnp.einsum('btkgd,bskd->bkgts', dog, v, preferred_element_type=f32)
+  delta = jnp.sum(dog.astype(f32) * out.reshape(b, t, kv, g, dh).astype(f32), axis=-1)
+  delta = jnp.transpose(delta, (0, 2, 3, 1))[..., None]  # [B, K, G, T, 1]
+  ds = p.astype(f32) * (dp - delta) * jnp.array(scale, f32)
+  # Masked keys have p == 0 exactly, so ds == 0 there already, unless a query row has
+  # no key at all (then softmax spreads it uniformly and the where zeroes the gradient,
+  # as autodiff of the masked logits does). A causal mask alone keeps the diagonal.
+  if mask is not None:
+    ds = jnp.where(_keep_mask(mask, is_causal, b, kv, g, t, s), ds, 0.0)
+  ds = ds.astype(q.dtype)
+  dq = jnp.einsum('bkgts,bskd->btkgd', ds, k).reshape(b, t, h, dh).astype(q.dtype)
+  dk = jnp.einsum('bkgts,btkgd->bskd', ds, qg).astype(k.dtype)
+  return dq, dk, dv, None
+
+
+attention_cpu.defvjp(_attention_fwd, _attention_bwd)
+
+ATTENTION_CPU_VJP = True
+
+
 def dot_product_attention(q, k, v, *, mask=None, is_causal=False, implementation='xla'):
   """Attention over q[B, T, H, Dh], k/v[B, S, K, Dh] (GQA when K < H) -> [B, T, H, Dh].
 
   `mask` is bool, broadcastable to [B, H, T, S]; True keeps a key.
   """
   impl = None if implementation in (None, 'auto') else implementation
+  if (ATTENTION_CPU_VJP and impl in (None, 'xla') and jax.default_backend() == 'cpu'):
+    return attention_cpu(q, k, v, mask, is_causal, 1.0 / math.sqrt(q.shape[-1]))
   return jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=is_causal,
                                       implementation=impl)
