@@ -21,6 +21,9 @@ from absl import app, flags
 _CONFIG = 'benchmarks/configs/gpu_llava15.py'
 _TRAIN = ['--mode=train', '--gpu_flags', '--measure_peak', '--steps=20', '--warmup=3']
 _BF16_WEIGHTS = ['--config.model.param_dtype=bfloat16']  # inference: weights stored in bf16
+_7B = 'size=7b,batch_size=1,seq_len=640'  # one image (576 tokens) + a 64-token prompt
+_PREFILL = ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS
+_DECODE = ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS
 
 # A scanned layer's weights are a dynamic slice of the stacked [layers, ...] arrays; without
 # this XLA copies each slice before its matmul (more bytes than the matmul reads at batch 1).
@@ -28,8 +31,8 @@ _DSF = '--xla_gpu_enable_dynamic_slice_fusion=true'
 _CUBLAS_DSF = '--xla_gpu_enable_triton_gemm=false ' + _DSF
 _UNROLL = '--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROLL'
 
-# name -> (config args, extra flags[, extra XLA flags]). Training: CLIP ViT-L/14-336 (frozen) + LLaMA decoder
-# trained in full, bf16 compute, float32 master weights and AdamW state.
+# name -> (config args, extra flags[, extra XLA flags]). Training: CLIP ViT-L/14-336
+# (frozen) + LLaMA decoder trained in full, bf16 compute, float32 master weights and AdamW.
 VARIANTS = {
     'train_2b': ('size=2b', _TRAIN),
     'train_2b_remat_none': ('size=2b,remat=none', _TRAIN),
@@ -43,36 +46,20 @@ VARIANTS = {
     'train_3b': ('size=3b', _TRAIN),
     'train_2b_dynamic_slice_fusion': ('size=2b', _TRAIN, _DSF),
     'train_2b_no_triton_gemm': ('size=2b', _TRAIN, '--xla_gpu_enable_triton_gemm=false'),
-    # Time to first token: one image (576 visual tokens) + a 64-token prompt.
-    'prefill_7b': ('size=7b,batch_size=1,seq_len=640',
-                   ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS),
+    # Time to first token.
+    'prefill_7b': (_7B, _PREFILL),
     # Batch-1 decode of the 7B decoder against weight bytes / measured copy bandwidth.
-    'decode_7b': ('size=7b,batch_size=1,seq_len=640',
-                  ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS),
-    'decode_7b_dynamic_slice_fusion': ('size=7b,batch_size=1,seq_len=640',
-                                       ['--mode=decode', '--decode_len=128', '--steps=64']
-                                       + _BF16_WEIGHTS, _DSF),
-    'decode_7b_unrolled_loop': ('size=7b,batch_size=1,seq_len=640',
-                                ['--mode=decode', '--decode_len=128', '--steps=64']
-                                + _BF16_WEIGHTS, _UNROLL),
-    'prefill_7b_dynamic_slice_fusion': ('size=7b,batch_size=1,seq_len=640',
-                                        ['--mode=prefill', '--measure_peak', '--steps=20']
-                                        + _BF16_WEIGHTS, _DSF),
+    'decode_7b': (_7B, _DECODE),
+    'decode_7b_dynamic_slice_fusion': (_7B, _DECODE, _DSF),
+    'decode_7b_unrolled_loop': (_7B, _DECODE, _UNROLL),
+    'prefill_7b_dynamic_slice_fusion': (_7B, _PREFILL, _DSF),
     # cuBLAS instead of Triton GEMMs, so that dynamic-slice fusion lets each GEMM read its
     # layer's weights in place in the scanned stack (no per-layer copy; docs/performance.md).
-    'decode_7b_cublas': ('size=7b,batch_size=1,seq_len=640',
-                         ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS,
-                         _CUBLAS_DSF),
-    'prefill_7b_cublas': ('size=7b,batch_size=1,seq_len=640',
-                          ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS,
-                          _CUBLAS_DSF),
-    'prefill_7b_unscanned': ('size=7b,batch_size=1,seq_len=640,scan=0',
-                             ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS),
-    'decode_7b_xla_attention': ('size=7b,batch_size=1,seq_len=640,attention=xla',
-                                ['--mode=decode', '--decode_len=128', '--steps=64']
-                                + _BF16_WEIGHTS),
-    'decode_7b_unscanned': ('size=7b,batch_size=1,seq_len=640,scan=0',
-                            ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS),
+    'decode_7b_cublas': (_7B, _DECODE, _CUBLAS_DSF),
+    'prefill_7b_cublas': (_7B, _PREFILL, _CUBLAS_DSF),
+    'prefill_7b_unscanned': (_7B + ',scan=0', _PREFILL),
+    'decode_7b_xla_attention': (_7B + ',attention=xla', _DECODE),
+    'decode_7b_unscanned': (_7B + ',scan=0', _DECODE),
 }
 
 flags.DEFINE_list('only', ['train_2b', 'prefill_7b', 'decode_7b'], 'Variants to run, in order.')
@@ -81,18 +68,28 @@ flags.DEFINE_integer('timeout', 420, 'Seconds allowed to one variant.')
 flags.DEFINE_bool('list', False, 'Print the variants and their commands, run nothing.')
 
 
+def xla_flags(name) -> str:
+  """The variant's extra XLA_FLAGS ('' for none)."""
+  return VARIANTS[name][2] if len(VARIANTS[name]) > 2 else ''
+
+
 def command(name):
   config_args, extra = VARIANTS[name][:2]
   return [sys.executable, '-m', 'lvm.bench', f'--config={_CONFIG}:{config_args}', '--json',
           *extra]
 
 
+def described(name) -> str:
+  """The variant as a shell command line."""
+  xla = f'XLA_FLAGS="{xla_flags(name)}" ' if xla_flags(name) else ''
+  return xla + ' '.join(['python'] + command(name)[1:])
+
+
 def run(name, out, timeout):
   start = time.time()
   try:
     env = dict(os.environ)
-    if len(VARIANTS[name]) > 2:
-      env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', ''), VARIANTS[name][2]]).strip()
+    env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', ''), xla_flags(name)]).strip()
     p = subprocess.run(command(name), capture_output=True, text=True, timeout=timeout,
                        check=False, env=env)
     stdout, stderr, rc = p.stdout, p.stderr, p.returncode
@@ -113,9 +110,7 @@ def run(name, out, timeout):
           flush=True)
     return None
   report['variant'] = name
-  report['command'] = ' '.join(['python'] + command(name)[1:])
-  if len(VARIANTS[name]) > 2:
-    report['command'] = f'XLA_FLAGS={VARIANTS[name][2]} ' + report['command']
+  report['command'] = described(name)
   report['wall_s'] = time.time() - start
   if out:
     with open(os.path.join(out, f'{name}.json'), 'w') as f:
@@ -148,8 +143,7 @@ def main(argv):
     raise app.UsageError(f'unknown variants {unknown}; known: {sorted(VARIANTS)}')
   if f.list:
     for name in VARIANTS:
-      xla = f'XLA_FLAGS={VARIANTS[name][2]} ' if len(VARIANTS[name]) > 2 else ''
-      print(f"{name}: {xla}{' '.join(['python'] + command(name)[1:])}")
+      print(f'{name}: {described(name)}')
     return
   if f.out:
     os.makedirs(f.out, exist_ok=True)
