@@ -38,6 +38,13 @@ VARIANTS = {
     'train_2b_remat_none': ('size=2b,remat=none', _TRAIN),
     'train_2b_remat_dots': ('size=2b,remat=dots', _TRAIN),
     'train_2b_remat_full': ('size=2b,remat=full', _TRAIN),
+    # dots_no_batch + cuDNN attention's outputs saved: no second attention forward.
+    'train_2b_remat_flash': ('size=2b,remat=dots_no_batch_flash', _TRAIN),
+    # LLaVA-1.5's global batch is 128: on one GPU that is gradient accumulation, which
+    # spreads the optimizer update (memory-bound, 16 bytes a parameter) over microbatches.
+    'train_2b_accum4': ('size=2b,batch_size=32', _TRAIN + ['--config.train.grad_accum_steps=4']),
+    'train_2b_remat_flash_accum4': ('size=2b,remat=dots_no_batch_flash,batch_size=32',
+                                    _TRAIN + ['--config.train.grad_accum_steps=4']),
     'train_2b_xla_attention': ('size=2b,attention=xla', _TRAIN),
     'train_2b_unscanned': ('size=2b,scan=0', _TRAIN),
     'train_2b_batch16': ('size=2b,batch_size=16', _TRAIN),
@@ -46,6 +53,9 @@ VARIANTS = {
     'train_3b': ('size=3b', _TRAIN),
     'train_2b_dynamic_slice_fusion': ('size=2b', _TRAIN, _DSF),
     'train_2b_no_triton_gemm': ('size=2b', _TRAIN, '--xla_gpu_enable_triton_gemm=false'),
+    'train_2b_cublas_dsf': ('size=2b', _TRAIN, _CUBLAS_DSF),
+    'train_3b_batch4': ('size=3b,batch_size=4', _TRAIN),
+    'train_3b_batch4_remat_flash': ('size=3b,batch_size=4,remat=dots_no_batch_flash', _TRAIN),
     # Time to first token.
     'prefill_7b': (_7B, _PREFILL),
     # Batch-1 decode of the 7B decoder against weight bytes / measured copy bandwidth.
@@ -68,6 +78,11 @@ flags.DEFINE_integer('timeout', 420, 'Seconds allowed to one variant.')
 flags.DEFINE_bool('list', False, 'Print the variants and their commands, run nothing.')
 
 
+# JAX takes 75% of device memory by default; a benchmark process owns the device, and the
+# training variants that keep more activations (remat none, batch 16, accumulation) need more.
+MEM_FRACTION = '0.95'
+
+
 def xla_flags(name) -> str:
   """The variant's extra XLA_FLAGS ('' for none)."""
   return VARIANTS[name][2] if len(VARIANTS[name]) > 2 else ''
@@ -82,7 +97,8 @@ def command(name):
 def described(name) -> str:
   """The variant as a shell command line."""
   xla = f'XLA_FLAGS="{xla_flags(name)}" ' if xla_flags(name) else ''
-  return xla + ' '.join(['python'] + command(name)[1:])
+  return (f'XLA_PYTHON_CLIENT_MEM_FRACTION={MEM_FRACTION} ' + xla +
+          ' '.join(['python'] + command(name)[1:]))
 
 
 def run(name, out, timeout):
@@ -90,6 +106,7 @@ def run(name, out, timeout):
   try:
     env = dict(os.environ)
     env['XLA_FLAGS'] = ' '.join([env.get('XLA_FLAGS', ''), xla_flags(name)]).strip()
+    env['XLA_PYTHON_CLIENT_MEM_FRACTION'] = MEM_FRACTION
     p = subprocess.run(command(name), capture_output=True, text=True, timeout=timeout,
                        check=False, env=env)
     stdout, stderr, rc = p.stdout, p.stderr, p.returncode

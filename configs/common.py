@@ -120,7 +120,7 @@ def get_config(arg=None):
   config.model.dtype = 'bfloat16'  # compute
   config.model.param_dtype = 'float32'  # storage
   config.model.scan_layers = True
-  config.model.remat_policy = 'none'  # none | full | dots | dots_no_batch | save_attn_out
+  config.model.remat_policy = 'none'  # layers.REMAT_POLICIES: none | full | dots | dots_no_batch ...
   config.model.attention_impl = 'xla'  # xla | cudnn | auto (None: jax picks)
 
   config.data = ml_collections.ConfigDict()

@@ -159,11 +159,24 @@ def activation(name: str) -> Callable:
   return ACTIVATIONS[name]
 
 
+# The primitive whose outputs are cuDNN flash attention's forward results (the attention output
+# and its softmax statistics). jax.nn.dot_product_attention calls it inside its own custom VJP,
+# so checkpoint_name cannot label them; a policy matches the primitive by name instead.
+_CUDNN_ATTENTION_FWD = 'dot_product_attention_fwd_wrapper'
+
+
+def _dots_and_flash_attention_saveable(prim, *args, **params) -> bool:
+  """dots_no_batch, and also cuDNN attention's outputs: its forward is not run twice."""
+  return (prim.name == _CUDNN_ATTENTION_FWD or
+          jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+    'dots_no_batch_flash': _dots_and_flash_attention_saveable,
     'save_attn_out': jax.checkpoint_policies.save_only_these_names('attn_out'),
     'save_qkv_attn_out': jax.checkpoint_policies.save_only_these_names(
         'query', 'key', 'value', 'attn_out'),

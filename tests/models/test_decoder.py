@@ -1,4 +1,4 @@
-"""lvm/models/decoder.py: RoPE scaling against transformers, GQA, unrolled vs scanned."""
+"""lvm/models/decoder.py: RoPE scaling against transformers, GQA, unrolled vs scanned, remat."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 from lvm.models import decoder as decoder_lib
+from lvm.models import layers
 import lvm.hf
 
 SCALINGS = [
@@ -36,9 +37,9 @@ def test_rope_inv_freq_matches_transformers(scaling):
     assert not np.allclose(ours, decoder_lib.rope_inv_freq(128, 10000.0, None))
 
 
-def _decoder(kv_heads, scan=True):
+def _decoder(kv_heads, scan=True, remat_policy='none'):
   return decoder_lib.Decoder(vocab_size=64, width=32, depth=2, heads=4, kv_heads=kv_heads,
-                             mlp_dim=48, scan_layers=scan)
+                             mlp_dim=48, scan_layers=scan, remat_policy=remat_policy)
 
 
 def test_gqa_equals_mha_with_repeated_kv_heads():
@@ -73,3 +74,24 @@ def test_scanned_and_unrolled_layers_give_the_same_logits():
 def test_kv_heads_must_divide_heads():
   with pytest.raises(ValueError, match='multiple of kv_heads'):
     _decoder(kv_heads=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 32)))
+
+
+@pytest.mark.parametrize('policy', sorted(set(layers.REMAT_POLICIES) - {'none'}))
+def test_remat_policies_give_the_gradients_of_no_remat(policy):
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
+  params = nn.unbox(jax.jit(_decoder(2).init)(jax.random.PRNGKey(0), x)['params'])
+
+  def grads(remat_policy):
+    model = _decoder(2, remat_policy=remat_policy)
+    loss = lambda p: jnp.sum(model.apply({'params': p}, x)[0] ** 2)
+    return jax.jit(jax.grad(loss))(params)
+
+  want, got = grads('none'), grads(policy)
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), want, got)
+
+
+def test_flash_policy_saves_cudnn_attention_outputs_and_dots():
+  policy = layers.REMAT_POLICIES['dots_no_batch_flash']
+  cudnn_fwd = jax.extend.core.Primitive('dot_product_attention_fwd_wrapper')
+  assert policy(cudnn_fwd)
+  assert not policy(jax.lax.exp_p, jax.ShapeDtypeStruct((4,), jnp.float32))
