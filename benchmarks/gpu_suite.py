@@ -24,6 +24,7 @@ _BF16_WEIGHTS = ['--config.model.param_dtype=bfloat16']  # inference: weights st
 _7B = 'size=7b,batch_size=1,seq_len=640'  # one image (576 tokens) + a 64-token prompt
 _PREFILL = ['--mode=prefill', '--measure_peak', '--steps=20'] + _BF16_WEIGHTS
 _DECODE = ['--mode=decode', '--decode_len=128', '--steps=64'] + _BF16_WEIGHTS
+_ACCUM4 = _TRAIN + ['--config.train.grad_accum_steps=4']  # with batch_size=32: 4 x 8
 
 # A scanned layer's weights are a dynamic slice of the stacked [layers, ...] arrays; without
 # this XLA copies each slice before its matmul (more bytes than the matmul reads at batch 1).
@@ -42,9 +43,8 @@ VARIANTS = {
     'train_2b_remat_flash': ('size=2b,remat=dots_no_batch_flash', _TRAIN),
     # LLaVA-1.5's global batch is 128: on one GPU that is gradient accumulation, which
     # spreads the optimizer update (memory-bound, 16 bytes a parameter) over microbatches.
-    'train_2b_accum4': ('size=2b,batch_size=32', _TRAIN + ['--config.train.grad_accum_steps=4']),
-    'train_2b_remat_flash_accum4': ('size=2b,remat=dots_no_batch_flash,batch_size=32',
-                                    _TRAIN + ['--config.train.grad_accum_steps=4']),
+    'train_2b_accum4': ('size=2b,batch_size=32', _ACCUM4),
+    'train_2b_remat_flash_accum4': ('size=2b,remat=dots_no_batch_flash,batch_size=32', _ACCUM4),
     'train_2b_xla_attention': ('size=2b,attention=xla', _TRAIN),
     'train_2b_unscanned': ('size=2b,scan=0', _TRAIN),
     'train_2b_batch16': ('size=2b,batch_size=16', _TRAIN),

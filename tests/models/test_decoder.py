@@ -76,17 +76,24 @@ def test_kv_heads_must_divide_heads():
     _decoder(kv_heads=3).init(jax.random.PRNGKey(0), jnp.zeros((1, 2, 32)))
 
 
-@pytest.mark.parametrize('policy', sorted(set(layers.REMAT_POLICIES) - {'none'}))
-def test_remat_policies_give_the_gradients_of_no_remat(policy):
+def _decoder_grads(remat_policy, x, params):
+  model = _decoder(2, remat_policy=remat_policy)
+  loss = lambda p: jnp.sum(model.apply({'params': p}, x)[0] ** 2)
+  return jax.jit(jax.grad(loss))(params)
+
+
+@pytest.fixture(scope='module')
+def no_remat_grads():
+  """(input, params, gradients without remat), computed once for every policy's test."""
   x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
   params = nn.unbox(jax.jit(_decoder(2).init)(jax.random.PRNGKey(0), x)['params'])
+  return x, params, _decoder_grads('none', x, params)
 
-  def grads(remat_policy):
-    model = _decoder(2, remat_policy=remat_policy)
-    loss = lambda p: jnp.sum(model.apply({'params': p}, x)[0] ** 2)
-    return jax.jit(jax.grad(loss))(params)
 
-  want, got = grads('none'), grads(policy)
+@pytest.mark.parametrize('policy', sorted(set(layers.REMAT_POLICIES) - {'none'}))
+def test_remat_policies_give_the_gradients_of_no_remat(policy, no_remat_grads):
+  x, params, want = no_remat_grads
+  got = _decoder_grads(policy, x, params)
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6), want, got)
 
 
