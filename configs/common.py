@@ -122,6 +122,9 @@ def get_config(arg=None):
   config.model.scan_layers = True
   config.model.remat_policy = 'none'  # layers.REMAT_POLICIES: none | full | dots | dots_no_batch ...
   config.model.attention_impl = 'xla'  # xla | cudnn | auto (None: jax picks)
+  # Cast the decoder layers' weights to `dtype` once before the layer loop, not in every layer
+  # (and again in the remat recompute). Same forward values; costs a `dtype` copy of them.
+  config.model.precast_weights = True
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'llava_json'  # shapes | llava_json

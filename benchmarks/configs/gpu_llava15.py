@@ -1,7 +1,7 @@
 """LLaVA-1.5-shaped benchmark configs for one GPU (H100/H200) or a TPU host.
 
-  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b --mode=train \\
-      --gpu_flags --measure_peak
+  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b,scan=0,remat=dots_no_batch_flash \\
+      --mode=train --gpu_flags --measure_peak
   python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=7b,batch_size=1,seq_len=640 \\
       --mode=prefill --measure_peak
   python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=7b,batch_size=1,seq_len=640 \\
@@ -12,8 +12,11 @@ trained in full (`stage=finetune`), bf16 compute with float32 parameters and Ada
 state, scanned layers, a remat policy and cuDNN flash attention
 (`jax.nn.dot_product_attention(implementation='cudnn')`). Sizes: 1b, 2b and 3b fit a
 full fine-tune on one 80 GB H100 (float32 weights + grads + 2 Adam moments = 16 bytes
-per trained parameter, plus activations); 7b is for inference timing (prefill = time to
-first token for an image + 64-token prompt: 576 + 64 = 640 tokens).
+per trained parameter, plus activations). The fastest training setting found on an H100
+unrolls the layers (`scan=0`) and keeps cuDNN attention's outputs
+(`remat=dots_no_batch_flash`); docs/performance.md has the measurements. 7b is for
+inference timing (prefill = time to first token for an image + 64-token prompt:
+576 + 64 = 640 tokens).
 """
 
 from configs import common

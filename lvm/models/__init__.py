@@ -51,7 +51,8 @@ def build_decoder(config) -> Decoder:
       rope_scaling=scaling, norm_eps=d.norm_eps, tie_embeddings=d.tie_embeddings,
       dtype=dtype(config.dtype), param_dtype=dtype(config.param_dtype),
       scan_layers=config.scan_layers, remat_policy=config.remat_policy,
-      attention_impl=config.attention_impl)
+      attention_impl=config.attention_impl,
+      precast_weights=config.get('precast_weights', True))
 
 
 def build(config) -> LLaVA:

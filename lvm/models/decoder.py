@@ -103,6 +103,7 @@ class MLP(nn.Module):
     gate = Dense(self.mlp_dim, ('embed',), ('mlp',), name='gate_proj', **kw)(x)
     up = Dense(self.mlp_dim, ('embed',), ('mlp',), name='up_proj', **kw)(x)
     h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    h = checkpoint_name(h, 'mlp_hidden')
     return Dense(x.shape[-1], ('mlp',), ('embed',), name='down_proj', **kw)(h)
 
 
@@ -121,12 +122,13 @@ class DecoderBlock(nn.Module):
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x)
+    h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
                              self.rope_scaling, attention_impl=self.attention_impl,
                              name='self_attn', **kw)(h, positions, mask, cache, cache_index)
     x = x + h
-    h = RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x)
+    h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
+                        'normed')
     x = x + MLP(self.mlp_dim, name='mlp', **kw)(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x, new_cache
@@ -150,6 +152,7 @@ class Decoder(nn.Module):
   scan_layers: bool = True
   remat_policy: str = 'none'
   attention_impl: str = 'xla'
+  precast_weights: bool = True
 
   @property
   def resolved_head_dim(self) -> int:
@@ -170,6 +173,11 @@ class Decoder(nn.Module):
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
+    if self.precast_weights and not self.is_initializing():
+      # A block uses each of its parameters only cast to `dtype`. Casting the layers' weights
+      # once, before the layer loop, replaces a cast per layer in the forward pass and another
+      # in the remat recompute; the values and gradients are the same.
+      block = nn.map_variables(block, 'params', trans_in_fn=self._to_compute_dtype)
     if self.scan_layers:
       self.layers = block(**block_kw)
     else:
@@ -178,6 +186,9 @@ class Decoder(nn.Module):
     if not self.tie_embeddings:
       self.lm_head = Dense(self.vocab_size, ('embed',), ('vocab',), dtype=self.dtype,
                            param_dtype=self.param_dtype)
+
+  def _to_compute_dtype(self, variables):
+    return jax.tree.map(lambda v: v.astype(self.dtype), variables)
 
   def embed(self, input_ids):
     """int[B, T] -> float[B, T, D]."""

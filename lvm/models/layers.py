@@ -171,12 +171,22 @@ def _dots_and_flash_attention_saveable(prim, *args, **params) -> bool:
           jax.checkpoint_policies.dots_with_no_batch_dims_saveable(prim, *args, **params))
 
 
+# Activations the decoder block names (decoder.py) that its backward reads and that are not
+# dots: the RMSNorm outputs (inputs of the q/k/v and gate/up weight gradients), q and k after
+# RoPE (inputs of the attention backward) and the SwiGLU product (input of down_proj's).
+_BLOCK_ACTIVATIONS = ('normed', 'query', 'key', 'mlp_hidden')
+
+
 REMAT_POLICIES = {
     'none': None,
     'full': jax.checkpoint_policies.nothing_saveable,
     'dots': jax.checkpoint_policies.checkpoint_dots,
     'dots_no_batch': jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
     'dots_no_batch_flash': _dots_and_flash_attention_saveable,
+    # The backward then recomputes no forward op but RMSNorm's statistics.
+    'dots_flash_activations': jax.checkpoint_policies.save_from_both_policies(
+        _dots_and_flash_attention_saveable,
+        jax.checkpoint_policies.save_only_these_names(*_BLOCK_ACTIVATIONS)),
     'save_attn_out': jax.checkpoint_policies.save_only_these_names('attn_out'),
     'save_qkv_attn_out': jax.checkpoint_policies.save_only_these_names(
         'query', 'key', 'value', 'attn_out'),

@@ -102,3 +102,49 @@ def test_flash_policy_saves_cudnn_attention_outputs_and_dots():
   cudnn_fwd = jax.extend.core.Primitive('dot_product_attention_fwd_wrapper')
   assert policy(cudnn_fwd)
   assert not policy(jax.lax.exp_p, jax.ShapeDtypeStruct((4,), jnp.float32))
+
+
+def _residual_names(policy, capsys) -> str:
+  """What `jax.ad_checkpoint.print_saved_residuals` lists for a bf16 decoder under `policy`."""
+  model = decoder_lib.Decoder(vocab_size=64, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48,
+                              scan_layers=False, remat_policy=policy, dtype=jnp.bfloat16)
+  x = jnp.ones((2, 10, 32), jnp.bfloat16)
+  params = model.init(jax.random.PRNGKey(0), x)
+  capsys.readouterr()
+  jax.ad_checkpoint.print_saved_residuals(
+      lambda p: model.apply(p, x)[0].astype(jnp.float32).sum(), params)
+  return capsys.readouterr().out
+
+
+def test_activations_policy_saves_the_named_block_activations(capsys):
+  names = ("named 'normed'", "named 'query'", "named 'key'", "named 'mlp_hidden'")
+  saved = _residual_names('dots_flash_activations', capsys)
+  assert all(n in saved for n in names), saved
+  assert not any(n in _residual_names('dots_no_batch', capsys) for n in names)
+
+
+@pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'unrolled'])
+def test_precast_weights_keeps_the_logits_and_float32_parameters(scan):
+  """Casting the layers' weights once before the loop: same bf16 logits, same gradients up to
+  where XLA rounds a weight gradient to bf16 (on CPU it can fold the per-layer cast away)."""
+  x = jnp.asarray(np.random.default_rng(0).normal(size=(2, 10, 32)), jnp.float32)
+  kw = dict(vocab_size=64, width=32, depth=3, heads=4, kv_heads=2, mlp_dim=48, scan_layers=scan,
+            remat_policy='dots_no_batch', dtype=jnp.bfloat16)
+  per_layer = decoder_lib.Decoder(precast_weights=False, **kw)
+  precast = decoder_lib.Decoder(precast_weights=True, **kw)
+  params = per_layer.init(jax.random.PRNGKey(0), x)
+  precast_params = precast.init(jax.random.PRNGKey(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, precast_params)
+  assert {a.dtype for a in jax.tree.leaves(precast_params)} == {jnp.dtype(jnp.float32)}
+
+  def loss_and_grads(model):
+    loss = lambda p: jnp.square(model.apply(p, x)[0].astype(jnp.float32)).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  np.testing.assert_array_equal(jax.jit(per_layer.apply)(params, x)[0],
+                                jax.jit(precast.apply)(params, x)[0])
+  (want_loss, want), (got_loss, got) = loss_and_grads(per_layer), loss_and_grads(precast)
+  assert want_loss == got_loss
+  for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * float(np.abs(a).max()))
