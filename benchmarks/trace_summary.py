@@ -4,7 +4,6 @@
   python -m benchmarks.trace_summary /tmp/prof --steps=16 [--top=25]
   python -m benchmarks.trace_summary /tmp/prof --steps=16 --hlo=DUMP/...after_optimizations.txt
 
-
 Sums the durations of the complete events on the accelerator's tracks (process names with
 '/device:'), divides by the number of traced steps, and prints the busiest kernels: how the
 docs/performance.md GPU profiles (weight copies, attention) were read. The events of the
@@ -51,17 +50,18 @@ def hlo_op_names(hlo_text: str) -> dict[str, str]:
 
 
 def jax_op(event: dict, op_names: dict[str, str]) -> str:
-  """The JAX operation an event's kernel came from (or its HLO op / kernel name if unknown).
+  """The JAX operation an event's kernel came from, else the kernel's own name.
 
   Kernels replayed from a CUDA graph carry the command buffer as their `hlo_op`; XLA names a
   fusion's kernel after the fusion (`loop_add_fusion.8` -> `loop_add_fusion_8`), so the
-  kernel name finds the instruction then.
+  kernel name finds the instruction then. Library kernels in a graph (cuBLAS, cuDNN) keep
+  their own names.
   """
   hlo_op = event.get('args', {}).get('hlo_op', '')
   if hlo_op and not hlo_op.startswith('command_buffer') and hlo_op in op_names:
     return op_names[hlo_op]
   name = event['name']
-  return op_names.get(re.sub(r'_(\d+)$', r'.\1', name), op_names.get(name, hlo_op or name))
+  return op_names.get(re.sub(r'_(\d+)$', r'.\1', name), op_names.get(name, name))
 
 
 def device_events(path: str) -> list[dict]:
@@ -108,6 +108,7 @@ def main(argv):
     print('\nby JAX operation (op_name of the kernel\'s HLO instruction):')
     for name, ms, n in rows[:f.top]:
       print(f'{ms:9.3f} ms/step {n:6d} calls/step  {name[-140:]}')
+
 
 if __name__ == '__main__':
   app.run(main)

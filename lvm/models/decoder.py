@@ -176,7 +176,8 @@ class Decoder(nn.Module):
     if self.precast_weights and not self.is_initializing():
       # A block uses each of its parameters only cast to `dtype`. Casting the layers' weights
       # once, before the layer loop, replaces a cast per layer in the forward pass and another
-      # in the remat recompute; the values and gradients are the same.
+      # in the remat recompute. Same logits; the weight gradients are rounded to `dtype` per
+      # layer before their float32 sum, as the GPU's GEMMs round them anyway.
       block = nn.map_variables(block, 'params', trans_in_fn=self._to_compute_dtype)
     if self.scan_layers:
       self.layers = block(**block_kw)
