@@ -176,6 +176,10 @@ def get_config(arg=None):
   config.train.eval_every = 0  # 0: only at the end
   config.train.eval_batches = -1  # -1: the whole eval split
   config.train.z_loss = 0.0
+  # > 0: the LM head runs only at each row's first P supervised positions (image and prompt
+  # positions need no logits); P must cover the longest row's supervised tokens, or the run
+  # stops. 0: logits at every position.
+  config.train.max_scored_tokens = 0
   config.train.profile_steps = ()  # e.g. (10, 12): jax.profiler trace of those steps
 
   config.optimizer = ml_collections.ConfigDict()

@@ -92,6 +92,12 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
              'vision': images * per_image['vision'], 'projector': images * per_image['projector']}
     formula = (f"B*L x ({per_token['formula']}) + B*N x ({per_image['formula']}); "
                f'B={batch_size} L={seq_len} N={config.data.max_images}')
+    scored = int(config.train.get('max_scored_tokens', 0)) if mode == 'train' else 0
+    if scored:  # the LM head runs at P positions of a row, not L
+      head = flops_lib.lm_head_per_position(config, regex)
+      parts['decoder'] -= batch_size * (seq_len - scored) * head['total']
+      formula += (f" - B x (L - P) x {head['mult']} x N_head; P={scored} "
+                  f"N_head={head['n_head']:,}")
     tokens = batch_size * seq_len
   return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
           'formula': formula}
@@ -195,9 +201,11 @@ class Bench:
     tx, _ = optim.make(self.config.optimizer, total_steps)
     factory = train.StateFactory(self.config, self.model, tx, self.mesh, self.rules)
     state = factory.from_params(params)
+    t = self.config.train
     step_fn = functools.partial(train.train_step, model=self.model, tx=tx,
-                                trainable=factory.trainable, z_loss=self.config.train.z_loss,
-                                accum_steps=self.config.train.grad_accum_steps)
+                                trainable=factory.trainable, z_loss=t.z_loss,
+                                accum_steps=t.grad_accum_steps,
+                                scored_tokens=int(t.get('max_scored_tokens', 0)))
     batch_shardings = {k: sharding.batch_sharding(self.mesh, n) for k, n in
                        (('images', 5), ('input_ids', 2), ('loss_mask', 2),
                         ('attention_mask', 2))}

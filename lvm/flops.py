@@ -137,6 +137,24 @@ def per_token(config, seq_len: int, trainable: str = FINETUNE) -> dict:
           'formula': formula}
 
 
+def lm_head_per_position(config, trainable: str = FINETUNE) -> dict:
+  """The LM head's share of `per_token`: what a position without logits does not cost.
+
+  Training with `train.max_scored_tokens` = P runs the head at P positions of a row, not L.
+
+  Returns:
+    dict: 'total' (FLOPs per position), 'mult', 'n_head' (V x D).
+  """
+  model_config = config.model if 'model' in config else config
+  _, _, any_trainable, _ = _matmul_params(model_config, trainable)
+  d = model_config.decoder
+  head = 'decoder/embed_tokens' if d.tie_embeddings else 'decoder/lm_head/kernel'
+  n_head = d.vocab_size * d.width
+  mult = 2 + (2 if any(any_trainable.values()) else 0) + (
+      2 if re.search(trainable, head) else 0)
+  return {'total': mult * n_head, 'mult': mult, 'n_head': n_head}
+
+
 def per_image(config, trainable: str = FINETUNE) -> dict:
   """Vision tower + projector training FLOPs per image.
 
@@ -163,9 +181,12 @@ def per_image(config, trainable: str = FINETUNE) -> dict:
 
 
 def per_step(config, batch_size: int, seq_len: int, images_per_sample: int,
-             trainable: str = FINETUNE) -> int:
-  """Training FLOPs of one step: B x L tokens and B x N images."""
+             trainable: str = FINETUNE, scored_tokens: int = 0) -> int:
+  """Training FLOPs of one step: B x L tokens and B x N images; with `scored_tokens` P > 0
+  the LM head counts at B x P positions only."""
+  unscored = batch_size * (seq_len - scored_tokens) if scored_tokens else 0
   return (batch_size * seq_len * per_token(config, seq_len, trainable)['total']
+          - unscored * lm_head_per_position(config, trainable)['total']
           + batch_size * images_per_sample * per_image(config, trainable)['total'])
 
 

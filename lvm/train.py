@@ -37,31 +37,60 @@ class NonFiniteLossError(RuntimeError):
 # Loss and steps (pure functions).
 
 
-def token_losses(logits, batch):
+def scored_positions(loss_mask, count: int):
+  """The first `count` positions of each row whose next token is a supervised target.
+
+  Args:
+    loss_mask: bool[B, L] (True where the token at t is a supervised target).
+    count: P, a static bound on the supervised targets of a row.
+
+  Returns:
+    (positions int32[B, P], valid bool[B, P], unscored int32[]: supervised targets past
+    the first P of their row, which a correct bound leaves at 0).
+  """
+  supervised = loss_mask[:, 1:].astype(bool)  # position t predicts token t + 1
+  # A stable sort puts each row's supervised positions first, in order.
+  positions = jnp.argsort(jnp.logical_not(supervised).astype(jnp.int8), axis=1,
+                          stable=True)[:, :count].astype(jnp.int32)
+  valid = jnp.take_along_axis(supervised, positions, axis=1)
+  unscored = (jnp.sum(supervised, dtype=jnp.int32) - jnp.sum(valid, dtype=jnp.int32))
+  return positions, valid, unscored
+
+
+def token_losses(logits, batch, scored=None):
   """Next-token cross-entropy terms in float32.
 
   Args:
-    logits: float[B, L, V]; position t predicts token t+1.
+    logits: float[B, L, V]; position t predicts token t+1. With `scored`: float[B, P, V],
+      the logits at the scored positions only.
     batch: dict with `input_ids` int[B, L] and `loss_mask` bool[B, L] (True where the
       token at t is a supervised target).
+    scored: optional (positions int[B, P], valid bool[B, P]) from `scored_positions`.
 
   Returns:
-    (nll float[B, L-1], log_z float[B, L-1], correct bool[B, L-1], mask bool[B, L-1]).
+    (nll, log_z, correct, mask), float[B, L-1] / bool[B, L-1] each ([B, P] with `scored`).
   """
-  # Every position is scored against the next token (the last against a dummy 0) and
-  # the [B, L] results are sliced, rather than slicing the [B, L, V] logits: their
-  # gradient then needs no pad (a full extra pass over [B, L, V] on CPU).
   logits = logits.astype(jnp.float32)
   ids = batch['input_ids']
-  targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-  mask = batch['loss_mask'][:, 1:].astype(bool)
+  if scored is None:
+    # Every position is scored against the next token (the last against a dummy 0) and
+    # the [B, L] results are sliced, rather than slicing the [B, L, V] logits: their
+    # gradient then needs no pad (a full extra pass over [B, L, V] on CPU).
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    mask = batch['loss_mask'][:, 1:].astype(bool)
+  else:
+    positions, mask = scored
+    targets = jnp.take_along_axis(ids, positions + 1, axis=1)
   log_z = jax.nn.logsumexp(logits, axis=-1)
   target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
   correct = jnp.argmax(logits, axis=-1) == targets
-  return ((log_z - target_logit)[:, :-1], log_z[:, :-1], correct[:, :-1], mask)
+  terms = (log_z - target_logit, log_z, correct)
+  if scored is None:
+    terms = tuple(x[:, :-1] for x in terms)
+  return (*terms, mask)
 
 
-def apply_model(model, params, batch):
+def apply_model(model, params, batch, logit_positions=None):
   """Logits of a right-padded batch (what lvm.data makes: tokens first, padding after).
 
   No attention mask is passed: under the causal mask a real token never sees the padding
@@ -72,10 +101,11 @@ def apply_model(model, params, batch):
   images = batch.get('images')
   if images is not None and images.shape[1] == 0:
     images = None
-  return model.apply({'params': params}, images, batch['input_ids'])
+  return model.apply({'params': params}, images, batch['input_ids'],
+                     logit_positions=logit_positions)
 
 
-def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0):
+def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0):
   """Summed supervised loss divided by the global supervised-token count.
 
   Args:
@@ -86,17 +116,24 @@ def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0):
     num_tokens: the supervised-token count of the whole global batch (all
       microbatches), so that accumulation and sharding give the same normalization.
     z_loss: weight of the log(Z)^2 regularizer.
+    scored_tokens: P > 0: the LM head runs only at each row's first P supervised
+      positions (`scored_positions`); 0: at every position.
 
   Returns:
-    (loss, aux) with aux = {'nll_sum', 'correct'}: sums over the (micro)batch.
+    (loss, aux) with aux = {'nll_sum', 'correct', 'unscored'}: sums over the (micro)batch.
   """
-  logits = apply_model(model, params, batch)
-  nll, log_z, correct, mask = token_losses(logits, batch)
+  scored, unscored = None, jnp.zeros((), jnp.int32)
+  if scored_tokens:
+    positions, valid, unscored = scored_positions(batch['loss_mask'], scored_tokens)
+    scored = (positions, valid)
+  logits = apply_model(model, params, batch, None if scored is None else scored[0])
+  nll, log_z, correct, mask = token_losses(logits, batch, scored)
   nll_sum = jnp.sum(jnp.where(mask, nll, 0.0))
   total = nll_sum
   if z_loss:
     total = total + z_loss * jnp.sum(jnp.where(mask, log_z ** 2, 0.0))
-  aux = {'nll_sum': nll_sum, 'correct': jnp.sum(correct & mask).astype(jnp.float32)}
+  aux = {'nll_sum': nll_sum, 'correct': jnp.sum(correct & mask).astype(jnp.float32),
+         'unscored': unscored.astype(jnp.float32)}
   return total / num_tokens, aux
 
 
@@ -109,7 +146,7 @@ def _microbatches(batch, accum_steps: int):
 
 
 def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
-               accum_steps: int = 1):
+               accum_steps: int = 1, scored_tokens: int = 0):
   """One optimizer step on a global batch (jit it with `functools.partial`).
 
   Args:
@@ -120,6 +157,7 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
     trainable: regex of trainable parameter paths.
     z_loss: z-loss weight.
     accum_steps: microbatches per step; gradients are summed, then normalized once.
+    scored_tokens: `loss_fn`'s bound on scored positions per row (0: every position).
 
   Returns:
     (new state, metrics dict of float32 scalars).
@@ -129,7 +167,7 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
 
   def loss(p, mb):
     return loss_fn(optim.merge(p, frozen), mb, model=model, num_tokens=num_tokens,
-                   z_loss=z_loss)
+                   z_loss=z_loss, scored_tokens=scored_tokens)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   if accum_steps == 1:
@@ -139,7 +177,8 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
       (t, a), g = grad_fn(params, mb)
       return jax.tree.map(jnp.add, carry, (t, a, g)), None
     zeros = (jnp.zeros((), jnp.float32),
-             {'nll_sum': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.float32)},
+             {'nll_sum': jnp.zeros((), jnp.float32), 'correct': jnp.zeros((), jnp.float32),
+              'unscored': jnp.zeros((), jnp.float32)},
              jax.tree.map(jnp.zeros_like, params))
     (total, aux, grads), _ = jax.lax.scan(body, zeros, _microbatches(batch, accum_steps))
   updates, opt_state = tx.update(grads, state['opt_state'], params)
@@ -152,6 +191,7 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
       'token_accuracy': aux['correct'] / num_tokens,
       'grad_norm': optax.tree.norm(grads),
       'supervised_tokens': num_tokens,
+      'unscored_tokens': aux['unscored'],
   }
   return new_state, metrics
 
@@ -293,7 +333,7 @@ class StateFactory:
 
 
 def jit_train_step(factory: StateFactory, example_batch, *, z_loss: float = 0.0,
-                   accum_steps: int = 1):
+                   accum_steps: int = 1, scored_tokens: int = 0):
   """`train_step` jitted with in/out shardings and the state donated.
 
   Args:
@@ -302,7 +342,7 @@ def jit_train_step(factory: StateFactory, example_batch, *, z_loss: float = 0.0,
   """
   step_fn = functools.partial(train_step, model=factory.model, tx=factory.tx,
                               trainable=factory.trainable, z_loss=z_loss,
-                              accum_steps=accum_steps)
+                              accum_steps=accum_steps, scored_tokens=scored_tokens)
   batch_shardings = jax.tree.map(lambda x: sharding.batch_sharding(factory.mesh, x.ndim),
                                  example_batch)
   jitted = jax.jit(step_fn, in_shardings=(factory.shardings, batch_shardings),
@@ -398,9 +438,19 @@ def flops_per_step(config, trainable: str) -> float | None:
   try:
     from lvm import flops  # pylint: disable=import-outside-toplevel
     return float(flops.per_step(config, config.train.batch_size, config.data.seq_len,
-                                int(config.data.max_images), trainable))
+                                int(config.data.max_images), trainable,
+                                int(config.train.get('max_scored_tokens', 0))))
   except Exception:  # pylint: disable=broad-except
     return None  # No MFU rather than no training.
+
+
+def _check_scored(unscored: float, scored_tokens: int, step: int):
+  """Stops the run when `train.max_scored_tokens` left supervised targets out of the loss."""
+  if unscored:
+    raise ValueError(
+        f'train.max_scored_tokens={scored_tokens} is below the supervised-token count of a '
+        f'row: {unscored:.0f} targets went unscored at step {step}. Raise it to the longest '
+        "row's count of supervised tokens, or set 0 to score every position.")
 
 
 class _Preemption:
@@ -513,6 +563,7 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
   model = models.build(config)
   steps = total_steps(config, lambda: num_examples(config, config.data.train_split))
   accum = int(config.train.grad_accum_steps)
+  scored_tokens = int(config.train.get('max_scored_tokens', 0))
   if accum < 1 or config.train.batch_size % accum:
     raise ValueError(f'config.train.grad_accum_steps={accum} must be >= 1 and divide '
                      f'config.train.batch_size={config.train.batch_size}.')
@@ -575,16 +626,16 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
         batch = next(train_iter)
         if jit_step is None:
           jit_step = jit_train_step(factory, batch, z_loss=float(config.train.z_loss),
-                                    accum_steps=accum)
+                                    accum_steps=accum, scored_tokens=scored_tokens)
         if profile and step == profile[0] and jax.process_index() == 0:
           jax.profiler.start_trace(os.path.join(workdir, 'profile'))
         state, m = jit_step(state, batch)
         step += 1
         # Stay at most one step ahead of the device, so that a SIGTERM is acted on within
         # a step or two rather than after every queued step has run.
-        if in_flight is not None:
-          jax.block_until_ready(in_flight)
-        in_flight = m['loss']
+        if in_flight is not None:  # also waits for that step
+          _check_scored(float(jax.device_get(in_flight)), scored_tokens, step - 1)
+        in_flight = m['unscored_tokens']
         if profile and step == profile[-1] + 1 and jax.process_index() == 0:
           jax.block_until_ready(m)
           jax.profiler.stop_trace()
@@ -595,6 +646,7 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
         if not (is_log or is_save or is_eval):
           continue
         m = {k: float(v) for k, v in jax.device_get(m).items()}
+        _check_scored(m['unscored_tokens'], scored_tokens, step)
         if not math.isfinite(m['loss']) or not math.isfinite(m['total_loss']):
           last_good = checkpointer.latest_step()
           raise NonFiniteLossError(

@@ -354,6 +354,15 @@ def _check_train(p: _Problems, config, mesh, num_processes: int):
     p.add('train.batch_size', f'{batch} is not divisible by the {num_processes} processes '
           '(each loads an equal slice)', f'use a multiple of {num_processes}')
 
+  scored = _get(config, 'train.max_scored_tokens', 0)
+  seq_len = _get(config, 'data.seq_len')
+  if not isinstance(scored, int) or scored < 0:
+    p.add('train.max_scored_tokens', f'must be an integer >= 0, got {scored!r}',
+          'use 0 to score every position')
+  elif isinstance(seq_len, int) and scored >= seq_len:
+    p.add('train.max_scored_tokens', f'{scored} is not below data.seq_len={seq_len} (a row has '
+          f'at most {seq_len - 1} targets)', 'use 0 to score every position')
+
   steps = _get(config, 'train.num_steps')
   epochs = _get(config, 'train.num_epochs')
   if not (isinstance(steps, int) and steps > 0) and not (

@@ -49,3 +49,14 @@ def test_per_image_and_step():
 
 def test_mfu():
   assert lvm.flops.mfu(989e12, 1.0, 2, 989.0) == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize('trainable,mult', [(lvm.flops.FINETUNE, 6), (lvm.flops.PRETRAIN, 4)])
+def test_scored_tokens_drop_the_lm_head_at_unscored_positions(trainable, mult):
+  config = tiny.get_config()
+  head = lvm.flops.lm_head_per_position(config, trainable)
+  assert head == {'total': mult * V * D, 'mult': mult, 'n_head': V * D}
+  every = lvm.flops.per_step(config, 8, 64, 1, trainable)
+  assert lvm.flops.per_step(config, 8, 64, 1, trainable, scored_tokens=64) == every
+  assert lvm.flops.per_step(config, 8, 64, 1, trainable, scored_tokens=20) == (
+      every - 8 * (64 - 20) * mult * V * D)

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from lvm import checkpoint
+from lvm import models as lvm_models
 from lvm import metrics
 from lvm import optim
 from lvm import train
@@ -31,6 +32,43 @@ def test_token_losses_match_numpy():
   np.testing.assert_allclose(nll, want, rtol=1e-5)
   np.testing.assert_allclose(log_z, lz, rtol=1e-5)
   np.testing.assert_array_equal(m, mask[:, 1:])
+
+
+def test_scored_positions_are_each_rows_supervised_targets_in_order():
+  mask = np.array([[0, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1], [0] * 6], bool)
+  positions, valid, unscored = train.scored_positions(jnp.asarray(mask), 3)
+  # Position t scores the token at t + 1.
+  np.testing.assert_array_equal(positions[:2], [[1, 2, 4], [0, 1, 2]])
+  np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 1], [0, 0, 0]])
+  assert int(unscored) == 2  # row 1 has 5 targets
+
+
+@pytest.mark.parametrize('scan', [True, False], ids=['scanned', 'unrolled'])
+def test_scoring_only_supervised_positions_keeps_the_loss_and_gradients(scan):
+  config = train_utils.tiny_config(**{'model.scan_layers': scan})
+  model = lvm_models.build(config)
+  batch = jax.tree.map(jnp.asarray, synthetic_data.global_batch(config, 'train', 0))
+  params = model.init(jax.random.key(0), *train.dummy_inputs(config, 2))['params']
+  params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
+                        is_leaf=lambda x: hasattr(x, 'value'))
+  most = int(np.max(np.sum(np.asarray(batch['loss_mask'])[:, 1:], axis=1)))
+  assert 0 < most < config.data.seq_len - 1  # a real saving
+  num = jnp.sum(batch['loss_mask'][:, 1:])
+
+  def grads(scored):
+    fn = lambda p: train.loss_fn(p, batch, model=model, num_tokens=num, z_loss=1e-3,
+                                 scored_tokens=scored)
+    return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
+
+  (want, want_aux), want_g = grads(0)
+  (got, got_aux), got_g = grads(most)
+  np.testing.assert_allclose(got, want, rtol=1e-6)
+  assert float(got_aux['correct']) == float(want_aux['correct'])
+  assert float(got_aux['unscored']) == 0
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), want_g,
+               got_g)
+  (_, short_aux), _ = grads(most - 1)
+  assert float(short_aux['unscored']) >= 1  # what stops the training loop
 
 
 def test_eval_sums_count_answers():
@@ -104,3 +142,12 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   assert os.path.isdir(tmp_path / 'checkpoints' / '2')
   assert not os.path.exists(tmp_path / 'checkpoints' / '4')
   assert all(np.all(np.isfinite(x)) for x in jax.tree.leaves(params))
+
+
+def test_too_few_scored_tokens_stop_the_run_with_a_clear_error(tmp_path):
+  config = train_utils.tiny_config(**{'train.num_steps': 3, 'train.max_scored_tokens': 2,
+                                      'data.eval_split': '', 'data.test_split': ''})
+  make = lambda c, split, mesh, **kw: synthetic_data.SyntheticIterator(c, split, mesh)
+  with pytest.raises(ValueError, match=r'train.max_scored_tokens=2 is below'):
+    train.train_and_evaluate(config, str(tmp_path), make_iterator=make,
+                             num_examples=synthetic_data.num_examples)

@@ -130,6 +130,8 @@ def test_sharded_dims_must_divide(overrides, key, value, split):
     ('model__image_token_id', 600, 'config.model.image_token_id: 600 is outside the vocabulary'),
     ('model__decoder__kv_heads', 3, 'config.model.decoder.kv_heads: heads 4 is not a multiple'),
     ('train__batch_size', 0, 'config.train.batch_size: must be a positive integer'),
+    ('train__max_scored_tokens', -1, 'config.train.max_scored_tokens: must be an integer >= 0'),
+    ('train__max_scored_tokens', 4096, 'config.train.max_scored_tokens: 4096 is not below'),
     ('checkpoint__keep', 0, 'config.checkpoint.keep: must be >= 1'),
     ('optimizer__lr', -1.0, 'config.optimizer.lr: must be positive'),
 ])

@@ -4,15 +4,19 @@
 
 CLIP-style tower on 64 px images (8 px patches: 64 visual tokens after dropping CLS),
 mlp2x_gelu projector, a 4-layer LLaMA decoder; batch 8, length 128 (64 image tokens
-and 64 text tokens per row). Every parameter is trained (stage 'full') so that the
-transformers step it is compared with does exactly the same work.
+and 64 text tokens per row, 63 of them supervised targets). Every parameter is trained
+(stage 'full') so that the transformers step it is compared with computes the same loss
+and gradients. lvm runs the LM head only at the 63 scored positions of a row
+(`train.max_scored_tokens`; `cpu_small.py:scored=0` runs it at all 128, as transformers
+does); the FLOP count follows.
 """
 
 from configs import common
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32')
+  arg = common.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32',
+                         scored=63)
   config = common.get_config()
   config.model.vision = common.vision_config(
       'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
@@ -30,6 +34,7 @@ def get_config(arg=None):
   config.data.seq_len = arg.seq_len
   config.train.stage = 'full'
   config.train.batch_size = arg.batch_size
+  config.train.max_scored_tokens = arg.scored
   config.optimizer.lr = 1e-4
   config.optimizer.weight_decay = 0.0
   config.optimizer.clip_norm = 0.0

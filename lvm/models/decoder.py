@@ -196,7 +196,8 @@ class Decoder(nn.Module):
     x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
-  def __call__(self, x, positions=None, attention_mask=None, cache=None, cache_index=None):
+  def __call__(self, x, positions=None, attention_mask=None, cache=None, cache_index=None,
+               logit_positions=None):
     """Runs the blocks and the LM head.
 
     Args:
@@ -206,9 +207,11 @@ class Decoder(nn.Module):
         None means every key is real (pure causal attention).
       cache: None, or {'k','v': float[L, B, S, K, Dh]} to write this chunk into.
       cache_index: int scalar, the cache slot of x's first token.
+      logit_positions: optional int[B, P]: the LM head runs only at these positions of each
+        row (training scores only text targets; image positions need no logits).
 
     Returns:
-      (logits float[B, T, V], updated cache or None).
+      (logits float[B, T, V] (or [B, P, V]), updated cache or None).
     """
     b, t, _ = x.shape
     if cache is not None and cache_index is None:
@@ -232,6 +235,8 @@ class Decoder(nn.Module):
         x, layer_cache = block(x, positions, mask, layer_cache, cache_index)
         new_layers.append(layer_cache)
       new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+    if logit_positions is not None:
+      x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = self.norm(x)
     if self.tie_embeddings:
       logits = jnp.einsum('btd,vd->btv', x, self.embed_tokens.astype(self.dtype))

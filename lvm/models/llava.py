@@ -100,7 +100,8 @@ class LLaVA(nn.Module):
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
                         cache_index=cache_index)
 
-  def __call__(self, images, input_ids, attention_mask=None, positions=None):
+  def __call__(self, images, input_ids, attention_mask=None, positions=None,
+               logit_positions=None):
     """Logits for a batch.
 
     Args:
@@ -109,8 +110,11 @@ class LLaVA(nn.Module):
       input_ids: int[B, L], with `tokens_per_image` image-token ids per real image.
       attention_mask: optional bool[B, L] (False: padding key).
       positions: optional int[B, L] RoPE positions.
+      logit_positions: optional int[B, P]: logits only at these positions.
 
     Returns:
-      logits float[B, L, V] in the compute dtype.
+      logits float[B, L, V] (or [B, P, V]) in the compute dtype.
     """
-    return self.forward(images, input_ids, attention_mask, positions)[0]
+    x = self.embed(images, input_ids)
+    return self.decoder(x, positions=positions, attention_mask=attention_mask,
+                        logit_positions=logit_positions)[0]
