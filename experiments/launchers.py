@@ -227,8 +227,10 @@ class SlurmLauncher:
         'set -euo pipefail',
         f'cd {shlex.quote(repo)}',
         f'mkdir -p {shlex.quote(workdir)}',
-        '# The first node of the allocation hosts the jax.distributed coordinator.',
-        'COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1):'
+        '# The first node of the allocation hosts the jax.distributed coordinator. awk reads',
+        '# the whole list: `head -n 1` could exit first and, under pipefail, scontrol\'s',
+        '# SIGPIPE (status 141) would fail the job.',
+        'COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk \'NR == 1\'):'
         f'{self.port}"',
         'export COORDINATOR',
         f'srun --nodes={self.nodes} --ntasks-per-node=1 bash -c {shlex.quote(inner)}',
