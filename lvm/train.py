@@ -633,8 +633,10 @@ def train_and_evaluate(config, workdir: str, *, make_iterator=None, num_examples
         step += 1
         # Stay at most one step ahead of the device, so that a SIGTERM is acted on within
         # a step or two rather than after every queued step has run.
-        if in_flight is not None:  # also waits for that step
-          _check_scored(float(jax.device_get(in_flight)), scored_tokens, step - 1)
+        if in_flight is not None:
+          jax.block_until_ready(in_flight)
+          if scored_tokens:  # its count is ready now: a scalar read, no extra wait
+            _check_scored(float(in_flight), scored_tokens, step - 1)
         in_flight = m['unscored_tokens']
         if profile and step == profile[-1] + 1 and jax.process_index() == 0:
           jax.block_until_ready(m)

@@ -88,11 +88,11 @@ class LLaVA(nn.Module):
     return x
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
-              cache_index=None):
+              cache_index=None, logit_positions=None):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
     x = self.embed(images, input_ids)
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index)
+                        cache_index=cache_index, logit_positions=logit_positions)
 
   def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
     """Text-only continuation with a cache (images were written at prefill)."""
@@ -115,6 +115,5 @@ class LLaVA(nn.Module):
     Returns:
       logits float[B, L, V] (or [B, P, V]) in the compute dtype.
     """
-    x = self.embed(images, input_ids)
-    return self.decoder(x, positions=positions, attention_mask=attention_mask,
+    return self.forward(images, input_ids, attention_mask, positions,
                         logit_positions=logit_positions)[0]
