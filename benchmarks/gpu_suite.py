@@ -29,7 +29,8 @@ _ACCUM4 = _TRAIN + ['--config.train.grad_accum_steps=4']  # with batch_size=32: 
 # A scanned layer's weights are a dynamic slice of the stacked [layers, ...] arrays; without
 # this XLA copies each slice before its matmul (more bytes than the matmul reads at batch 1).
 _DSF = '--xla_gpu_enable_dynamic_slice_fusion=true'
-_CUBLAS_DSF = '--xla_gpu_enable_triton_gemm=false ' + _DSF
+_CUBLAS = '--xla_gpu_enable_triton_gemm=false'
+_CUBLAS_DSF = _CUBLAS + ' ' + _DSF
 # The forward's dot outputs that remat saves are written into the scan's stacked residuals
 # through a copy each (run 14 trace: 9 a layer). Dynamic-slice fusion lets a GEMM write its
 # slice in place, but it takes legacy cuBLAS GEMM custom calls, not cuBLASLt's.
@@ -38,13 +39,17 @@ _UNROLL = '--xla_gpu_enable_while_loop_unrolling=WHILE_LOOP_UNROLLING_FULL_UNROL
 
 # name -> (config args, extra flags[, extra XLA flags]). Training: CLIP ViT-L/14-336
 # (frozen) + LLaMA decoder trained in full, bf16 compute, float32 master weights and AdamW.
-# `train_2b` is the fastest setting found (run 18); the other train variants scan the layers
-# unless their name says unscanned.
+# `train_2b` is the fastest setting found (runs 22-23); the other train variants scan the
+# layers unless their name says unscanned, unrolled or acts.
 VARIANTS = {
     # Unrolled layers: no scan residual stacks (their zero fill and the copies of the saved dot
     # outputs into them, ~23 ms a step in the run-14 trace) and no per-layer weight slices;
-    # cuDNN attention's outputs saved, so its forward runs once.
-    'train_2b': ('size=2b,scan=0,remat=dots_no_batch_flash', _TRAIN),
+    # every activation saved (no forward op rerun), q/k/v and gate/up each one GEMM, cuBLAS
+    # for every GEMM, and batch 10, the most that fits this way (batch 12: out of memory).
+    'train_2b': ('size=2b,scan=0,remat=dots_flash_activations,fuse=1,batch_size=10', _TRAIN,
+                 _CUBLAS),
+    # `train_2b` of runs 18-21: cuDNN attention's outputs saved, so its forward runs once.
+    'train_2b_flash_unrolled': ('size=2b,scan=0,remat=dots_no_batch_flash', _TRAIN),
     'train_2b_scanned': ('size=2b', _TRAIN),  # `train_2b` of runs 1-17
     'train_2b_remat_none': ('size=2b,remat=none', _TRAIN),
     'train_2b_remat_dots': ('size=2b,remat=dots', _TRAIN),
@@ -66,9 +71,17 @@ VARIANTS = {
     'train_2b_xla_attention': ('size=2b,attention=xla', _TRAIN),
     'train_2b_unscanned': ('size=2b,scan=0', _TRAIN),
     # Unrolled, the q/k/v/o weight gradients became Triton GEMMs (run 16 trace: 0.38 ms each
-    # against 0.33 ms for cuBLAS when scanned). Not yet measured.
+    # against 0.33 ms for cuBLAS when scanned). Run 19: 412.7 ms, no change from run 18.
     'train_2b_cublas_only': ('size=2b,scan=0,remat=dots_no_batch_flash', _TRAIN,
                              '--xla_gpu_enable_triton_gemm=false'),
+    # Unrolled with every activation saved (no forward op rerun: without a scan stack to copy
+    # them into, saving them is cheaper than recomputing), cuBLAS for every GEMM.
+    'train_2b_acts': ('size=2b,scan=0,remat=dots_flash_activations', _TRAIN, _CUBLAS),
+    # ... with q/k/v and gate/up each one GEMM over concatenated kernels.
+    'train_2b_acts_fused': ('size=2b,scan=0,remat=dots_flash_activations,fuse=1', _TRAIN,
+                            _CUBLAS),
+    'train_2b_acts_fused_triton': ('size=2b,scan=0,remat=dots_flash_activations,fuse=1',
+                                   _TRAIN),
     'train_2b_batch16': ('size=2b,batch_size=16', _TRAIN),
     'train_1b': ('size=1b', _TRAIN),
     'train_1b_remat_none': ('size=1b,remat=none', _TRAIN),

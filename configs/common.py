@@ -125,6 +125,9 @@ def get_config(arg=None):
   # Cast the decoder layers' weights to `dtype` once before the layer loop, not in every layer
   # (and again in the remat recompute). Same forward values; costs a `dtype` copy of them.
   config.model.precast_weights = True
+  # The decoder's q/k/v projections as one matmul, and gate/up as another, over their kernels
+  # concatenated at compute time (parameters and checkpoints unchanged): wider GEMMs.
+  config.model.fuse_projections = False
 
   config.data = ml_collections.ConfigDict()
   config.data.dataset = 'llava_json'  # shapes | llava_json

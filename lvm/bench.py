@@ -50,13 +50,6 @@ GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
 # --------------------------------------------------------------------------- FLOPs
 
 
-def unbox(tree):
-  """Strips flax partitioning boxes without applying sharding constraints."""
-  is_box = lambda x: isinstance(x, nn.meta.AxisMetadata)
-  return jax.tree.map(lambda x: x.unbox(apply_constraint=False) if is_box(x) else x, tree,
-                      is_leaf=is_box)
-
-
 def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
 
@@ -180,13 +173,14 @@ class Bench:
 
   def init_params(self, batch):
     """Abstract init, then a jitted init straight into the sharded layout."""
+    images, ids = batch['images'][:1], batch['input_ids'][:1]
     with self.context():
-      init = functools.partial(self.model.init, images=batch['images'][:1],
-                               input_ids=batch['input_ids'][:1])
-      abstract = jax.eval_shape(init, jax.random.PRNGKey(0))
+      abstract = jax.eval_shape(lambda r: self.model.init(r, images, ids)['params'],
+                                jax.random.PRNGKey(0))
       shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
-      variables = jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
-    return unbox(variables)['params']
+      init = functools.partial(lvm.models.random_params, self.config.model,
+                               images=images, input_ids=ids)
+      return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
 
   def train_step_fn(self, params, total_steps: int = 1000):
     """(state, jitted step) from `lvm.train`: the training loop's own step and state.
@@ -373,7 +367,10 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
     flops = model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
   else:
     flops = model_flops(config, b, l, mode)
+  start = time.perf_counter()
   params = bench.init_params(batch)
+  jax.block_until_ready(params)
+  report['init_s'] = time.perf_counter() - start  # compiling and running the random init
   report['params'] = _count(params)
   if mode == 'train':
     # Built outside the rules context: StateFactory unboxes abstract values itself.
@@ -459,7 +456,7 @@ def format_report(r: dict[str, Any]) -> str:
       f"attention={r['attention_impl']} jax={r['jax']}",
       f"  params            {r['params']:,}",
       f"  batch x length    {r['batch_size']} x {r['seq_len']}",
-      f"  compile time      {r['compile_s']:.2f} s",
+      f"  compile time      {r['compile_s']:.2f} s  (random init {r['init_s']:.2f} s)",
       f"  step time         median {t['median'] * 1e3:.2f} ms  (p10 {t['p10'] * 1e3:.2f}, "
       f"p90 {t['p90'] * 1e3:.2f}, min {t['min'] * 1e3:.2f}, max {t['max'] * 1e3:.2f}; "
       f"{t['n']} steps)",

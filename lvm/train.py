@@ -294,7 +294,7 @@ class StateFactory:
     def init_boxed(rng):
       return model.init(rng, images, ids)['params']
 
-    self._init_boxed = init_boxed
+    self._init_inputs = images, ids
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     self.param_shardings = sharding.logical_shardings(boxed, mesh, axis_rules)
@@ -320,7 +320,7 @@ class StateFactory:
   def random_params(self, rng):
     """Randomly initialized params, created directly in their shardings."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(lambda r: nn.unbox(self._init_boxed(r)),
+      return jax.jit(lambda r: models.random_params(self.config.model, r, *self._init_inputs),
                      out_shardings=self.param_shardings)(rng)
 
   def from_params(self, params):

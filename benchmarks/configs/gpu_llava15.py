@@ -1,6 +1,7 @@
 """LLaVA-1.5-shaped benchmark configs for one GPU (H100/H200) or a TPU host.
 
-  python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b,scan=0,remat=dots_no_batch_flash \\
+  XLA_FLAGS=--xla_gpu_enable_triton_gemm=false python -m lvm.bench \\
+      --config=benchmarks/configs/gpu_llava15.py:size=2b,scan=0,remat=dots_flash_activations,fuse=1,batch_size=10 \\
       --mode=train --gpu_flags --measure_peak
   python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=7b,batch_size=1,seq_len=640 \\
       --mode=prefill --measure_peak
@@ -13,8 +14,9 @@ state, scanned layers, a remat policy and cuDNN flash attention
 (`jax.nn.dot_product_attention(implementation='cudnn')`). Sizes: 1b, 2b and 3b fit a
 full fine-tune on one 80 GB H100 (float32 weights + grads + 2 Adam moments = 16 bytes
 per trained parameter, plus activations). The fastest training setting found on an H100
-unrolls the layers (`scan=0`) and keeps cuDNN attention's outputs
-(`remat=dots_no_batch_flash`); docs/performance.md has the measurements. 7b is for
+unrolls the layers (`scan=0`), keeps every activation (`remat=dots_flash_activations`),
+runs q/k/v and gate/up as one GEMM each (`fuse=1`), turns Triton GEMMs off and takes batch
+10, the most that fits so; docs/performance.md has the measurements. 7b is for
 inference timing (prefill = time to first token for an image + 64-token prompt:
 576 + 64 = 640 tokens).
 """
@@ -33,7 +35,7 @@ SIZES = {
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, size='2b', batch_size=8, seq_len=2048, remat='dots_no_batch',
-                         attention='cudnn', scan=True, dtype='bfloat16')
+                         attention='cudnn', scan=True, dtype='bfloat16', fuse=False)
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
   config = common.get_config()
@@ -45,6 +47,7 @@ def get_config(arg=None):
   config.model.scan_layers = arg.scan
   config.model.remat_policy = arg.remat
   config.model.attention_impl = arg.attention
+  config.model.fuse_projections = arg.fuse
   config.data.dataset = 'llava_json'
   config.data.seq_len = arg.seq_len
   config.train.stage = 'finetune'

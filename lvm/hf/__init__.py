@@ -12,7 +12,6 @@ Only safetensors are read or written; pickled weights are refused.
 import copy
 import json
 import os
-import re
 
 from flax import traverse_util
 import flax.linen as nn
@@ -23,6 +22,7 @@ import numpy as np
 from lvm.hf import configs as hf_configs
 from lvm.hf import io
 from lvm.hf import keymap
+from lvm.models.layout import stack_layers, unstack_layers
 
 CONFIG_FILE = 'config.json'
 WEIGHTS_FILE = 'model.safetensors'
@@ -40,33 +40,6 @@ def abstract_params(model_config, scan_layers: bool | None = None) -> dict:
   """See `lvm.models.abstract_params`."""
   import lvm.models  # pylint: disable=g-import-not-at-top
   return lvm.models.abstract_params(model_config, scan_layers)
-
-
-def stack_layers(flat: dict) -> dict:
-  """Unscanned flat params (`.../layers_3/...`) -> scanned (`.../layers/...`, axis 0)."""
-  groups, out = {}, {}
-  for path, value in flat.items():
-    m = re.match(r'^(.*?)/layers_(\d+)/(.*)$', path)
-    if m:
-      groups.setdefault(f'{m.group(1)}/layers/{m.group(3)}', {})[int(m.group(2))] = value
-    else:
-      out[path] = value
-  for path, layers in groups.items():
-    out[path] = np.stack([layers[i] for i in range(len(layers))])
-  return out
-
-
-def unstack_layers(flat: dict) -> dict:
-  """Scanned flat params -> unscanned (the inverse of `stack_layers`)."""
-  out = {}
-  for path, value in flat.items():
-    m = re.match(r'^(.*?)/layers/(.*)$', path)
-    if m:
-      for i in range(value.shape[0]):
-        out[f'{m.group(1)}/layers_{i}/{m.group(2)}'] = value[i]
-    else:
-      out[path] = value
-  return out
 
 
 def params_from_tensors(tensors: dict, model_config, canonical, parts=None) -> dict:

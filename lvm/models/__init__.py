@@ -8,6 +8,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm.models.decoder import Decoder
+from lvm.models.layout import stack_layers, unstack_layers
 from lvm.models.llava import LLaVA
 from lvm.models.projector import Projector, tokens_out
 from lvm.models.vision import VisionTower
@@ -52,7 +53,8 @@ def build_decoder(config) -> Decoder:
       dtype=dtype(config.dtype), param_dtype=dtype(config.param_dtype),
       scan_layers=config.scan_layers, remat_policy=config.remat_policy,
       attention_impl=config.attention_impl,
-      precast_weights=config.get('precast_weights', True))
+      precast_weights=config.get('precast_weights', True),
+      fuse_projections=config.get('fuse_projections', False))
 
 
 def build(config) -> LLaVA:
@@ -89,5 +91,21 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
   return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 
-__all__ = ['abstract_params', 'build', 'num_image_tokens', 'LLaVA', 'VisionTower', 'Projector',
-           'Decoder']
+def random_params(config, rng, images, input_ids) -> dict:
+  """Random params of `build(config)`, unboxed; traced, so call it under `jax.jit`.
+
+  An unrolled model (`scan_layers` False) is initialized as its scanned twin, then split
+  by layer: the same weights for a seed in either layout, and one vectorized init for XLA
+  to compile instead of one per layer (for the 2.4B LLaVA of benchmarks/configs/
+  gpu_llava15.py, unrolled, 11 s of compiling on the CPU instead of 54 s).
+  """
+  if config.scan_layers:
+    return nn.unbox(build(config).init(rng, images, input_ids)['params'])
+  twin = copy.deepcopy(config)
+  twin.scan_layers = True
+  stacked = nn.unbox(build(twin).init(rng, images, input_ids)['params'])
+  flat = unstack_layers(traverse_util.flatten_dict(stacked, sep='/'))
+  return traverse_util.unflatten_dict(flat, sep='/')
+
+__all__ = ['abstract_params', 'build', 'num_image_tokens', 'random_params', 'stack_layers',
+           'unstack_layers', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']

@@ -61,17 +61,23 @@ class Attention(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  fuse_projections: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index):
     """x float[B, T, D] -> (float[B, T, D], updated layer cache or None)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    q = Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
-              **kw)(x)
-    k = Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-              name='k_proj', **kw)(x)
-    v = Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-              name='v_proj', **kw)(x)
+    projections = [
+        Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
+              **kw),
+        Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+              name='k_proj', **kw),
+        Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
+              name='v_proj', **kw)]
+    if self.fuse_projections:
+      q, k, v = layers.fused_dense(x, projections, split_axis=1)  # on the heads axis
+    else:
+      q, k, v = (p(x) for p in projections)
     inv_freq = rope_inv_freq(self.head_dim, self.rope_theta,
                              dict(self.rope_scaling) if self.rope_scaling else None)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -96,12 +102,17 @@ class MLP(nn.Module):
   mlp_dim: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  fuse_projections: bool = False
 
   @nn.compact
   def __call__(self, x):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    gate = Dense(self.mlp_dim, ('embed',), ('mlp',), name='gate_proj', **kw)(x)
-    up = Dense(self.mlp_dim, ('embed',), ('mlp',), name='up_proj', **kw)(x)
+    projections = [Dense(self.mlp_dim, ('embed',), ('mlp',), name='gate_proj', **kw),
+                   Dense(self.mlp_dim, ('embed',), ('mlp',), name='up_proj', **kw)]
+    if self.fuse_projections:
+      gate, up = layers.fused_dense(x, projections, split_axis=1)
+    else:
+      gate, up = (p(x) for p in projections)
     h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
     h = checkpoint_name(h, 'mlp_hidden')
     return Dense(x.shape[-1], ('mlp',), ('embed',), name='down_proj', **kw)(h)
@@ -118,6 +129,7 @@ class DecoderBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  fuse_projections: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index):
@@ -125,11 +137,12 @@ class DecoderBlock(nn.Module):
     h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
                              self.rope_scaling, attention_impl=self.attention_impl,
+                             fuse_projections=self.fuse_projections,
                              name='self_attn', **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
                         'normed')
-    x = x + MLP(self.mlp_dim, name='mlp', **kw)(h)
+    x = x + MLP(self.mlp_dim, fuse_projections=self.fuse_projections, name='mlp', **kw)(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x, new_cache
 
@@ -153,6 +166,8 @@ class Decoder(nn.Module):
   remat_policy: str = 'none'
   attention_impl: str = 'xla'
   precast_weights: bool = True
+  # q/k/v and gate/up projections each as one matmul over their concatenated kernels.
+  fuse_projections: bool = False
 
   @property
   def resolved_head_dim(self) -> int:
@@ -169,7 +184,8 @@ class Decoder(nn.Module):
     block_kw = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.resolved_head_dim,
                     mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
                     rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, dtype=self.dtype,
-                    param_dtype=self.param_dtype, attention_impl=self.attention_impl)
+                    param_dtype=self.param_dtype, attention_impl=self.attention_impl,
+                    fuse_projections=self.fuse_projections)
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))

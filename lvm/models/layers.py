@@ -91,20 +91,38 @@ class Dense(nn.Module):
   kernel_init: Callable = default_kernel_init
 
   @nn.compact
-  def __call__(self, x):
+  def __call__(self, x, *, kernel_only: bool = False):
+    """x @ W; with `kernel_only`, W in the compute dtype instead (a caller concatenates
+    several projections' kernels into one matmul, as `fused_dense` does)."""
     features = (self.features,) if isinstance(self.features, int) else tuple(self.features)
     n_in = len(self.in_axes)
     in_shape = x.shape[-n_in:]
     kernel = param_with_axes(self, 'kernel', self.kernel_init, (*in_shape, *features),
                              (*self.in_axes, *self.out_axes), self.param_dtype)
-    x = x.astype(self.dtype)
     kernel = kernel.astype(self.dtype)
+    if kernel_only:
+      if self.use_bias:
+        raise ValueError('Dense(kernel_only=True) has no place for the bias')
+      return kernel
+    x = x.astype(self.dtype)
     y = dense_matmul(x, kernel, n_in)
     if self.use_bias:
       bias = param_with_axes(self, 'bias', nn.initializers.zeros, features, self.out_axes,
                              self.param_dtype)
       y = y + bias.astype(self.dtype)
     return y
+
+
+def fused_dense(x, projections: Sequence[Dense], split_axis: int) -> list:
+  """[p(x) for p in projections] as one matmul over their kernels concatenated on the
+  output axis `split_axis` (counted in the kernel): one wide GEMM instead of several
+  narrow ones. The parameters stay those of each projection."""
+  kernels = [p(x, kernel_only=True) for p in projections]
+  n_in = len(projections[0].in_axes)
+  y = dense_matmul(x.astype(kernels[0].dtype), jnp.concatenate(kernels, axis=split_axis), n_in)
+  sizes = [k.shape[split_axis] for k in kernels]
+  bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
+  return jnp.split(y, bounds, axis=x.ndim - n_in + split_axis - n_in)
 
 
 class RMSNorm(nn.Module):

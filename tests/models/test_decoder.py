@@ -1,5 +1,6 @@
 """lvm/models/decoder.py: RoPE scaling against transformers, GQA, unrolled vs scanned, remat."""
 
+from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -148,3 +149,35 @@ def test_precast_weights_keeps_the_logits_and_float32_parameters(scan):
   for a, b in zip(jax.tree.leaves(want), jax.tree.leaves(got)):
     assert a.dtype == b.dtype == jnp.float32
     np.testing.assert_allclose(a, b, rtol=0, atol=1e-2 * float(np.abs(a).max()))
+
+
+@pytest.mark.parametrize('scan,remat', [(True, 'dots_no_batch'),
+                                        (False, 'dots_flash_activations')],
+                         ids=['scanned', 'unrolled'])
+def test_fused_projections_keep_the_parameters_logits_and_gradients(scan, remat):
+  """q/k/v (grouped-query: 4 heads, 2 kv heads) and gate/up as one matmul each: the same
+  parameter tree, the same logits and gradients as the separate projections (float32)."""
+  x = jnp.asarray(np.random.default_rng(1).normal(size=(2, 10, 32)), jnp.float32)
+  kw = dict(vocab_size=64, width=32, depth=2, heads=4, kv_heads=2, mlp_dim=48, scan_layers=scan,
+            remat_policy=remat)
+  separate = decoder_lib.Decoder(fuse_projections=False, **kw)
+  fused = decoder_lib.Decoder(fuse_projections=True, **kw)
+  params = separate.init(jax.random.PRNGKey(0), x)
+  fused_params = fused.init(jax.random.PRNGKey(0), x)
+  jax.tree.map(np.testing.assert_array_equal, params, fused_params)
+
+  def loss_and_grads(model):
+    loss = lambda p: jnp.square(model.apply(p, x)[0]).mean()
+    return jax.jit(jax.value_and_grad(loss))(params)
+
+  dots = lambda model: str(jax.make_jaxpr(model.apply)(params, x)).count('dot_general')
+  assert dots(separate) - dots(fused) == 3 * (1 if scan else 2)  # q/k/v: 3 -> 1, gate/up: 2 -> 1
+  np.testing.assert_allclose(jax.jit(fused.apply)(params, x)[0],
+                             jax.jit(separate.apply)(params, x)[0], rtol=1e-5, atol=1e-5)
+  (want_loss, want), (got_loss, got) = loss_and_grads(separate), loss_and_grads(fused)
+  np.testing.assert_allclose(got_loss, want_loss, rtol=1e-6)
+  got = traverse_util.flatten_dict(nn.unbox(got), sep='/')
+  for path, a in traverse_util.flatten_dict(nn.unbox(want), sep='/').items():
+    b = got[path]
+    np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()),
+                               err_msg=path)

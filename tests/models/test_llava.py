@@ -107,3 +107,27 @@ def test_remat_does_not_change_numbers():
     l2, g2 = loss_and_grad(decoder_lib.Decoder(remat_policy=policy, **kw))
     np.testing.assert_allclose(l1, l2, rtol=1e-6)
     jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), g1, g2)
+
+
+def test_random_params_are_one_init_in_either_layout():
+  """An unrolled model's random params are its scanned twin's split by layer: the same
+  weights for a seed, the unrolled init's tree, and the same logits."""
+  scanned_config, unrolled_config = tiny.get_config().model, tiny.get_config('scan=0').model
+  images = jnp.asarray(np.random.default_rng(0).normal(size=(2, 1, 32, 32, 3)), jnp.float32)
+  ids = jnp.asarray(np.r_[[510] * 16, np.arange(1, 17)][None].repeat(2, 0), jnp.int32)
+  rng = jax.random.PRNGKey(3)
+  scanned = jax.jit(lambda r: lvm.models.random_params(scanned_config, r, images, ids))(rng)
+  unrolled = jax.jit(lambda r: lvm.models.random_params(unrolled_config, r, images, ids))(rng)
+  model = lvm.models.build(unrolled_config)
+  expected = nn.unbox(jax.eval_shape(model.init, rng, images, ids)['params'])
+  assert jax.tree.structure(unrolled) == jax.tree.structure(expected)
+  assert jax.tree.map(lambda a: (a.shape, a.dtype), unrolled) == jax.tree.map(
+      lambda a: (a.shape, a.dtype), expected)
+  flat = lvm.models.traverse_util.flatten_dict(scanned, sep='/')
+  split = lvm.models.unstack_layers(flat)
+  for path, value in lvm.models.traverse_util.flatten_dict(unrolled, sep='/').items():
+    np.testing.assert_array_equal(value, split[path], err_msg=path)
+  assert {p.split('/')[0] for p in split if '/layers_1/' in p} == {'vision', 'decoder'}
+  logits_scanned = lvm.models.build(scanned_config).apply({'params': scanned}, images, ids)
+  logits_unrolled = model.apply({'params': unrolled}, images, ids)
+  np.testing.assert_allclose(logits_unrolled, logits_scanned, rtol=1e-5, atol=1e-5)
