@@ -16,7 +16,7 @@ from configs import common
 
 def get_config(arg=None):
   arg = common.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32',
-                         scored=63)
+                         scored=63, fuse=False)
   config = common.get_config()
   config.model.vision = common.vision_config(
       'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
@@ -35,6 +35,7 @@ def get_config(arg=None):
   config.train.stage = 'full'
   config.train.batch_size = arg.batch_size
   config.train.max_scored_tokens = arg.scored
+  config.model.fuse_projections = arg.fuse
   config.optimizer.lr = 1e-4
   config.optimizer.weight_decay = 0.0
   config.optimizer.clip_norm = 0.0

@@ -107,5 +107,6 @@ def random_params(config, rng, images, input_ids) -> dict:
   flat = unstack_layers(traverse_util.flatten_dict(stacked, sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')
 
+
 __all__ = ['abstract_params', 'build', 'num_image_tokens', 'random_params', 'stack_layers',
            'unstack_layers', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
