@@ -122,7 +122,7 @@ def fused_dense(x, projections: Sequence[Dense], split_axis: int) -> list:
   y = dense_matmul(x.astype(kernels[0].dtype), jnp.concatenate(kernels, axis=split_axis), n_in)
   sizes = [k.shape[split_axis] for k in kernels]
   bounds = [sum(sizes[:i + 1]) for i in range(len(sizes) - 1)]
-  return jnp.split(y, bounds, axis=x.ndim - n_in + split_axis - n_in)
+  return jnp.split(y, bounds, axis=y.ndim - kernels[0].ndim + split_axis)
 
 
 class RMSNorm(nn.Module):
