@@ -94,6 +94,7 @@ def decoder_config(**overrides):
   c.rope_scaling = ml_collections.config_dict.placeholder(dict)
   c.norm_eps = 1e-5
   c.tie_embeddings = False
+  c.qk_norm = False  # RMSNorm on each head's query and key (Qwen3-style); LLaMA has none
   c.update(overrides)
   return c
 

@@ -32,6 +32,9 @@ _LLAVA_DEFAULT_VISION = dict(model_type='clip_vision_model', hidden_size=1024,
 _LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
                        num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
                        rope_theta=10000.0, tie_word_embeddings=False, hidden_act='silu')
+# Qwen3 is LLaMA plus an RMSNorm on each head's query and key (lvm's `qk_norm`).
+_QWEN3_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                       head_dim=128)
 
 
 def vision_kind(vision_cfg: dict) -> str:
@@ -99,16 +102,22 @@ def _rope_from_hf(text_cfg: dict):
 
 
 def decoder_from_hf(text_cfg: dict, tie_default=False):
-  """A LLaMA config dict -> lvm `model.decoder` ConfigDict."""
-  t = {**_LLAMA_DEFAULTS, 'tie_word_embeddings': tie_default, **text_cfg}
-  if t.get('model_type', 'llama') not in ('llama', 'mistral', 'vicuna'):
-    raise ValueError(f"Unsupported decoder model_type {t['model_type']!r}: lvm has LLaMA")
+  """A LLaMA (or Qwen3) config dict -> lvm `model.decoder` ConfigDict."""
+  model_type = text_cfg.get('model_type', 'llama')
+  if model_type not in ('llama', 'mistral', 'vicuna', 'qwen3'):
+    raise ValueError(f'Unsupported decoder model_type {model_type!r}: lvm has LLaMA and Qwen3')
+  qwen3 = model_type == 'qwen3'
+  defaults = _QWEN3_DEFAULTS if qwen3 else _LLAMA_DEFAULTS
+  t = {**defaults, 'tie_word_embeddings': tie_default, **text_cfg}
   if t['hidden_act'] != 'silu':
     raise ValueError(f"LLaMA hidden_act must be 'silu', got {t['hidden_act']!r}")
   for key in ('attention_bias', 'mlp_bias'):
     if t.get(key):
       raise ValueError(f'LLaMA {key}=True is not supported by lvm')
-  if t.get('sliding_window'):
+  # Qwen configs name a window even when it is off (use_sliding_window / layer_types).
+  sliding = (t.get('use_sliding_window') or 'sliding_attention' in (t.get('layer_types') or ())
+             if qwen3 else t.get('sliding_window'))
+  if sliding:
     raise ValueError('sliding-window attention is not supported by lvm')
   heads = t['num_attention_heads']
   head_dim = t.get('head_dim') or t['hidden_size'] // heads
@@ -118,7 +127,7 @@ def decoder_from_hf(text_cfg: dict, tie_default=False):
       heads=heads, kv_heads=t.get('num_key_value_heads') or heads,
       head_dim=0 if head_dim * heads == t['hidden_size'] else head_dim,
       mlp_dim=t['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
-      norm_eps=t['rms_norm_eps'], tie_embeddings=bool(t['tie_word_embeddings']))
+      norm_eps=t['rms_norm_eps'], tie_embeddings=bool(t['tie_word_embeddings']), qk_norm=qwen3)
 
 
 def model_config(vision, projector, decoder, image_token_id, pad_token_id, **overrides):
@@ -175,12 +184,14 @@ def decoder_to_hf(d) -> dict:
   if scaling:
     scaling['rope_type'] = scaling.pop('type')
     rope.update(scaling)
+  extra = dict(model_type='qwen3', use_sliding_window=False) if d.get('qk_norm') else dict(
+      model_type='llama', mlp_bias=False)
   return dict(
-      model_type='llama', vocab_size=d.vocab_size, hidden_size=d.width,
+      **extra, vocab_size=d.vocab_size, hidden_size=d.width,
       intermediate_size=d.mlp_dim, num_hidden_layers=d.depth, num_attention_heads=d.heads,
       num_key_value_heads=d.kv_heads, head_dim=head_dim, hidden_act='silu',
       rms_norm_eps=d.norm_eps, rope_parameters=rope, rope_theta=float(d.rope_theta),
-      rope_scaling=scaling, attention_bias=False, mlp_bias=False,
+      rope_scaling=scaling, attention_bias=False,
       tie_word_embeddings=bool(d.tie_embeddings), max_position_embeddings=4096,
       bos_token_id=1, eos_token_id=2)
 

@@ -54,7 +54,7 @@ def build_decoder(config) -> Decoder:
       scan_layers=config.scan_layers, remat_policy=config.remat_policy,
       attention_impl=config.attention_impl,
       precast_weights=config.get('precast_weights', True),
-      fuse_projections=config.get('fuse_projections', False))
+      fuse_projections=config.get('fuse_projections', False), qk_norm=d.get('qk_norm', False))
 
 
 def build(config) -> LLaVA:

@@ -62,6 +62,8 @@ class Attention(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   fuse_projections: bool = False
+  qk_norm: bool = False
+  norm_eps: float = 1e-5
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index):
@@ -78,6 +80,9 @@ class Attention(nn.Module):
       q, k, v = layers.fused_dense(x, projections, split_axis=1)  # on the heads axis
     else:
       q, k, v = (p(x) for p in projections)
+    if self.qk_norm:  # per head, before RoPE (as Qwen3's q_norm / k_norm)
+      q = RMSNorm(self.norm_eps, axes=('head_dim',), name='q_norm', **kw)(q)
+      k = RMSNorm(self.norm_eps, axes=('head_dim',), name='k_norm', **kw)(k)
     inv_freq = rope_inv_freq(self.head_dim, self.rope_theta,
                              dict(self.rope_scaling) if self.rope_scaling else None)
     q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -130,6 +135,7 @@ class DecoderBlock(nn.Module):
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
   fuse_projections: bool = False
+  qk_norm: bool = False
 
   @nn.compact
   def __call__(self, x, positions, mask, cache, cache_index):
@@ -137,8 +143,8 @@ class DecoderBlock(nn.Module):
     h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
                              self.rope_scaling, attention_impl=self.attention_impl,
-                             fuse_projections=self.fuse_projections,
-                             name='self_attn', **kw)(h, positions, mask, cache, cache_index)
+                             fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
+                             norm_eps=self.norm_eps, name='self_attn', **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
                         'normed')
@@ -168,6 +174,8 @@ class Decoder(nn.Module):
   precast_weights: bool = True
   # q/k/v and gate/up projections each as one matmul over their concatenated kernels.
   fuse_projections: bool = False
+  # RMSNorm of each head's query and key before RoPE (Qwen3, OLMo-2, Gemma 3); not in LLaMA.
+  qk_norm: bool = False
 
   @property
   def resolved_head_dim(self) -> int:
@@ -185,7 +193,7 @@ class Decoder(nn.Module):
                     mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
                     rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, dtype=self.dtype,
                     param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    fuse_projections=self.fuse_projections)
+                    fuse_projections=self.fuse_projections, qk_norm=self.qk_norm)
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))

@@ -130,10 +130,11 @@ class RMSNorm(nn.Module):
   eps: float = 1e-5
   dtype: Dtype = jnp.float32
   param_dtype: Dtype = jnp.float32
+  axes: Axes = ('embed',)  # the logical name of the normalized (last) axis
 
   @nn.compact
   def __call__(self, x):
-    scale = param_with_axes(self, 'scale', nn.initializers.ones, (x.shape[-1],), ('embed',),
+    scale = param_with_axes(self, 'scale', nn.initializers.ones, (x.shape[-1],), self.axes,
                             self.param_dtype)
     x32 = x.astype(jnp.float32)
     x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)

@@ -22,7 +22,8 @@ def vision_config(kind='clip', depth=3):
   return transformers.SiglipVisionConfig(**kw)
 
 
-def text_config(kv_heads=2, tie=False, rope=None, head_dim=None):
+def text_config(kv_heads=2, tie=False, rope=None, head_dim=None, qwen3=False):
+  """A LlamaConfig, or with `qwen3` a Qwen3Config (LLaMA with per-head q/k RMSNorm)."""
   kw = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
             num_attention_heads=4, num_key_value_heads=kv_heads, rms_norm_eps=1e-5,
             tie_word_embeddings=tie, max_position_embeddings=256, pad_token_id=0)
@@ -30,6 +31,8 @@ def text_config(kv_heads=2, tie=False, rope=None, head_dim=None):
     kw['head_dim'] = head_dim
   if rope:
     kw['rope_parameters'] = dict(rope, rope_theta=10000.0)
+  if qwen3:
+    return transformers.Qwen3Config(**kw)
   return transformers.LlamaConfig(**kw)
 
 

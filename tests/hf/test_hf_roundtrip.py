@@ -22,9 +22,10 @@ TOL = 1e-4
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 
-def random_lvm(kind='clip', scan=True, tie=False, seed=0):
+def random_lvm(kind='clip', scan=True, tie=False, seed=0, qk_norm=False):
   """A tiny lvm model config and random params (norms and biases randomized too)."""
   config = tiny.get_config(f'scan={int(scan)}').model
+  config.decoder.qk_norm = qk_norm
   config.vision.kind = kind
   config.vision.norm_eps = 1e-6 if kind == 'siglip' else 1e-5
   if kind == 'siglip':
@@ -60,9 +61,11 @@ def batch_for(config, images_per_row=(2, 1, 0), seq_len=48):
   return dict(images=images, input_ids=ids, attention_mask=mask, torch=torch_inputs)
 
 
-@pytest.mark.parametrize('kind,scan,tie', [('clip', True, False), ('siglip', False, True)])
-def test_export_loads_in_transformers_with_same_logits(kind, scan, tie, tmp_path):
-  config, params = random_lvm(kind, scan, tie)
+@pytest.mark.parametrize('kind,scan,tie,qk_norm', [
+    ('clip', True, False, False), ('siglip', False, True, False),
+    ('clip', False, False, True)])  # qk_norm: exported as a Qwen3 decoder
+def test_export_loads_in_transformers_with_same_logits(kind, scan, tie, qk_norm, tmp_path):
+  config, params = random_lvm(kind, scan, tie, qk_norm=qk_norm)
   lvm.hf.save(config, params, str(tmp_path))
   hf_model, info = transformers.LlavaForConditionalGeneration.from_pretrained(
       str(tmp_path), output_loading_info=True)
@@ -125,10 +128,12 @@ def test_cli_import_then_export(tmp_path):
     np.testing.assert_array_equal(out_tensors[k], renamed[k], err_msg=k)
 
 
-def test_assemble_from_clip_and_llama(tmp_path):
+@pytest.mark.parametrize('decoder', ['llama', 'qwen3'])
+def test_assemble_from_clip_and_llama(decoder, tmp_path):
   torch.manual_seed(0)
   clip = transformers.CLIPVisionModel(F.vision_config('clip')).eval()
-  llama = transformers.LlamaForCausalLM(F.text_config(kv_heads=2)).eval()
+  llama = transformers.AutoModelForCausalLM.from_config(
+      F.text_config(kv_heads=2, qwen3=decoder == 'qwen3')).eval()
   for m in (clip, llama):
     with torch.no_grad():
       for p in m.parameters():
@@ -145,6 +150,7 @@ def test_assemble_from_clip_and_llama(tmp_path):
   np.testing.assert_allclose(embed[512:], np.broadcast_to(torch_embed.mean(0), (64, 64)),
                              atol=1e-6)
   assert set(params['projector']) == {'linear_1', 'linear_2'}
+  assert config.decoder.qk_norm == (decoder == 'qwen3')
   model = lvm.models.build(config)
   # Text only: the decoder is exactly the LLaMA.
   ids = np.random.default_rng(0).integers(0, 512, size=(2, 12)).astype(np.int32)
