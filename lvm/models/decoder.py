@@ -144,7 +144,8 @@ class DecoderBlock(nn.Module):
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
                              self.rope_scaling, attention_impl=self.attention_impl,
                              fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
-                             norm_eps=self.norm_eps, name='self_attn', **kw)(h, positions, mask, cache, cache_index)
+                             norm_eps=self.norm_eps, name='self_attn',
+                             **kw)(h, positions, mask, cache, cache_index)
     x = x + h
     h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
                         'normed')
