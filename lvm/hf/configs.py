@@ -114,9 +114,10 @@ def decoder_from_hf(text_cfg: dict, tie_default=False):
   for key in ('attention_bias', 'mlp_bias'):
     if t.get(key):
       raise ValueError(f'LLaMA {key}=True is not supported by lvm')
-  # Qwen configs name a window even when it is off (use_sliding_window / layer_types).
-  sliding = (t.get('use_sliding_window') or 'sliding_attention' in (t.get('layer_types') or ())
-             if qwen3 else t.get('sliding_window'))
+  if qwen3:  # Qwen configs name a window even when it is off; these two say it is on
+    sliding = t.get('use_sliding_window') or 'sliding_attention' in (t.get('layer_types') or ())
+  else:
+    sliding = t.get('sliding_window')
   if sliding:
     raise ValueError('sliding-window attention is not supported by lvm')
   heads = t['num_attention_heads']
