@@ -30,11 +30,12 @@ POSITIONS = ('top left', 'top', 'top right', 'left', 'center', 'right',
              'bottom left', 'bottom', 'bottom right')
 NUMBERS = ('zero', 'one', 'two', 'three', 'four')
 QUESTION_TYPES = ('colour', 'shape', 'count', 'position', 'exists')
+CAPTION_ORDERS = ('shape', 'color')
 SPLITS = ('test', 'validation', 'train')  # Generation order: later splits avoid earlier scenes.
 _SPLIT_INDEX = {s: i for i, s in enumerate(SPLITS)}
 _BACKGROUND = (250, 250, 250)
 # Bump when the generated data changes: datasets and tokenizers are cached by version.
-GENERATOR_VERSION = '1.4.0'
+GENERATOR_VERSION = '1.5.0'
 
 
 @dataclasses.dataclass(frozen=True)
@@ -133,19 +134,24 @@ def _article(word):
   return 'an' if word[0] in 'aeiou' else 'a'
 
 
-def caption(scene) -> str:
-  """Names every object, ordered by kind (circle, diamond, square, triangle).
+def caption(scene, by='shape') -> str:
+  """Names every object, ordered `by` shape (circle, diamond, square, triangle) or colour.
 
-  Ordered by kind, each phrase is a search for that kind in the image, as the questions
-  are; captions in the grid's reading order taught the demo's model less (its position
-  answers fell from 0.97 to 0.37: docs/training.md).
+  A caption is a chain of searches: each phrase finds the next shape (or colour) present and
+  reads the rest of that object off the image, the lookups the questions need ("what color
+  is the circle", keyed by shape; "which shape is red", keyed by colour). The dataset orders
+  each scene's caption one way or the other and says which in its first words, so the
+  caption's order is never a guess. (Captions in the grid's reading order need no lookup and
+  taught the demo's model less: its position answers fell from 0.97 to 0.37, see
+  docs/training.md.)
   """
+  key = {'shape': lambda o: o, 'color': lambda o: (o[1], o)}[by]
   parts = []
-  for kind, colour, pos, *_ in scene:
+  for kind, colour, pos, *_ in sorted(scene, key=key):
     where = 'in the' if pos == 'center' else 'at the'
     parts.append(f'{_article(colour)} {colour} {kind} {where} {pos}')
   text = parts[0] if len(parts) == 1 else ', '.join(parts[:-1]) + ' and ' + parts[-1]
-  return text[0].upper() + text[1:] + '.'
+  return f'By {by}: {text}.'
 
 
 _OBJECT_QUESTIONS = ('colour', 'shape', 'position')
@@ -206,13 +212,14 @@ def examples(s: Settings, split: str):
         continue
       used.add(scene)
       qtypes, qa = planned
+      caption_order = CAPTION_ORDERS[int(rng.integers(len(CAPTION_ORDERS)))]
       if sp == split:
         turns = []
         for k, (q, a) in enumerate(qa):
           turns += [{'from': 'human', 'value': ('<image>\n' if k == 0 else '') + q},
                     {'from': 'gpt', 'value': a}]
         yield f'{split}-{i}', {'id': f'{split}-{i}', 'scene': json.dumps(scene),
-                               'caption': caption(scene), 'conversations': turns,
+                               'caption': caption(scene, caption_order), 'conversations': turns,
                                'question_types': qtypes}
       i += 1
     if sp == split:

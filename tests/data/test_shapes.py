@@ -71,6 +71,22 @@ def test_no_answer_can_be_read_off_another_turn():
         assert not (mentioned[i] & others), (turns, qtype)
 
 
+def test_captions_name_every_object_in_the_order_they_say():
+  orders = []
+  for _, ex in shapes.examples(S, 'train'):
+    scene = json.loads(ex['scene'])
+    header, text = ex['caption'].rstrip('.').split(': ')
+    order = header.removeprefix('By ')
+    orders.append(order)
+    phrases = [p.split() for p in text.replace(' and ', ', ').split(', ')]
+    # "a red circle at the top left": article, colour, kind, 'at'/'in', 'the', position.
+    named = [(p[2], p[1], ' '.join(p[5:])) for p in phrases]
+    assert sorted(named) == sorted(tuple(o[:3]) for o in scene)
+    keys = [n[0] if order == 'shape' else n[1] for n in named]
+    assert keys == sorted(keys), ex['caption']
+  assert set(orders) == set(shapes.CAPTION_ORDERS)
+
+
 def test_drawn_colours_match_the_scene():
   for _, ex in list(shapes.examples(S, 'test'))[:10]:
     scene = [tuple(o) for o in json.loads(ex['scene'])]
