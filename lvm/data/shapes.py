@@ -137,13 +137,13 @@ def _article(word):
 def caption(scene, by='shape') -> str:
   """Names every object, ordered `by` shape (circle, diamond, square, triangle) or colour.
 
-  A caption is a chain of searches: each phrase finds the next shape (or colour) present and
-  reads the rest of that object off the image, the lookups the questions need ("what color
-  is the circle", keyed by shape; "which shape is red", keyed by colour). The dataset orders
-  each scene's caption one way or the other and says which in its first words, so the
-  caption's order is never a guess. (Captions in the grid's reading order need no lookup and
-  taught the demo's model less: its position answers fell from 0.97 to 0.37, see
-  docs/training.md.)
+  Each scene's caption is ordered one way or the other (drawn per scene) and says which in its
+  first words, so its order is never a guess. Ordered by shape, the next shape is predictable
+  from the ones already named, so those captions train only the shape -> colour lookup ("what
+  color is the circle?"); ordered by colour, the shape after each colour word must be read off
+  the image, the colour -> shape lookup ("which shape is red?"). Adding the colour order took
+  the demo from 0.80 to 0.96 test exact match (docs/training.md). Captions in the grid's
+  reading order need no lookup and taught it less (position answers 0.97 -> 0.37).
   """
   key = {'shape': lambda o: o, 'color': lambda o: (o[1], o)}[by]
   parts = []
