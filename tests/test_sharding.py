@@ -52,6 +52,23 @@ def test_meshes_match_one_device(reference):
       assert np.prod(shard) < np.prod(kernel.shape), (shape, shard)
 
 
+
+def test_demo_step_settings_match_one_device():
+  """The demo's step (configs/shapes.py: unrolled layers, fused q/k/v and gate/up kernels,
+  qk_norm, LM head at the scored positions only) shards like the plain one: the tensor and
+  mixed meshes, where the fused kernels are concatenated across sharded heads, give the
+  one-device losses."""
+  config = train_utils.tiny_config(**{
+      'model.scan_layers': False, 'model.fuse_projections': True,
+      'model.decoder.qk_norm': True, 'train.max_scored_tokens': 48})
+  reference, _, factory = train_utils.run_steps(
+      config, train_utils.mesh_for(config, (1, 1, 1)), num_steps=3)
+  assert np.all(np.isfinite(reference)) and abs(reference[0] - np.log(512)) < 0.2
+  for shape in ((1, 1, 4), (2, 2, 2)):
+    losses, _, _ = train_utils.run_steps(config, train_utils.mesh_for(config, shape),
+                                         num_steps=3, params=factory.initial_params)
+    np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=f'mesh {shape}')
+
 def _free_port():
   with socket.socket() as s:
     s.bind(('127.0.0.1', 0))
