@@ -17,12 +17,9 @@ object up by the word in the question (its colour by its kind). Without the norm
 product starts near zero and its gradient with it, and the lookup was not learned in 1500
 steps (colour answers at chance); with it colour answers reach 1.00 by step 1200.
 
-Why the captions come in two orders (lvm/data/shapes.py `caption`): ordered by shape, each
-phrase trains the shape -> colour lookup, but its shape word can be guessed from the shapes
-already named, so nothing trained the colour -> shape lookup ("which shape is red?" stayed at
-29%). Half the captions are ordered by colour, which makes the shape after each colour word a
-real lookup: test exact match 0.80 -> 0.96 (shape questions 0.29 -> 1.00), and 0.999 with
-Adam b2 0.95 (below).
+Why the captions come in two orders: ordered by shape only, nothing trained the colour ->
+shape lookup that "which shape is red?" needs (lvm/data/shapes.py `caption` says why); half
+ordered by colour took test exact match from 0.80 to 0.96, and Adam b2 0.95 (below) to 0.999.
 
 Why the data settings: the answers are one or two tokens each, three per sample, so the
 training split also gets each scene's caption as a last turn (`data.caption_prompt`, never

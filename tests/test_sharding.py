@@ -52,7 +52,6 @@ def test_meshes_match_one_device(reference):
       assert np.prod(shard) < np.prod(kernel.shape), (shape, shard)
 
 
-
 def test_demo_step_settings_match_one_device():
   """The demo's step (configs/shapes.py: unrolled layers, fused q/k/v and gate/up kernels,
   qk_norm, LM head at the scored positions only) shards like the plain one: the tensor and
@@ -68,6 +67,7 @@ def test_demo_step_settings_match_one_device():
     losses, _, _ = train_utils.run_steps(config, train_utils.mesh_for(config, shape),
                                          num_steps=3, params=factory.initial_params)
     np.testing.assert_allclose(losses, reference, rtol=1e-5, err_msg=f'mesh {shape}')
+
 
 def _free_port():
   with socket.socket() as s:
