@@ -11,6 +11,12 @@ default foreach implementation, `torch.get_num_threads()` threads). lvm runs the
 training loop's own step (`lvm.train.train_step`: loss + grad + AdamW from
 `lvm.optim`), jitted with the state donated.
 
+Precision follows the config: `cpu_small.py` is float32 on both sides;
+`cpu_small.py:dtype=bfloat16` is mixed precision on both sides (float32 weights and
+optimizer; lvm computes in bfloat16 as on an accelerator, transformers runs under
+`torch.autocast('cpu', bfloat16)`). Both use the CPU's bfloat16 matrix units where it
+has them (AMX, AVX512-BF16).
+
 Timing interleaves the two in blocks of `--block` steps for `--rounds` rounds, so
 machine load hits both alike; the first step of each block is dropped (it pays for
 the other framework's thread pool going idle). Prints the medians, spreads, and the
@@ -44,9 +50,12 @@ _THREADS = flags.DEFINE_integer('threads', 0, 'Threads per framework (0: their d
 _ONE_THREAD_XLA = '--xla_cpu_multi_thread_eigen=false intra_op_parallelism_threads=1'
 
 
-
 def torch_step_fn(config, params, batch):
   """(step() -> loss, initial loss): transformers LLaVA loaded with lvm's parameters."""
+  if config.model.dtype not in ('float32', 'bfloat16') or config.model.param_dtype != 'float32':
+    raise ValueError('the side-by-side runs float32 weights with float32 or bfloat16 compute; '
+                     f'got model.dtype={config.model.dtype!r}, '
+                     f'param_dtype={config.model.param_dtype!r}')
   import torch  # pylint: disable=g-import-not-at-top
   from transformers import LlavaForConditionalGeneration  # pylint: disable=g-import-not-at-top
   torch.manual_seed(0)
@@ -65,15 +74,21 @@ def torch_step_fn(config, params, batch):
   labels = torch.where(torch.from_numpy(batch['loss_mask']), input_ids, -100)
   attention_mask = torch.from_numpy(batch['attention_mask'].astype(np.int64))
 
+  # A bfloat16 lvm config (float32 weights, bfloat16 compute) meets transformers' own mixed
+  # precision: float32 weights under CPU autocast, as the HF Trainer's `bf16=True` runs it.
+  autocast = lambda: torch.autocast('cpu', dtype=torch.bfloat16,
+                                    enabled=config.model.dtype == 'bfloat16')
+
   def step():
     opt.zero_grad(set_to_none=True)
-    out = model(input_ids=input_ids, pixel_values=pixel_values, attention_mask=attention_mask,
-                labels=labels)
+    with autocast():
+      out = model(input_ids=input_ids, pixel_values=pixel_values,
+                  attention_mask=attention_mask, labels=labels)
     out.loss.backward()
     opt.step()
     return float(out.loss.detach())
 
-  with torch.no_grad():
+  with torch.no_grad(), autocast():
     loss0 = float(model(input_ids=input_ids, pixel_values=pixel_values,
                         attention_mask=attention_mask, labels=labels).loss)
   return step, loss0, torch.get_num_threads()

@@ -43,13 +43,16 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> j
 
 def apply_rope(x, positions, inv_freq):
   """Rotates x[B, T, H, Dh] by positions int[B, T] (the rotate-half convention)."""
+  b, t, h, dh = x.shape
   freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-  freqs = jnp.concatenate([freqs, freqs], axis=-1)[:, :, None, :]
-  cos, sin = jnp.cos(freqs), jnp.sin(freqs)
-  x32 = x.astype(jnp.float32)
-  x1, x2 = jnp.split(x32, 2, axis=-1)
-  rotated = jnp.concatenate([-x2, x1], axis=-1)
-  return (x32 * cos + rotated * sin).astype(x.dtype)
+  cos = jnp.cos(freqs)[:, :, None, None, :]
+  sin = jnp.sin(freqs)[:, :, None, None, :]
+  sin = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2]
+  # The halves as an axis of 2 and rotate-half as its reversal: the same products and
+  # sums as concatenate([-x2, x1]), without a concatenate inside the elementwise loop.
+  x32 = x.astype(jnp.float32).reshape(b, t, h, 2, dh // 2)
+  out = x32 * cos + x32[..., ::-1, :] * sin
+  return out.reshape(b, t, h, dh).astype(x.dtype)
 
 
 class Attention(nn.Module):

@@ -41,20 +41,37 @@ def matmul_cpu_layouts(x, w):
     barrier (so it is not folded back into the dot) and the product is row-major.
   Same float32 products and sums as the plain dot; only the operand layouts differ.
   """
-  return jnp.dot(x, w)
+  return _dot(x, w)
+
+
+def _dot(a, b):
+  return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
 def _matmul_fwd(x, w):
-  return jnp.dot(x, w), (x, w)
+  return _dot(x, w), (x, w)
+
+
+def _row_major_t(a):
+  """a.T as a row-major copy XLA neither folds back into the dot nor lays out column-major."""
+  m, n = a.shape
+  return jax.lax.optimization_barrier(a.reshape(m, n, 1).transpose(1, 0, 2).reshape(n, m))
 
 
 def _matmul_bwd(res, g):
   x, w = res
-  dx = jnp.dot(g, w.T)
-  if x.shape[1] <= g.shape[1]:  # transpose the smaller operand
-    dw = jnp.dot(jax.lax.optimization_barrier(x.T), g)
+  if x.dtype == jnp.float32:
+    dx = _dot(g, w.T)
+    if x.shape[1] <= g.shape[1]:  # transpose the smaller operand
+      dw = _dot(jax.lax.optimization_barrier(x.T), g)
+    else:
+      dw = _dot(jax.lax.optimization_barrier(g.T), x).T
+    return dx, dw
+  dx = _dot(g, _row_major_t(w))
+  if x.shape[1] <= g.shape[1]:
+    dw = _dot(_row_major_t(x), g)
   else:
-    dw = jnp.dot(jax.lax.optimization_barrier(g.T), x).T
+    dw = _dot(_row_major_t(g), x).T
   return dx, dw
 
 
@@ -277,7 +294,8 @@ def _attention_fwd(q, k, v, mask, is_causal, scale):
   kv = k.shape[2]
   probs, keep = _attention_probs(q, k, mask, is_causal, scale)
   p = probs.astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', p, v).reshape(b, t, h, dh)
+  out = jnp.einsum('bkgts,bskd->btkgd', p, v, preferred_element_type=jnp.float32)
+  out = out.reshape(b, t, h, dh).astype(v.dtype)
   return out, (q, k, v, mask, p, out)
 
 
@@ -289,7 +307,7 @@ def _attention_bwd(is_causal, scale, res, d_out):
   qg = q.reshape(b, t, kv, g, dh)
   dog = d_out.reshape(b, t, kv, g, dh)
   f32 = jnp.promote_types(q.dtype, jnp.float32)
-  dv = jnp.einsum('bkgts,btkgd->bskd', p, dog).astype(v.dtype)
+  dv = jnp.einsum('bkgts,btkgd->bskd', p, dog, preferred_element_type=f32).astype(v.dtype)
   dp = jnp.einsum('btkgd,bskd->bkgts', dog, v, preferred_element_type=f32)
   delta = jnp.sum(dog.astype(f32) * out.reshape(b, t, kv, g, dh).astype(f32), axis=-1)
   delta = jnp.transpose(delta, (0, 2, 3, 1))[..., None]  # [B, K, G, T, 1]
@@ -300,8 +318,9 @@ def _attention_bwd(is_causal, scale, res, d_out):
   if mask is not None:
     ds = jnp.where(_keep_mask(mask, is_causal, b, kv, g, t, s), ds, 0.0)
   ds = ds.astype(q.dtype)
-  dq = jnp.einsum('bkgts,bskd->btkgd', ds, k).reshape(b, t, h, dh).astype(q.dtype)
-  dk = jnp.einsum('bkgts,btkgd->bskd', ds, qg).astype(k.dtype)
+  dq = jnp.einsum('bkgts,bskd->btkgd', ds, k, preferred_element_type=f32)
+  dq = dq.reshape(b, t, h, dh).astype(q.dtype)
+  dk = jnp.einsum('bkgts,btkgd->bskd', ds, qg, preferred_element_type=f32).astype(k.dtype)
   return dq, dk, dv, None
 
 
