@@ -121,7 +121,10 @@ class MLP(nn.Module):
       gate, up = layers.fused_dense(x, projections, split_axis=1)
     else:
       gate, up = (p(x) for p in projections)
-    h = nn.with_logical_constraint(jax.nn.silu(gate) * up, ('batch', 'length', 'act_mlp'))
+    # SiLU in float32, rounded once to the compute dtype, as torch's bfloat16 kernel does
+    # (not once per neg / exp / add / divide); the product stays in the compute dtype.
+    act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+    h = nn.with_logical_constraint(act * up, ('batch', 'length', 'act_mlp'))
     h = checkpoint_name(h, 'mlp_hidden')
     return Dense(x.shape[-1], ('mlp',), ('embed',), name='down_proj', **kw)(h)
 
