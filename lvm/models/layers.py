@@ -262,65 +262,99 @@ def _keep_mask(mask, is_causal, b, kv, g, t, s):
   return keep
 
 
-def _attention_probs(q, k, mask, is_causal, scale):
-  """(probs float32[B, K, G, T, S], keep mask or None): what jax.nn's 'xla' path computes."""
-  b, t, h, dh = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = h // kv
-  logits = jnp.einsum('btkgd,bskd->bkgts', q.reshape(b, t, kv, g, dh), k,
-                      preferred_element_type=jnp.promote_types(q.dtype, jnp.float32))
-  logits = logits * jnp.array(scale, dtype=logits.dtype)
+def _permuted_copy(x, perm):
+  """x.transpose(perm) as a row-major copy that XLA keeps (see `_row_major_t`)."""
+  y = x.reshape(*x.shape, 1).transpose(*perm, x.ndim)
+  return jax.lax.optimization_barrier(y.reshape(y.shape[:-1]))
+
+
+def _heads_major(x, g):
+  """[B, T, K*G, Dh] -> [B, K, G*T, Dh]: each kv head's queries (G heads x T) as rows."""
+  b, t, h, dh = x.shape
+  x = _permuted_copy(x.reshape(b, t, h // g, g, dh), (0, 2, 3, 1, 4))
+  return x.reshape(b, h // g, g * t, dh)
+
+
+def _tokens_major(x, g):
+  """The inverse of `_heads_major`: [B, K, G*T, Dh] -> [B, T, K*G, Dh]."""
+  b, kv, gt, dh = x.shape
+  x = _permuted_copy(x.reshape(b, kv, g, gt // g, dh), (0, 3, 1, 2, 4))
+  return x.reshape(b, gt // g, kv * g, dh)
+
+
+def _bdot(a, b_, out_dtype):
+  """Batched [..., M, K] @ [..., K, N] over the leading two dims, accumulated in float32."""
+  out = jax.lax.dot_general(a, b_, (((3,), (2,)), ((0, 1), (0, 1))),
+                            preferred_element_type=jnp.float32)
+  return out.astype(out_dtype)
+
+
+def _attention_probs(qh, kt, mask, is_causal, scale, g):
+  """float32 softmax of the scaled, masked logits [B, K, G*T, S] (as jax.nn's 'xla' path),
+  and the keep mask as [B|1, K|1, G|1, T, S] (None: keep everything)."""
+  b, kv, gt, _ = qh.shape
+  t, s = gt // g, kt.shape[-1]
+  logits = _bdot(qh, kt, jnp.float32) * jnp.float32(scale)
   keep = _keep_mask(mask, is_causal, b, kv, g, t, s)
   if keep is not None:
     large_negative = -0.7 * float(jnp.finfo(jnp.float32).max)
-    logits = jnp.where(keep, logits, jnp.asarray(large_negative, logits.dtype))
-  return jax.nn.softmax(logits.astype(jnp.float32), axis=-1), keep
+    logits = jnp.where(keep, logits.reshape(b, kv, g, t, s), large_negative)
+    logits = logits.reshape(b, kv, gt, s)
+  return jax.nn.softmax(logits, axis=-1), keep
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(4, 5))
 def attention_cpu(q, k, v, mask, is_causal, scale):
-  """jax.nn.dot_product_attention's 'xla' math with a flash-style backward.
+  """jax.nn.dot_product_attention's 'xla' math laid out for XLA's CPU dots.
 
-  The forward is the same computation (f32 softmax of the scaled, masked logits).
-  The backward uses dS = P * (dP - rowsum(dO * O)) instead of differentiating the
-  softmax graph, which on CPU was several passes over [B, H, T, S] (divisions, a
-  reduction and broadcasts per layer; docs/performance.md).
+  The same computation as the 'xla' path (float32 softmax of the scaled, masked logits;
+  the dots accumulate in float32), with two differences, both measured on the CPU side by
+  side (docs/performance.md):
+  - Layout: q, k, v are copied once into heads-major row-major operands (each kv head's G
+    query heads stacked as rows, k also as [Dh, S]), so every dot is a plain batched
+    [M, K] @ [K, N]. The [T, S] score matrices are never transposed: where a product
+    needs one transposed, the small [T, Dh] operand is transposed instead (dV^T = dO^T P,
+    dK^T = Q^T dS). Left to itself XLA transposed scores and heads around every dot,
+    and on bfloat16 a dot with a column-major operand leaves the bf16 matrix units.
+  - Backward: dS = P * (dP - rowsum(dO * O)) instead of differentiating the softmax graph.
   """
   return _attention_fwd(q, k, v, mask, is_causal, scale)[0]
 
 
 def _attention_fwd(q, k, v, mask, is_causal, scale):
-  b, t, h, dh = q.shape
-  kv = k.shape[2]
-  probs, keep = _attention_probs(q, k, mask, is_causal, scale)
+  g = q.shape[2] // k.shape[2]
+  qh = _heads_major(q, g)                              # [B, K, G*T, Dh]
+  kt = _permuted_copy(k, (0, 2, 3, 1))                 # [B, K, Dh, S]
+  vh = _permuted_copy(v, (0, 2, 1, 3))                 # [B, K, S, Dh]
+  probs, _ = _attention_probs(qh, kt, mask, is_causal, scale, g)
   p = probs.astype(v.dtype)
-  out = jnp.einsum('bkgts,bskd->btkgd', p, v, preferred_element_type=jnp.float32)
-  out = out.reshape(b, t, h, dh).astype(v.dtype)
-  return out, (q, k, v, mask, p, out)
+  out_h = _bdot(p, vh, v.dtype)                        # [B, K, G*T, Dh]
+  return _tokens_major(out_h, g), (qh, kt, vh, mask, p, out_h)
 
 
 def _attention_bwd(is_causal, scale, res, d_out):
-  q, k, v, mask, p, out = res
-  b, t, h, dh = q.shape
-  s, kv = k.shape[1], k.shape[2]
-  g = h // kv
-  qg = q.reshape(b, t, kv, g, dh)
-  dog = d_out.reshape(b, t, kv, g, dh)
-  f32 = jnp.promote_types(q.dtype, jnp.float32)
-  dv = jnp.einsum('bkgts,btkgd->bskd', p, dog, preferred_element_type=f32).astype(v.dtype)
-  dp = jnp.einsum('btkgd,bskd->bkgts', dog, v, preferred_element_type=f32)
-  delta = jnp.sum(dog.astype(f32) * out.reshape(b, t, kv, g, dh).astype(f32), axis=-1)
-  delta = jnp.transpose(delta, (0, 2, 3, 1))[..., None]  # [B, K, G, T, 1]
+  qh, kt, vh, mask, p, out_h = res
+  b, kv, gt, dh = qh.shape
+  s = kt.shape[-1]
+  g = d_out.shape[2] // kv
+  dt = qh.dtype
+  f32 = jnp.promote_types(dt, jnp.float32)
+  doh = _heads_major(d_out.astype(dt), g)              # [B, K, G*T, Dh]
+  dvt = _bdot(_permuted_copy(doh, (0, 1, 3, 2)), p, f32)  # dV^T [B, K, Dh, S]
+  dp = _bdot(doh, _permuted_copy(vh, (0, 1, 3, 2)), f32)  # [B, K, G*T, S]
+  delta = jnp.sum(doh.astype(f32) * out_h.astype(f32), axis=-1, keepdims=True)
   ds = p.astype(f32) * (dp - delta) * jnp.array(scale, f32)
   # Masked keys have p == 0 exactly, so ds == 0 there already, unless a query row has
   # no key at all (then softmax spreads it uniformly and the where zeroes the gradient,
   # as autodiff of the masked logits does). A causal mask alone keeps the diagonal.
   if mask is not None:
-    ds = jnp.where(_keep_mask(mask, is_causal, b, kv, g, t, s), ds, 0.0)
-  ds = ds.astype(q.dtype)
-  dq = jnp.einsum('bkgts,bskd->btkgd', ds, k, preferred_element_type=f32)
-  dq = dq.reshape(b, t, h, dh).astype(q.dtype)
-  dk = jnp.einsum('bkgts,btkgd->bskd', ds, qg, preferred_element_type=f32).astype(k.dtype)
+    keep = _keep_mask(mask, is_causal, b, kv, g, gt // g, s)
+    ds = jnp.where(keep, ds.reshape(b, kv, g, gt // g, s), 0.0).reshape(b, kv, gt, s)
+  ds = ds.astype(dt)
+  dq = _tokens_major(_bdot(ds, _permuted_copy(kt, (0, 1, 3, 2)), dt), g)
+  dkt = _bdot(_permuted_copy(qh, (0, 1, 3, 2)), ds, f32)  # dK^T [B, K, Dh, S]
+  dk = _permuted_copy(dkt, (0, 3, 1, 2)).astype(dt)    # [B, S, K, Dh]
+  dv = _permuted_copy(dvt, (0, 3, 1, 2)).astype(dt)
   return dq, dk, dv, None
 
 
