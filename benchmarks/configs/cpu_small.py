@@ -8,7 +8,9 @@ and 64 text tokens per row, 63 of them supervised targets). Every parameter is t
 (stage 'full') so that the transformers step it is compared with computes the same loss
 and gradients. lvm runs the LM head only at the 63 scored positions of a row
 (`train.max_scored_tokens`; `cpu_small.py:scored=0` runs it at all 128, as transformers
-does); the FLOP count follows.
+does); the FLOP count follows. `cpu_small.py:dtype=bfloat16` computes in bfloat16 with
+float32 weights and AdamW state (mixed precision; the side-by-side then runs transformers
+under CPU autocast).
 """
 
 from configs import common

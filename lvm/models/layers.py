@@ -39,12 +39,17 @@ def matmul_cpu_layouts(x, w):
     activation gradient into a slow strided loop; for the LM head the [B*L, V] logits
     gradient). Here the smaller of x and g is transposed behind an optimization
     barrier (so it is not folded back into the dot) and the product is row-major.
-  Same float32 products and sums as the plain dot; only the operand layouts differ.
+  - bfloat16 operands: every dot accumulates in float32 and is cast after, and every
+    transposed operand is a row-major copy (`_row_major_t`). XLA's CPU runs a bf16 dot on
+    its bf16 kernels (AMX / AVX512-BF16 where the CPU has them) only in that form; any
+    other bf16 dot is converted to float32 first and runs slower than a float32 one.
+  In float32, the same products and sums as the plain dot; only the layouts differ.
   """
   return _dot(x, w)
 
 
 def _dot(a, b):
+  """a @ b accumulated in float32, in a's dtype."""
   return jnp.dot(a, b, preferred_element_type=jnp.float32).astype(a.dtype)
 
 
@@ -53,7 +58,9 @@ def _matmul_fwd(x, w):
 
 
 def _row_major_t(a):
-  """a.T as a row-major copy XLA neither folds back into the dot nor lays out column-major."""
+  """a.T as a row-major copy that XLA neither folds back into the dot nor lays out
+  column-major (a plain transpose becomes a column-major view, and the barrier alone does
+  not change that; through a trailing unit axis it stays a real copy)."""
   m, n = a.shape
   return jax.lax.optimization_barrier(a.reshape(m, n, 1).transpose(1, 0, 2).reshape(n, m))
 
