@@ -14,39 +14,56 @@ from typing import Any
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lvm.models import layers
 from lvm.models.layers import Dense, RMSNorm
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> jnp.ndarray:
-  """Inverse frequencies float32[Dh/2], with transformers' 'linear' and 'llama3' scaling."""
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, head_dim, 2, dtype=jnp.float32) / head_dim))
+def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
+  """Inverse frequencies float32[Dh/2], with transformers' 'linear' and 'llama3' scaling.
+
+  numpy: they depend only on the config, so the RoPE tables of a forward without a cache
+  are constants of the compiled program (`rope_tables`).
+  """
+  inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)))
+  inv_freq = inv_freq.astype(np.float32)
   if not scaling:
     return inv_freq
   kind = scaling.get('type', scaling.get('rope_type'))
-  factor = float(scaling['factor'])
+  factor = np.float32(scaling['factor'])
   if kind == 'linear':
     return inv_freq / factor
   if kind == 'llama3':
-    low, high = float(scaling['low_freq_factor']), float(scaling['high_freq_factor'])
-    old_len = float(scaling['original_max_position_embeddings'])
-    wavelen = 2 * math.pi / inv_freq
-    scaled = jnp.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
+    low, high = np.float32(scaling['low_freq_factor']), np.float32(scaling['high_freq_factor'])
+    old_len = np.float32(scaling['original_max_position_embeddings'])
+    wavelen = np.float32(2 * math.pi) / inv_freq
+    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
     smooth = (old_len / wavelen - low) / (high - low)
     smoothed = (1 - smooth) * scaled / factor + smooth * scaled
     medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return jnp.where(medium, smoothed, scaled)
+    return np.where(medium, smoothed, scaled).astype(np.float32)
   raise ValueError(f"Unknown rope_scaling type {kind!r}; supported: 'linear', 'llama3'")
 
 
-def apply_rope(x, positions, inv_freq):
-  """Rotates x[B, T, H, Dh] by positions int[B, T] (the rotate-half convention)."""
+def rope_tables(positions, inv_freq):
+  """(cos, sin) float32[B, T, Dh/2] of positions int[B, T], once for every layer.
+
+  With numpy positions (a forward without a cache) the tables are numpy too: constants
+  that a fused RoPE loop reads, where computed in the graph XLA's CPU loops re-evaluated
+  cos and sin for every element of q and k (docs/performance.md).
+  """
+  xp = np if isinstance(positions, np.ndarray) else jnp
+  freqs = positions[..., None].astype(xp.float32) * inv_freq
+  return xp.cos(freqs), xp.sin(freqs)
+
+
+def apply_rope(x, cos, sin):
+  """Rotates x[B, T, H, Dh] by `rope_tables` (the rotate-half convention)."""
   b, t, h, dh = x.shape
-  freqs = positions[..., None].astype(jnp.float32) * inv_freq  # [B, T, Dh/2]
-  cos = jnp.cos(freqs)[:, :, None, None, :]
-  sin = jnp.sin(freqs)[:, :, None, None, :]
+  cos = jnp.asarray(cos)[:, :, None, None, :]
+  sin = jnp.asarray(sin)[:, :, None, None, :]
   sin = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2]
   # The halves as an axis of 2 and rotate-half as its reversal: the same products and
   # sums as concatenate([-x2, x1]), without a concatenate inside the elementwise loop.
@@ -59,8 +76,6 @@ class Attention(nn.Module):
   heads: int
   kv_heads: int
   head_dim: int
-  rope_theta: float
-  rope_scaling: Any = None  # tuple of (key, value) pairs, or None
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
@@ -69,8 +84,8 @@ class Attention(nn.Module):
   norm_eps: float = 1e-5
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, cache_index):
-    """x float[B, T, D] -> (float[B, T, D], updated layer cache or None)."""
+  def __call__(self, x, rope, mask, cache, cache_index):
+    """x float[B, T, D], rope (cos, sin) -> (float[B, T, D], updated layer cache or None)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     projections = [
         Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
@@ -86,9 +101,7 @@ class Attention(nn.Module):
     if self.qk_norm:  # per head, before RoPE (as Qwen3's q_norm / k_norm)
       q = RMSNorm(self.norm_eps, axes=('head_dim',), name='q_norm', **kw)(q)
       k = RMSNorm(self.norm_eps, axes=('head_dim',), name='k_norm', **kw)(k)
-    inv_freq = rope_inv_freq(self.head_dim, self.rope_theta,
-                             dict(self.rope_scaling) if self.rope_scaling else None)
-    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', None))
     q, k, v = checkpoint_name(q, 'query'), checkpoint_name(k, 'key'), checkpoint_name(v, 'value')
     new_cache = None
@@ -134,8 +147,6 @@ class DecoderBlock(nn.Module):
   kv_heads: int
   head_dim: int
   mlp_dim: int
-  rope_theta: float
-  rope_scaling: Any
   norm_eps: float
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
@@ -144,14 +155,14 @@ class DecoderBlock(nn.Module):
   qk_norm: bool = False
 
   @nn.compact
-  def __call__(self, x, positions, mask, cache, cache_index):
+  def __call__(self, x, rope, mask, cache, cache_index):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
-    h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim, self.rope_theta,
-                             self.rope_scaling, attention_impl=self.attention_impl,
+    h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim,
+                             attention_impl=self.attention_impl,
                              fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
                              norm_eps=self.norm_eps, name='self_attn',
-                             **kw)(h, positions, mask, cache, cache_index)
+                             **kw)(h, rope, mask, cache, cache_index)
     x = x + h
     h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
                         'normed')
@@ -197,8 +208,7 @@ class Decoder(nn.Module):
                                                      ('vocab', 'embed')),
         (self.vocab_size, self.width), self.param_dtype)
     block_kw = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.resolved_head_dim,
-                    mlp_dim=self.mlp_dim, rope_theta=self.rope_theta,
-                    rope_scaling=self.rope_scaling, norm_eps=self.norm_eps, dtype=self.dtype,
+                    mlp_dim=self.mlp_dim, norm_eps=self.norm_eps, dtype=self.dtype,
                     param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                     fuse_projections=self.fuse_projections, qk_norm=self.qk_norm)
     block = layers.stack_blocks(
@@ -249,7 +259,13 @@ class Decoder(nn.Module):
       cache_index = jnp.zeros((), jnp.int32)
     start = 0 if cache is None else cache_index
     if positions is None:
-      positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (b, t))
+      if cache is None:  # static: numpy, so the RoPE tables are constants
+        positions = np.arange(t, dtype=np.int32)[None]
+      else:
+        positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
+    rope = rope_tables(positions, rope_inv_freq(
+        self.resolved_head_dim, self.rope_theta,
+        dict(self.rope_scaling) if self.rope_scaling else None))
     mask = None
     if cache is not None or attention_mask is not None:
       s = t if cache is None else cache['k'].shape[2]
@@ -258,12 +274,12 @@ class Decoder(nn.Module):
       if attention_mask is not None:
         mask = mask & attention_mask[:, None, None, :].astype(bool)
     if self.scan_layers:
-      x, new_cache = self.layers(x, positions, mask, cache, cache_index)
+      x, new_cache = self.layers(x, rope, mask, cache, cache_index)
     else:
       new_layers = []
       for i, block in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, layer_cache = block(x, positions, mask, layer_cache, cache_index)
+        x, layer_cache = block(x, rope, mask, layer_cache, cache_index)
         new_layers.append(layer_cache)
       new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
     if logit_positions is not None:

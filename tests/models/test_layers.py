@@ -78,8 +78,10 @@ def test_rope_is_rotate_half():
   freqs = np.concatenate([freqs, freqs], -1)[:, :, None]
   rotated = np.concatenate([-x[..., 4:], x[..., :4]], -1)
   want = x * np.cos(freqs) + rotated * np.sin(freqs)
-  got = decoder_lib.apply_rope(jnp.asarray(x), jnp.asarray(positions), jnp.asarray(inv_freq))
-  np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+  for xp in (np, jnp):  # numpy tables (constants) and traced ones
+    tables = decoder_lib.rope_tables(xp.asarray(positions), inv_freq)
+    got = decoder_lib.apply_rope(jnp.asarray(x), *tables)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_first_argmax_is_argmax_with_ties():
