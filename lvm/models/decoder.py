@@ -50,9 +50,10 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
 def rope_tables(positions, inv_freq):
   """(cos, sin) float32[B, T, Dh/2] of positions int[B, T], once for every layer.
 
-  With numpy positions (a forward without a cache) the tables are numpy too: constants
-  that a fused RoPE loop reads, where computed in the graph XLA's CPU loops re-evaluated
-  cos and sin for every element of q and k (docs/performance.md).
+  With numpy positions (a forward without a cache) the tables are numpy too, constants
+  of the compiled program. Computed in the graph, XLA fused them into the rotation and
+  its CPU loops evaluated cos and sin again for every element of q and k, in every layer
+  (docs/performance.md, "Third round").
   """
   xp = np if isinstance(positions, np.ndarray) else jnp
   freqs = positions[..., None].astype(xp.float32) * inv_freq
