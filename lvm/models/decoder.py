@@ -50,21 +50,21 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> n
 def rope_tables(positions, inv_freq):
   """(cos, sin) float32[B, T, Dh/2] of positions int[B, T], once for every layer.
 
-  With numpy positions (a forward without a cache) the tables are numpy too, constants
-  of the compiled program. Computed in the graph, XLA fused them into the rotation and
+  With numpy positions (a forward without a cache) the tables are computed in numpy,
+  constants of the compiled program. Computed in the graph, XLA fused them into the rotation and
   its CPU loops evaluated cos and sin again for every element of q and k, in every layer
   (docs/performance.md, "Third round").
   """
   xp = np if isinstance(positions, np.ndarray) else jnp
   freqs = positions[..., None].astype(xp.float32) * inv_freq
-  return xp.cos(freqs), xp.sin(freqs)
+  return jnp.asarray(xp.cos(freqs)), jnp.asarray(xp.sin(freqs))
 
 
 def apply_rope(x, cos, sin):
   """Rotates x[B, T, H, Dh] by `rope_tables` (the rotate-half convention)."""
   b, t, h, dh = x.shape
-  cos = jnp.asarray(cos)[:, :, None, None, :]
-  sin = jnp.asarray(sin)[:, :, None, None, :]
+  cos = cos[:, :, None, None, :]
+  sin = sin[:, :, None, None, :]
   sin = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2]
   # The halves as an axis of 2 and rotate-half as its reversal: the same products and
   # sums as concatenate([-x2, x1]), without a concatenate inside the elementwise loop.
