@@ -163,7 +163,7 @@ class TpuLauncher:
   def remote_command(self, command: list[str]) -> str:
     # No multi-host flags: on a pod jax.distributed.initialize() finds the coordinator and
     # this worker's id from the TPU metadata by itself.
-    return f'cd {self.repo_dir} && {shlex.join(command)}'
+    return f'cd {_shell_path(self.repo_dir)} && {shlex.join(command)}'
 
   def command(self, command: list[str]) -> str:
     parts = ['gcloud compute tpus tpu-vm ssh', _shell_word(self.name),
@@ -179,6 +179,33 @@ def _shell_word(x: str) -> str:
   if x.startswith('$') and x[1:].replace('_', '').isalnum():
     return f'"{x}"'
   return shlex.quote(x)
+
+
+def _shell_path(path: str) -> str:
+  """Quotes a path for the shell; a leading `~/` stays outside the quotes so the remote
+  shell still expands it to the worker's home."""
+  if path == '~':
+    return path
+  if path.startswith('~/'):
+    return '~/' + shlex.quote(path[2:])
+  return _shell_word(path)
+
+
+def _sbatch_line(option: str, value=None) -> str:
+  """`#SBATCH --option=value` (or `#SBATCH --flag` without a value). A value with spaces
+  or other shell characters is double-quoted: sbatch strips the quotes, so it stays one
+  argument; a newline or a double quote
+  could start a new directive or end the quoting early, and is refused."""
+  for part in (option, '' if value is None else str(value)):
+    if any(c in part for c in '\n\r"'):
+      raise ValueError(f'sbatch option {option}={value!r} contains a newline or a double quote')
+  if not option.startswith('-') or any(c.isspace() for c in option):
+    raise ValueError(f'sbatch option {option!r} must be one word starting with -')
+  if value is None:
+    return f'#SBATCH {option}'
+  value = str(value)
+  plain = value and all(c.isalnum() or c in '_.,:/%@+=-' for c in value)
+  return f'#SBATCH {option}={value}' if plain else f'#SBATCH {option}="{value}"'
 
 
 @dataclasses.dataclass
@@ -206,18 +233,19 @@ class SlurmLauncher:
   extra_sbatch: Sequence[str] = ()
 
   def script(self, command: list[str], job_name: str, workdir: str) -> str:
-    lines = ['#!/bin/bash', f'#SBATCH --job-name={job_name}', f'#SBATCH --nodes={self.nodes}',
-             '#SBATCH --ntasks-per-node=1', f'#SBATCH --gpus-per-node={self.gpus_per_node}',
-             f'#SBATCH --output={workdir}/slurm-%j.out']
+    lines = ['#!/bin/bash', _sbatch_line('--job-name', job_name),
+             _sbatch_line('--nodes', int(self.nodes)), '#SBATCH --ntasks-per-node=1',
+             _sbatch_line('--gpus-per-node', int(self.gpus_per_node)),
+             _sbatch_line('--output', f'{workdir}/slurm-%j.out')]
     if self.cpus_per_task:
-      lines.append(f'#SBATCH --cpus-per-task={self.cpus_per_task}')
-    if self.time:
-      lines.append(f'#SBATCH --time={self.time}')
-    if self.partition:
-      lines.append(f'#SBATCH --partition={self.partition}')
-    if self.account:
-      lines.append(f'#SBATCH --account={self.account}')
-    lines += [f'#SBATCH {x}' for x in self.extra_sbatch]
+      lines.append(_sbatch_line('--cpus-per-task', int(self.cpus_per_task)))
+    for option, value in (('--time', self.time), ('--partition', self.partition),
+                          ('--account', self.account)):
+      if value:
+        lines.append(_sbatch_line(option, value))
+    for extra in self.extra_sbatch:  # '--qos=high' or '--exclusive'
+      option, sep, value = extra.partition('=')
+      lines.append(_sbatch_line(option, value if sep else None))
     repo = self.repo_dir or sweep_lib.REPO_ROOT
     # Every task runs the same command; the per-task id is expanded inside the task, so
     # the inner command is single-quoted for `bash -c`.
@@ -233,7 +261,7 @@ class SlurmLauncher:
         'COORDINATOR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | awk \'NR == 1\'):'
         f'{self.port}"',
         'export COORDINATOR',
-        f'srun --nodes={self.nodes} --ntasks-per-node=1 bash -c {shlex.quote(inner)}',
+        f'srun --nodes={int(self.nodes)} --ntasks-per-node=1 bash -c {shlex.quote(inner)}',
     ]
     return '\n'.join(lines) + '\n'
 

@@ -231,3 +231,33 @@ def test_experiment_names_resolve():
   assert sweep_lib.load_sweep(FIXTURE).name == 'fixture'
   with pytest.raises(SystemExit):
     run_lib.main([FIXTURE, '--launcher=gke', '--workdir=/tmp/x'])
+
+
+def test_launchers_quote_every_interpolated_value(tmp_path):
+  """Issue 27 item 10: a `;` or a space in --repo_dir or the workdir never runs as a shell
+  command on the workers, and the sbatch output path stays one argument."""
+  from experiments import launchers  # pylint: disable=g-import-not-at-top
+  tpu = launchers.TpuLauncher(name='pod', zone='z', repo_dir='/opt/my lvm; touch HACKED')
+  remote = tpu.remote_command(['python3', '-m', 'lvm.main'])
+  env = dict(os.environ, HOME=str(tmp_path))
+  # Run only the `cd` part in a shell: it must fail on the missing folder, and run nothing.
+  cd = remote.partition(' && ')[0]
+  proc = subprocess.run(['bash', '-c', cd], cwd=tmp_path, env=env, capture_output=True)
+  assert proc.returncode != 0 and not (tmp_path / 'HACKED').exists()
+  assert shlex.split(cd) == ['cd', '/opt/my lvm; touch HACKED']
+  # `~/` still expands on the worker.
+  home = launchers.TpuLauncher(repo_dir='~/my lvm').remote_command(['true'])
+  (tmp_path / 'my lvm').mkdir()
+  out = subprocess.run(['bash', '-c', home.replace('&& true', '&& pwd')], env=env,
+                       capture_output=True, text=True, check=True).stdout.strip()
+  assert out == str(tmp_path / 'my lvm')
+
+  slurm = launchers.SlurmLauncher(partition='gpu', extra_sbatch=('--qos=high', '--exclusive'))
+  script = slurm.script(['python', '-m', 'lvm.main'], 'job', '/runs/my sweep/a')
+  assert '#SBATCH --output="/runs/my sweep/a/slurm-%j.out"' in script
+  assert '#SBATCH --partition=gpu' in script and '#SBATCH --qos=high' in script
+  assert '#SBATCH --exclusive' in script
+  with pytest.raises(ValueError, match='newline'):
+    slurm.script(['python'], 'job', '/runs/a\n#SBATCH --uid=0')
+  with pytest.raises(ValueError, match='newline'):
+    launchers.SlurmLauncher(account='x"y').script(['python'], 'job', '/runs/a')
