@@ -405,7 +405,7 @@ def _check_optimizer(p: registry.Problems, config):
   if not isinstance(warmup, int) or warmup < 0:
     p.add('optimizer.warmup_steps', f'must be an integer >= 0, got {warmup!r}', 'use 0 or more')
   for key in ('optimizer.weight_decay', 'optimizer.clip_norm'):
-    value = _get(config, key, 0.0)
+    value = _get(config, key)
     if not isinstance(value, (int, float)) or value < 0:
       p.add(key, f'must be >= 0, got {value!r}', 'use 0 to turn it off')
 
