@@ -14,7 +14,8 @@ import ml_collections
 
 from lvm import registry
 
-# Mean/std of the two tower families, in [0, 1] pixel units (CLIPImageProcessor, SiglipImageProcessor).
+# Mean/std of the two tower families, in [0, 1] pixel units (CLIPImageProcessor,
+# SiglipImageProcessor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 SIGLIP_MEAN = (0.5, 0.5, 0.5)
@@ -92,7 +93,8 @@ def vision_config(kind='clip', **overrides):
   # Index into the hidden states (embeddings, layer 1, ..., layer depth), or a list of them to
   # concatenate; typed `object` so both `=-1` and `=[-3,-1]` work as overrides.
   c.feature_layer = ml_collections.FieldReference(-2, field_type=object)
-  c.select = 'patch'  # patch: drop the class token (if any) | all | drop_first (HF 'default' on SigLIP)
+  # patch: drop the class token (if any) | all | drop_first (HF 'default' on SigLIP)
+  c.select = 'patch'
   c.update(overrides)
   return c
 
@@ -141,7 +143,7 @@ def get_config(arg=None):
   config.model.dtype = 'bfloat16'  # compute
   config.model.param_dtype = 'float32'  # storage
   config.model.scan_layers = True
-  config.model.remat_policy = 'none'  # layers.REMAT_POLICIES: none | full | dots | dots_no_batch ...
+  config.model.remat_policy = 'none'  # layers.REMAT_POLICIES: none | full | dots | ...
   config.model.attention_impl = 'xla'  # xla | cudnn | auto (None: jax picks)
   # Cast the decoder layers' weights to `dtype` once before the layer loop, not in every layer
   # (and again in the remat recompute). Same forward values; costs a `dtype` copy of them.

@@ -2,11 +2,12 @@
 
 The TFDS manual directory (`config.data.manual_dir`) holds one or more JSON files (a list of
 `{id, image: path | [paths] (optional), conversations: [{from, value}]}`) and the images,
-whose paths are relative to `config.data.llava_json.image_folder` (default: the manual dir itself; an
-`images/` subfolder is tried too). Every problem is handled at prepare time: fixable images are
-converted (grey, RGBA, CMYK, palette, 16 bit, wrong extension, oversized), the rest of the
-samples are skipped with a count and a reason in the prepare log (`prepare_report.json`), never
-a crash. A `config.data.llava_json.validation_fraction` of samples (by a hash of the id) forms the validation split.
+whose paths are relative to `config.data.llava_json.image_folder` (default: the manual dir
+itself; an `images/` subfolder is tried too). Every problem is handled at prepare time: fixable
+images are converted (grey, RGBA, CMYK, palette, 16 bit, wrong extension, oversized), the rest
+of the samples are skipped with a count and a reason in the prepare log
+(`prepare_report.json`), never a crash. A `config.data.llava_json.validation_fraction` of
+samples (by a hash of the id) forms the validation split.
 """
 
 import collections
