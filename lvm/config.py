@@ -230,6 +230,34 @@ def get_config(arg=None):
   return config
 
 
+# Keys of configs saved before the dataset settings had groups of their own (checkpoints'
+# config.json): old `config.data.` key -> (group, key).
+_MOVED = {**{f'shapes_{k}': ('shapes', k) for k in ('train', 'validation', 'test', 'seed',
+                                                     'image_size', 'turns', 'vocab_size')},
+          **{k: ('llava_json', k) for k in ('json_files', 'image_folder', 'validation_fraction')}}
+
+
+def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """A saved config in today's layout: moved data keys go to their dataset's group.
+
+  For configs read back from a run (e.g. `lvm.checkpoint.load_config`) that were written
+  before `config.data.shapes.*` / `config.data.llava_json.*`; a current config is returned
+  as is (copied). Groups the saved config lacks get their registered defaults.
+  """
+  config = ml_collections.ConfigDict(config.to_dict())
+  data = config.get('data')
+  if data is None:
+    return config
+  for kind in registry.DATASET.kinds():
+    if kind.defaults is not None and kind.name not in data:
+      data[kind.name] = ml_collections.ConfigDict(kind.defaults())
+  for old, (group, key) in _MOVED.items():
+    if old in data:
+      data[group][key] = data[old]
+      del data[old]
+  return config
+
+
 def _dataset_groups(data):
   """Adds `data.<name>`, each registered dataset's own settings, with its defaults."""
   for kind in registry.DATASET.kinds():

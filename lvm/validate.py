@@ -31,10 +31,11 @@ from lvm.data import images
 # The families whose kind a config selects; each kind brings its own `check`. A new kind is
 # registered where it is implemented, never listed here.
 FAMILIES = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
-            registry.DATASET, registry.TEMPLATE)
+            registry.MATMUL, registry.DATASET, registry.TEMPLATE)
 # TEMPORARY (until the models/kernels branch registers its kinds): these families are still
 # checked by `_legacy_model_checks`. Delete this tuple and that function when merging it.
-_UNREGISTERED = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION)
+_UNREGISTERED = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
+                 registry.MATMUL)
 
 # Names of settings that are not kinds of a registry family.
 SELECTS = ('patch', 'all', 'drop_first')

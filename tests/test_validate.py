@@ -233,3 +233,19 @@ def test_boolean_colon_arg_accepts_only_booleans():
       tiny.get_config(f'scan={word}')
   with pytest.raises(ValueError, match="Config arg kv_heads='two' is not int"):
     tiny.get_config('kv_heads=two')
+
+
+def test_saved_configs_of_the_old_layout_upgrade_to_dataset_groups():
+  """A run's config.json written before config.data.shapes.* validates once upgraded."""
+  from lvm import config as lvm_config  # pylint: disable=g-import-not-at-top
+  raw = tiny.get_config().to_dict()
+  del raw['data']['shapes'], raw['data']['llava_json']
+  raw['data'].update(shapes_train=96, shapes_turns=2, shapes_vocab_size=0,
+                     validation_fraction=0.25)
+  config = lvm_config.upgrade(ml_collections.ConfigDict(raw))
+  assert 'shapes_train' not in config.data and 'validation_fraction' not in config.data
+  assert (config.data.shapes.train, config.data.shapes.turns) == (96, 2)
+  assert config.data.shapes.test == 1000  # not saved: the registered default
+  assert config.data.llava_json.validation_fraction == 0.25
+  validate.validate_config(config, 8)
+  assert lvm_config.upgrade(tiny.get_config()).to_dict() == tiny.get_config().to_dict()
