@@ -7,7 +7,7 @@ Point `config.data.manual_dir` at the LLaVA-format data, `config.data.tokenizer`
 decoder's tokenizer, and `config.init` at transformers checkpoints (see README).
 """
 
-from configs import common
+from lvm import config as base
 
 SIZES = {
     # Vicuna v1.5 = LLaMA-2 shapes.
@@ -17,15 +17,15 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='7b', stage='finetune')
+  arg = base.parse_arg(arg, size='7b', stage='finetune')
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
   if arg.stage not in ('pretrain', 'finetune'):
     raise ValueError(f"stage must be 'pretrain' or 'finetune', got {arg.stage!r}")
-  config = common.get_config()
-  config.model.vision = common.vision_config('clip')  # CLIP ViT-L/14-336, hidden state -2
-  config.model.projector = common.projector_config('mlp2x_gelu')
-  config.model.decoder = common.decoder_config(**SIZES[arg.size])
+  config = base.get_config()
+  config.model.vision = base.vision_config('clip')  # CLIP ViT-L/14-336, hidden state -2
+  config.model.projector = base.projector_config('mlp2x_gelu')
+  config.model.decoder = base.decoder_config(**SIZES[arg.size])
   config.model.dtype = 'bfloat16'
   config.model.remat_policy = 'full'
 
@@ -50,4 +50,5 @@ def get_config(arg=None):
     config.train.batch_size = 128
     config.optimizer.lr = 2e-5
     config.init.kind = 'checkpoint'  # the stage-1 run's workdir
+  config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

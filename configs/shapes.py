@@ -32,22 +32,22 @@ rate it lost the colour signal that a linear probe reads off its random-init fea
 72%).
 """
 
-from configs import common
+from lvm import config as base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, steps=1500, train=20000, batch_size=32, data_dir='',
-                         vision_lr=1e-4, pos_full_lr=True)
-  config = common.get_config()
+  arg = base.parse_arg(arg, steps=1500, train=20000, batch_size=32, data_dir='',
+                       vision_lr=1e-4, pos_full_lr=True)
+  config = base.get_config()
 
   # 48 px images, 8 px patches -> a 6x6 patch grid; the pixel-shuffle projector folds each
   # 2x2 block into one token: 9 visual tokens per image, one per cell of the scenes' 3x3
   # grid, which keeps both the tower and the decoder's sequence short.
-  config.model.vision = common.vision_config(
+  config.model.vision = base.vision_config(
       'clip', image_size=48, patch_size=8, width=128, depth=2, heads=4, mlp_dim=256,
       feature_layer=-1)
-  config.model.projector = common.projector_config('downsample_mlp')
-  config.model.decoder = common.decoder_config(
+  config.model.projector = base.projector_config('downsample_mlp')
+  config.model.decoder = base.decoder_config(
       vocab_size=512, width=128, depth=4, heads=8, kv_heads=8, mlp_dim=384, qk_norm=True)
   config.model.image_token_id = 510
   config.model.pad_token_id = 511
@@ -67,12 +67,12 @@ def get_config(arg=None):
   config.data.caption_prompt = 'What shapes are there?'
   config.data.seq_len = 104  # the longest training sample (4 objects + caption) is 97
   config.data.image_aspect = 'pad'
-  config.data.shapes_train = arg.train
-  config.data.shapes_validation = 500
-  config.data.shapes_test = 1000
-  config.data.shapes_seed = 0
-  config.data.shapes_image_size = 64
-  config.data.shapes_turns = 3
+  config.data.shapes.train = arg.train
+  config.data.shapes.validation = 500
+  config.data.shapes.test = 1000
+  config.data.shapes.seed = 0
+  config.data.shapes.image_size = 64
+  config.data.shapes.turns = 3
 
   config.train.stage = 'full'  # from scratch: everything trains
   config.train.batch_size = arg.batch_size
@@ -101,4 +101,5 @@ def get_config(arg=None):
   config.mesh.data = -1
   config.checkpoint.interval = 200
   config.checkpoint.keep = 2
+  config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

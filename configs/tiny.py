@@ -3,17 +3,17 @@
 `configs/tiny.py:seq_len=64,kv_heads=2,scan=0`
 """
 
-from configs import common
+from lvm import config as base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, seq_len=64, kv_heads=2, scan=True, batch_size=8, dataset='shapes')
-  config = common.get_config()
+  arg = base.parse_arg(arg, seq_len=64, kv_heads=2, scan=True, batch_size=8, dataset='shapes')
+  config = base.get_config()
 
-  config.model.vision = common.vision_config(
+  config.model.vision = base.vision_config(
       'clip', image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64)
-  config.model.projector = common.projector_config('mlp2x_gelu')
-  config.model.decoder = common.decoder_config(
+  config.model.projector = base.projector_config('mlp2x_gelu')
+  config.model.decoder = base.decoder_config(
       vocab_size=512, width=64, depth=2, heads=4, kv_heads=arg.kv_heads, mlp_dim=128)
   config.model.image_token_id = 510
   config.model.pad_token_id = 511
@@ -34,4 +34,5 @@ def get_config(arg=None):
   config.mesh.data = -1
   config.checkpoint.interval = 2
   config.checkpoint.async_save = False
+  config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

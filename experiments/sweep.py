@@ -141,7 +141,7 @@ def load_config(spec: str) -> ml_collections.ConfigDict:
   if not os.path.exists(full):
     raise FileNotFoundError(f'no config file {full}')
   if REPO_ROOT not in sys.path:
-    sys.path.insert(0, REPO_ROOT)  # configs import `configs.common`
+    sys.path.insert(0, REPO_ROOT)  # config files import `lvm.config` (and `configs.*`)
   module = _import_file(full)
   return module.get_config(arg or None)
 

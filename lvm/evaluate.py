@@ -40,7 +40,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   Args:
     text_gen: a `lvm.generate.TextGenerator` for the run.
     config: the run's config (template, image preprocessing).
-    benchmark: a name in `lvm.eval.BENCHMARKS`.
+    benchmark: a registered benchmark name (`lvm.eval.names()`).
     data_dir: the benchmark's files in their official layout.
     out_dir: where answers.jsonl and score.json go.
     limit: > 0 keeps the first `limit` questions.
@@ -115,7 +115,7 @@ def _define_flags():
   from absl import flags  # pylint: disable=g-import-not-at-top
   flags.DEFINE_string('workdir', None, 'A training run directory (latest checkpoint).')
   flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (instead of --workdir).')
-  flags.DEFINE_string('benchmark', None, f'One of {sorted(benchmarks.BENCHMARKS)}.')
+  flags.DEFINE_string('benchmark', None, f'One of {list(benchmarks.names())}.')
   flags.DEFINE_string('data_dir', '', "The benchmark's files (unused by shapes).")
   flags.DEFINE_string('out_dir', None, 'Default: WORKDIR/eval/BENCHMARK (or BENCHMARK_stepN).')
   flags.DEFINE_integer('limit', 0, 'Only the first N questions (0: all).')

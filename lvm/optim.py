@@ -40,7 +40,7 @@ def trainable_regex(train_config) -> str:
   if stage != 'custom':
     raise ValueError(f'config.train.stage must be one of {sorted(STAGES)} or "custom", '
                      f'got {stage!r}')
-  pattern = train_config.get('trainable', '')
+  pattern = train_config.trainable
   if not pattern:
     raise ValueError('config.train.stage="custom" needs config.train.trainable: a regex over '
                      'parameter paths, e.g. "^projector/|^decoder/layers/".')
@@ -143,7 +143,7 @@ def make(opt_config, total_steps: int) -> tuple[optax.GradientTransformation, op
   if total_steps <= 0:
     raise ValueError(f'total_steps must be positive, got {total_steps}')
   base = schedule(opt_config, total_steps)
-  module_lr = dict(opt_config.get('module_lr', {}) or {})
+  module_lr = dict(opt_config.module_lr or {})
   for name, lr in module_lr.items():
     try:
       re.compile(name)

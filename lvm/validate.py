@@ -6,6 +6,10 @@ trainable pattern against the parameter tree (`jax.eval_shape` output, boxed or 
 Both raise one `ValueError` that lists every problem found, each line naming the config
 key and how to fix it, so that a mistyped sweep fails at once instead of after a
 compile or, worse, training the wrong thing.
+
+The schema is `lvm.config.get_config()`. For each registry family (`FAMILIES`) the selected
+kind must be registered, and its own `check` (registered beside it) runs; this module keeps no
+list of kind names.
 """
 
 import copy
@@ -17,22 +21,27 @@ import flax.linen as nn
 import jax
 import ml_collections
 
+from lvm import config as config_lib
 from lvm import models
 from lvm import optim
+from lvm import registry
 from lvm import sharding
+from lvm.data import images
 
-# Names the rest of the system accepts. Kept here (not imported from the modules that
-# implement them) only where those modules have no registry to ask.
-VISION_KINDS = ('clip', 'siglip')
-DECODER_KINDS = ('llama',)
+# The families whose kind a config selects; each kind brings its own `check`. A new kind is
+# registered where it is implemented, never listed here.
+FAMILIES = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
+            registry.MATMUL, registry.DATASET, registry.TEMPLATE)
+# TEMPORARY (until the models/kernels branch registers its kinds): these families are still
+# checked by `_legacy_model_checks`. Delete this tuple and that function when merging it.
+_UNREGISTERED = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
+                 registry.MATMUL)
+
+# Names of settings that are not kinds of a registry family.
 SELECTS = ('patch', 'all', 'drop_first')
-DATASETS = ('shapes', 'llava_json')
-TEMPLATES = ('plain', 'vicuna_v1', 'llama3')
-IMAGE_ASPECTS = ('pad', 'resize')
 STAGES = (*optim.STAGES, 'custom')
 SCHEDULES = ('cosine', 'linear', 'constant')
 OPTIMIZERS = ('adamw',)
-ATTENTION_IMPLS = ('xla', 'cudnn', 'auto')
 INIT_KINDS = ('random', 'hf', 'hf_parts', 'checkpoint')
 
 # Logical axis name -> the config dimensions that carry it, for the divisibility check
@@ -51,37 +60,23 @@ _FREE_FORM = ('optimizer.module_lr', 'model.decoder.rope_scaling', 'mesh.rules',
               'model.vision.feature_layer')
 
 
-def _get(config, dotted: str, default=None):
+def _get(config, dotted: str):
+  """The value at a dotted key, or None where the tree has no such key (not a default)."""
   node = config
   for part in dotted.split('.'):
     if node is None or not hasattr(node, 'get'):
-      return default
+      return None
     node = node.get(part, None)
-  return default if node is None else node
+  return node
 
 
-class _Problems:
-  """Collects `config.KEY: problem; fix` lines."""
-
-  def __init__(self):
-    self.lines = []
-
-  def add(self, key: str, problem: str, fix: str):
-    self.lines.append(f'config.{key}: {problem}. Fix: {fix}.')
-
-  def raise_if_any(self, what: str):
-    if self.lines:
-      raise ValueError(f'Invalid {what} ({len(self.lines)} problem(s)):\n  - '
-                       + '\n  - '.join(self.lines))
-
-
-def _choice(p: _Problems, config, key: str, allowed, extra: str = ''):
+def _choice(p: registry.Problems, config, key: str, allowed, extra: str = ''):
   value = _get(config, key)
   if value not in allowed:
     p.add(key, f'unknown value {value!r}', f'use one of {list(allowed)}{extra}')
 
 
-def _check_schema(p: _Problems, config, base, prefix=''):
+def _check_schema(p: registry.Problems, config, base, prefix=''):
   """Keys absent from the base tree, and values whose type differs from the base's."""
   for key in config.keys():
     path = f'{prefix}{key}'
@@ -90,7 +85,7 @@ def _check_schema(p: _Problems, config, base, prefix=''):
     if key not in base:
       close = [k for k in base.keys() if _similar(k, key)]
       hint = f'did you mean {prefix}{close[0]}?' if close else (
-          f'remove it, or add it with a default to configs/common.py; known keys under '
+          f'remove it, or add it with a default to lvm/config.py; known keys under '
           f'{prefix or "config."}: {sorted(base.keys())}')
       p.add(path, 'unknown key', hint)
       continue
@@ -136,7 +131,7 @@ def _similar(a: str, b: str) -> bool:
   return a[i + 1:] == b[i + 1:] or a[i:] == b[i + 1:] or a[i + 1:] == b[i:]
 
 
-def _mesh_sizes(p: _Problems, config, num_devices: int) -> dict[str, int] | None:
+def _mesh_sizes(p: registry.Problems, config, num_devices: int) -> dict[str, int] | None:
   try:
     shape = sharding.mesh_shape(config.mesh, num_devices)
   except (ValueError, TypeError, KeyError) as e:
@@ -148,13 +143,13 @@ def _mesh_sizes(p: _Problems, config, num_devices: int) -> dict[str, int] | None
   return dict(zip(sharding.MESH_AXES, shape))
 
 
-def _check_mesh_divisibility(p: _Problems, config, mesh: dict[str, int]):
+def _check_mesh_divisibility(p: registry.Problems, config, mesh: dict[str, int]):
   """Every dimension named by a rule must split evenly over the rule's mesh axes."""
   try:
     axis_rules = sharding.rules(config)
   except (TypeError, ValueError) as e:
     p.add('mesh.rules', f'not a list of (logical name, mesh axes) pairs ({e})',
-          'follow configs/common.py DEFAULT_RULES')
+          'follow lvm/config.py DEFAULT_RULES')
     return
   for name, axes in axis_rules:
     if name not in _LOGICAL_DIMS or axes is None:
@@ -177,20 +172,55 @@ def _check_mesh_divisibility(p: _Problems, config, mesh: dict[str, int]):
               f'choose {key} as a multiple of {split}, or make {axes_str} a divisor of {dim}')
 
 
-def _check_model(p: _Problems, config):
-  _choice(p, config, 'model.vision.kind', VISION_KINDS)
-  _choice(p, config, 'model.decoder.kind', DECODER_KINDS)
+def _check_kinds(p: registry.Problems, config) -> set[str]:
+  """Each family's selected kind is registered, and that kind's own check passes.
+
+  Returns:
+    The config keys naming an unregistered kind (checks that need those kinds skip).
+  """
+  bad = set()
+  for family in FAMILIES:
+    if family in _UNREGISTERED:
+      continue
+    name = _get(config, family.config_key)
+    try:
+      kind = family.get(name)
+    except ValueError:
+      p.add(family.config_key, f'{name!r} is not a registered {family.family}',
+            f'use one of {list(family.names())}')
+      bad.add(family.config_key)
+      continue
+    if kind.check is not None:
+      kind.check(config, p)
+  return bad
+
+
+def _legacy_model_checks(p: registry.Problems, config) -> set[str]:
+  """TEMPORARY: the model checks until lvm/models registers its kinds with their checks.
+
+  Delete this function (and `_UNREGISTERED`) when merging the models/kernels branch, whose
+  kinds' own `check`s replace it; `_check_kinds` then covers these families.
+
+  Returns:
+    The config keys naming an unknown kind.
+  """
+  bad = {key for key, allowed in (('model.vision.kind', ('clip', 'siglip')),
+                                  ('model.decoder.kind', ('llama',)))
+         if _get(config, key) not in allowed}
+  _choice(p, config, 'model.vision.kind', ('clip', 'siglip'))
+  _choice(p, config, 'model.decoder.kind', ('llama',))
   _choice(p, config, 'model.vision.select', SELECTS)
   for key in ('model.dtype', 'model.param_dtype'):
     _choice(p, config, key, tuple(models.DTYPES))
   _choice(p, config, 'model.remat_policy', tuple(_remat_policies()))
-  _choice(p, config, 'model.attention_impl', ATTENTION_IMPLS)
+  _choice(p, config, 'model.attention_impl', ('xla', 'cudnn', 'auto'))
   try:
     from lvm.models import projector  # pylint: disable=g-import-not-at-top
     projector.parse_kind(_get(config, 'model.projector.kind'))
   except (ValueError, TypeError) as e:
-    p.add('model.projector.kind', f'{e}',
-          "use 'linear', 'mlp2x_gelu' (LLaVA-1.5), 'downsample_mlp' or 'identity'")
+    # One line: the error names the kind and the valid ones.
+    p.add('model.projector.kind', f'{e}', 'pick one of those')
+    bad.add('model.projector.kind')
 
   v = config.model.vision
   _positive_ints(p, v, 'model.vision', ('image_size', 'patch_size', 'width', 'depth', 'heads',
@@ -205,8 +235,8 @@ def _check_model(p: _Problems, config):
   if _all_positive(v, ('depth',)):
     layers = models.feature_layers(v) if v.get('feature_layer') is not None else ()
     n = v.depth + 1
-    bad = [i for i in layers if not -n <= i < n]
-    if bad or not layers:
+    out_of_range = [i for i in layers if not -n <= i < n]
+    if out_of_range or not layers:
       p.add('model.vision.feature_layer', f'{v.get("feature_layer")!r} is out of range for a '
             f'tower of depth {v.depth} ({n} hidden states)',
             f'use indices in [-{n}, {n - 1}] (LLaVA-1.5: -2)')
@@ -231,6 +261,7 @@ def _check_model(p: _Problems, config):
               f'use an id below model.decoder.vocab_size={vocab}, or grow the vocabulary')
     if _get(config, 'model.image_token_id') == _get(config, 'model.pad_token_id'):
       p.add('model.pad_token_id', 'equals model.image_token_id', 'give padding its own id')
+  return bad
 
 
 def _remat_policies():
@@ -249,13 +280,9 @@ def _all_positive(node, keys) -> bool:
   return all(isinstance(node.get(k), int) and node.get(k) > 0 for k in keys)
 
 
-def _check_data(p: _Problems, config):
-  _choice(p, config, 'data.dataset', DATASETS)
-  _choice(p, config, 'data.template', _templates())
-  _choice(p, config, 'data.image_aspect', IMAGE_ASPECTS)
-  if _get(config, 'data.dataset') == 'llava_json' and not _get(config, 'data.manual_dir'):
-    p.add('data.manual_dir', "is empty but data.dataset is 'llava_json'",
-          'point it at the folder holding the LLaVA JSON file(s) and images')
+def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
+  """The data fields shared by every dataset (each dataset checks its own group)."""
+  _choice(p, config, 'data.image_aspect', images.ASPECTS)
   for key in ('data.image_mean', 'data.image_std'):
     value = _get(config, key)
     if not isinstance(value, (tuple, list)) or len(value) != 3:
@@ -281,8 +308,8 @@ def _check_data(p: _Problems, config):
   if not isinstance(seq_len, int) or seq_len < 2:
     p.add('data.seq_len', f'must be an integer >= 2, got {seq_len!r}', 'set a longer length')
     return
-  if _get(config, 'model.vision.kind') not in VISION_KINDS:
-    return  # Reported by _check_model; the token count is unknown.
+  if bad_kinds & {'model.vision.kind', 'model.projector.kind'}:
+    return  # Reported with the kind; the token count is unknown.
   try:
     # A bad dtype name is reported on its own; it does not change the token count.
     model_config = copy.deepcopy(config.model)
@@ -301,27 +328,14 @@ def _check_data(p: _Problems, config):
           f'and an answer), or use fewer visual tokens (larger patch, downsample_mlp)')
 
 
-def _templates():
-  """The data module's template names when it is importable, else the known list."""
-  try:
-    from lvm.data import templates  # pylint: disable=g-import-not-at-top
-  except Exception:  # pylint: disable=broad-except
-    return TEMPLATES
-  for name in ('TEMPLATES', 'NAMES'):
-    names = getattr(templates, name, None)
-    if names:
-      return tuple(names)
-  return TEMPLATES
-
-
-def _check_train(p: _Problems, config, mesh, num_processes: int):
+def _check_train(p: registry.Problems, config, mesh, num_processes: int):
   _choice(p, config, 'train.stage', STAGES)
   if _get(config, 'train.stage') == 'custom':
-    pattern = _get(config, 'train.trainable', '')
+    pattern = _get(config, 'train.trainable')
     if not pattern:
       p.add('train.trainable', "is empty but train.stage is 'custom'",
             "give a regex over '/'-joined parameter paths, e.g. '^projector/'")
-  pattern = _get(config, 'train.trainable', '')
+  pattern = _get(config, 'train.trainable')
   if pattern:
     try:
       re.compile(pattern)
@@ -329,7 +343,7 @@ def _check_train(p: _Problems, config, mesh, num_processes: int):
       p.add('train.trainable', f'{pattern!r} is not a valid regex ({e})', 'fix the regex')
 
   batch = _get(config, 'train.batch_size')
-  accum = _get(config, 'train.grad_accum_steps', 1)
+  accum = _get(config, 'train.grad_accum_steps')
   if not isinstance(batch, int) or batch <= 0:
     p.add('train.batch_size', f'must be a positive integer, got {batch!r}',
           'set the global batch size')
@@ -354,7 +368,7 @@ def _check_train(p: _Problems, config, mesh, num_processes: int):
     p.add('train.batch_size', f'{batch} is not divisible by the {num_processes} processes '
           '(each loads an equal slice)', f'use a multiple of {num_processes}')
 
-  scored = _get(config, 'train.max_scored_tokens', 0)
+  scored = _get(config, 'train.max_scored_tokens')
   seq_len = _get(config, 'data.seq_len')
   if not isinstance(scored, int) or scored < 0:
     p.add('train.max_scored_tokens', f'must be an integer >= 0, got {scored!r}',
@@ -379,25 +393,25 @@ def _check_train(p: _Problems, config, mesh, num_processes: int):
       p.add(key, f'must be an integer >= 0, got {value!r}', 'use 0 (only at the end) or more')
 
 
-def _check_optimizer(p: _Problems, config):
+def _check_optimizer(p: registry.Problems, config):
   _choice(p, config, 'optimizer.name', OPTIMIZERS)
   _choice(p, config, 'optimizer.schedule', SCHEDULES)
   lr = _get(config, 'optimizer.lr')
   if not isinstance(lr, (int, float)) or not lr > 0:
     p.add('optimizer.lr', f'must be positive, got {lr!r}', 'set a learning rate such as 2e-5')
-  ratio = _get(config, 'optimizer.warmup_ratio', 0.0)
+  ratio = _get(config, 'optimizer.warmup_ratio')
   if not isinstance(ratio, (int, float)) or not 0 <= ratio <= 1:
     p.add('optimizer.warmup_ratio', f'must be in [0, 1], got {ratio!r}', 'LLaVA-1.5 uses 0.03')
-  warmup = _get(config, 'optimizer.warmup_steps', 0)
+  warmup = _get(config, 'optimizer.warmup_steps')
   if not isinstance(warmup, int) or warmup < 0:
     p.add('optimizer.warmup_steps', f'must be an integer >= 0, got {warmup!r}', 'use 0 or more')
   for key in ('optimizer.weight_decay', 'optimizer.clip_norm'):
-    value = _get(config, key, 0.0)
+    value = _get(config, key)
     if not isinstance(value, (int, float)) or value < 0:
       p.add(key, f'must be >= 0, got {value!r}', 'use 0 to turn it off')
 
 
-def _check_checkpoint_and_init(p: _Problems, config):
+def _check_checkpoint_and_init(p: registry.Problems, config):
   interval = _get(config, 'checkpoint.interval')
   if not isinstance(interval, int) or interval <= 0:
     p.add('checkpoint.interval', f'must be a positive integer, got {interval!r}',
@@ -419,23 +433,23 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
   """Checks a full run config before anything is traced or compiled.
 
   Args:
-    config: the run's ConfigDict (configs/common.py tree).
+    config: the run's ConfigDict (the lvm/config.py tree).
     num_devices: the global device count the mesh must fill.
     num_processes: JAX processes; the global batch is split evenly between them.
 
   Raises:
     ValueError: listing every problem, each naming its `config.` key and the fix.
   """
-  p = _Problems()
-  from configs import common  # pylint: disable=g-import-not-at-top
-  _check_schema(p, config, common.get_config())
+  p = registry.Problems()
+  _check_schema(p, config, config_lib.get_config())
   # A broken tree makes the checks below misleading; report it alone.
   p.raise_if_any('config')
   mesh = _mesh_sizes(p, config, num_devices)
   if mesh is not None:
     _check_mesh_divisibility(p, config, mesh)
-  _check_model(p, config)
-  _check_data(p, config)
+  bad_kinds = _check_kinds(p, config)
+  bad_kinds |= _legacy_model_checks(p, config)
+  _check_data(p, config, bad_kinds)
   _check_train(p, config, mesh, num_processes)
   _check_optimizer(p, config)
   _check_checkpoint_and_init(p, config)

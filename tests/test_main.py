@@ -26,7 +26,7 @@ def test_shapes_run_writes_outputs_and_resumes(tmp_path):
   workdir = tmp_path / 'run'
   args = ['--config=configs/shapes.py:train=48,steps=3,batch_size=8',
           f'--workdir={workdir}', f'--config.data.data_dir={tmp_path / "data"}',
-          '--config.data.shapes_validation=8', '--config.data.shapes_test=8',
+          '--config.data.shapes.validation=8', '--config.data.shapes.test=8',
           '--config.model.vision.depth=1', '--config.model.decoder.depth=1',
           '--config.train.log_every=1', '--config.checkpoint.interval=2']
   out = _run(*args)

@@ -6,12 +6,12 @@ import ml_collections
 import numpy as np
 import pytest
 
-from configs import common
+from lvm import config as lvm_config
 from lvm import optim
 
 
 def _opt(**overrides):
-  c = common.get_config().optimizer
+  c = lvm_config.get_config().optimizer
   c.update(overrides)
   return c
 

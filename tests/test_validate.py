@@ -120,8 +120,8 @@ def test_sharded_dims_must_divide(overrides, key, value, split):
     ('model__projector__kind', 'conv', "Unknown projector kind 'conv'"),
     ('model__dtype', 'bf16', "config.model.dtype: unknown value 'bf16'"),
     ('model__param_dtype', 'fp32', "config.model.param_dtype: unknown value 'fp32'"),
-    ('data__template', 'vicuna', "config.data.template: unknown value 'vicuna'"),
-    ('data__dataset', 'coco', "config.data.dataset: unknown value 'coco'"),
+    ('data__template', 'vicuna', "config.data.template: 'vicuna' is not a registered template"),
+    ('data__dataset', 'coco', "config.data.dataset: 'coco' is not a registered dataset"),
     ('train__stage', 'align', "config.train.stage: unknown value 'align'"),
     ('optimizer__schedule', 'step', "config.optimizer.schedule: unknown value 'step'"),
     ('model__remat_policy', 'some', "config.model.remat_policy: unknown value 'some'"),
@@ -148,8 +148,13 @@ def test_custom_stage_needs_a_valid_regex():
 
 def test_unknown_keys_and_wrong_types():
   config = tiny.get_config()
-  config.train.batch_sise = 4
-  config.data.templat = 'plain'
+  # Configs come locked: a mistyped key fails where it is set...
+  with pytest.raises(AttributeError, match='Did you mean "batch_size"'):
+    config.train.batch_sise = 4
+  # ...and validation names it in a config that was not locked.
+  with config.unlocked():
+    config.train.batch_sise = 4
+    config.data.templat = 'plain'
   msg = _errors(config)
   assert 'config.train.batch_sise: unknown key. Fix: did you mean train.batch_size?' in msg
   assert 'did you mean data.template?' in msg
@@ -205,3 +210,42 @@ def test_trainable_pattern_matching_nothing(abstract_params):
   assert 'matches none of the' in msg and "'vision'" in msg and 'Fix:' in msg
   config = _tiny(train__stage='custom', train__trainable='lm_head')
   assert validate.validate_trainable(config, abstract_params) == ['decoder/lm_head/kernel']
+
+
+def test_unknown_projector_kind_is_one_line_naming_the_valid_kinds():
+  """Issue 27 item 12: it was reported twice, the second time with a misleading fix."""
+  msg = _errors(_tiny(model__projector__kind='conv'))
+  lines = [l for l in msg.splitlines() if l.strip().startswith('- ')]
+  assert len(lines) == 1, msg
+  assert lines[0].startswith("  - config.model.projector.kind: ") and "'conv'" in lines[0]
+  for kind in ('linear', 'downsample_mlp', 'identity'):
+    assert kind in lines[0]
+  assert 'visual tokens' not in msg and 'select' not in msg
+
+
+def test_boolean_colon_arg_accepts_only_booleans():
+  """Issue 27 item 9: `scan=ture` silently meant False."""
+  for word, want in (('true', True), ('TRUE', True), ('yes', True), ('1', True),
+                     ('false', False), ('No', False), ('0', False)):
+    assert tiny.get_config(f'scan={word}').model.scan_layers is want
+  for word in ('ture', 'fals', 'on', '', '2'):
+    with pytest.raises(ValueError, match=f"Config arg scan='{word}' is not a boolean"):
+      tiny.get_config(f'scan={word}')
+  with pytest.raises(ValueError, match="Config arg kv_heads='two' is not int"):
+    tiny.get_config('kv_heads=two')
+
+
+def test_saved_configs_of_the_old_layout_upgrade_to_dataset_groups():
+  """A run's config.json written before config.data.shapes.* validates once upgraded."""
+  from lvm import config as lvm_config  # pylint: disable=g-import-not-at-top
+  raw = tiny.get_config().to_dict()
+  del raw['data']['shapes'], raw['data']['llava_json']
+  raw['data'].update(shapes_train=96, shapes_turns=2, shapes_vocab_size=0,
+                     validation_fraction=0.25)
+  config = lvm_config.upgrade(ml_collections.ConfigDict(raw))
+  assert 'shapes_train' not in config.data and 'validation_fraction' not in config.data
+  assert (config.data.shapes.train, config.data.shapes.turns) == (96, 2)
+  assert config.data.shapes.test == 1000  # not saved: the registered default
+  assert config.data.llava_json.validation_fraction == 0.25
+  validate.validate_config(config, 8)
+  assert lvm_config.upgrade(tiny.get_config()).to_dict() == tiny.get_config().to_dict()

@@ -13,18 +13,18 @@ float32 weights and AdamW state (mixed precision; the side-by-side then runs tra
 under CPU autocast).
 """
 
-from configs import common
+from lvm import config as base
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32',
-                         scored=63, fuse=False)
-  config = common.get_config()
-  config.model.vision = common.vision_config(
+  arg = base.parse_arg(arg, batch_size=8, seq_len=128, scan=False, dtype='float32',
+                       scored=63, fuse=False)
+  config = base.get_config()
+  config.model.vision = base.vision_config(
       'clip', image_size=64, patch_size=8, width=128, depth=2, heads=4, mlp_dim=512,
       feature_layer=-1)
-  config.model.projector = common.projector_config('mlp2x_gelu')
-  config.model.decoder = common.decoder_config(
+  config.model.projector = base.projector_config('mlp2x_gelu')
+  config.model.decoder = base.decoder_config(
       vocab_size=8192, width=256, depth=4, heads=8, kv_heads=8, mlp_dim=928)
   config.model.image_token_id = 8190
   config.model.pad_token_id = 8191
@@ -46,4 +46,5 @@ def get_config(arg=None):
   config.mesh.data = 1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

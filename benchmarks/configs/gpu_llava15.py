@@ -21,7 +21,7 @@ inference timing (prefill = time to first token for an image + 64-token prompt:
 576 + 64 = 640 tokens).
 """
 
-from configs import common
+from lvm import config as base
 
 SIZES = {
     '1b': dict(width=2048, depth=16, heads=16, kv_heads=16, mlp_dim=5632),
@@ -34,14 +34,14 @@ SIZES = {
 
 
 def get_config(arg=None):
-  arg = common.parse_arg(arg, size='2b', batch_size=8, seq_len=2048, remat='dots_no_batch',
-                         attention='cudnn', scan=True, dtype='bfloat16', fuse=False)
+  arg = base.parse_arg(arg, size='2b', batch_size=8, seq_len=2048, remat='dots_no_batch',
+                       attention='cudnn', scan=True, dtype='bfloat16', fuse=False)
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
-  config = common.get_config()
-  config.model.vision = common.vision_config('clip')
-  config.model.projector = common.projector_config('mlp2x_gelu')
-  config.model.decoder = common.decoder_config(**SIZES[arg.size])
+  config = base.get_config()
+  config.model.vision = base.vision_config('clip')
+  config.model.projector = base.projector_config('mlp2x_gelu')
+  config.model.decoder = base.decoder_config(**SIZES[arg.size])
   config.model.dtype = arg.dtype
   config.model.param_dtype = 'float32'
   config.model.scan_layers = arg.scan
@@ -57,4 +57,5 @@ def get_config(arg=None):
   config.mesh.data = -1
   config.mesh.fsdp = 1
   config.mesh.tensor = 1
+  config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

@@ -1,22 +1,35 @@
 """Data: TFDS datasets (`shapes`, `llava_json`), templates, tokenizer, images, input pipeline.
 
-`prepare(config)` builds the dataset of `config.data.dataset` into `config.data.data_dir` if it
-is not there yet (idempotent; call it at every start).
+A dataset registers itself with `lvm.registry.DATASET` under its config name
+(`config.data.dataset`), with its own config group's defaults (`config.data.<name>`) and
+check. The registered object (the dataset's module for the built-in ones) has:
+  builder(config): its TFDS builder (prepared or not);
+  prepare(config): builds it into `config.data.data_dir` unless already built (idempotent);
+  own_tokenizer(config) -> path (optional): the tokenizer used when `config.data.tokenizer=''`;
+  summary(config) -> [str] (optional): what `python -m lvm.data` prints about it.
+
+`prepare(config)` builds the dataset of `config.data.dataset`; call it at every start.
 """
 
 import logging
 
+from lvm import registry
+# The modules that register datasets and templates (registry.DATASET / TEMPLATE import this
+# package before any lookup). None imports tensorflow at module level: `lvm.config` reads the
+# dataset defaults through them.
+from lvm.data import llava_json  # pylint: disable=unused-import
+from lvm.data import shapes  # pylint: disable=unused-import
+from lvm.data import templates  # pylint: disable=unused-import
+
+
+def dataset(config):
+  """The registered object of `config.data.dataset` (see the module docstring)."""
+  return registry.DATASET.get(config.data.dataset).obj
+
 
 def builder(config):
   """The TFDS builder of `config.data.dataset` (prepared or not)."""
-  name = config.data.dataset
-  if name == 'shapes':
-    from lvm.data import shapes  # pylint: disable=g-import-not-at-top
-    return shapes.builder(config)
-  if name == 'llava_json':
-    from lvm.data import llava_json  # pylint: disable=g-import-not-at-top
-    return llava_json.builder(config)
-  raise ValueError(f"config.data.dataset must be 'shapes' or 'llava_json', got {name!r}")
+  return dataset(config).builder(config)
 
 
 def prepare(config) -> None:
@@ -25,16 +38,9 @@ def prepare(config) -> None:
   shapes: also trains its SentencePiece tokenizer and writes the image-blind baseline.
   llava_json: writes `prepare_report.json` with the skipped/fixed counts by reason.
   """
-  name = config.data.dataset
-  if name == 'shapes':
-    from lvm.data import shapes  # pylint: disable=g-import-not-at-top
-    shapes.prepare(config)
-  elif name == 'llava_json':
-    from lvm.data import llava_json  # pylint: disable=g-import-not-at-top
-    llava_json.prepare(config)
-  else:
-    raise ValueError(f"config.data.dataset must be 'shapes' or 'llava_json', got {name!r}")
-  logging.info('data: %s ready in %s', name, config.data.data_dir or '~/tensorflow_datasets')
+  dataset(config).prepare(config)
+  logging.info('data: %s ready in %s', config.data.dataset,
+               config.data.data_dir or '~/tensorflow_datasets')
 
 
-__all__ = ['prepare', 'builder']
+__all__ = ['builder', 'dataset', 'prepare']

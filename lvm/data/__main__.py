@@ -8,8 +8,6 @@ shapes: prints the split sizes and the image-blind majority baseline per questio
 llava_json: prints the kept / fixed / skipped counts by reason (also in prepare_report.json).
 """
 
-import json
-
 from absl import app
 from ml_collections import config_flags
 
@@ -27,19 +25,8 @@ def main(argv):
   print(f'{config.data.dataset}: {b.data_dir}')
   for split in b.info.splits:
     print(f'  {split}: {pipeline.num_examples(config, split)} records')
-  if config.data.dataset == 'shapes':
-    from lvm.data import shapes  # pylint: disable=g-import-not-at-top
-    print(f'  tokenizer: {shapes.tokenizer_path(config)}')
-    for split, res in shapes.load_baseline(config).items():
-      print(f'  image-blind majority baseline ({split}): overall {res["overall"]:.3f}')
-      for qtype, r in res['per_type'].items():
-        print(f'    {qtype:9s} {r["accuracy"]:.3f}  (always {r["majority_answer"]!r})')
-  else:
-    from lvm.data import llava_json  # pylint: disable=g-import-not-at-top
-    report = llava_json.load_report(config)
-    print(f'  report: {llava_json.report_path(config)}')
-    print(json.dumps({k: report[k] for k in ('kept', 'text_only', 'fixed', 'skipped')},
-                     indent=1))
+  for line in getattr(data.dataset(config), 'summary', lambda _: [])(config):
+    print(f'  {line}')
 
 
 if __name__ == '__main__':

@@ -18,7 +18,7 @@ import concurrent.futures
 import numpy as np
 from PIL import Image
 
-from configs import common
+from lvm import config as config_lib
 from lvm.data import images
 
 _SIZE = flags.DEFINE_integer('size', 336, 'Output image side.')
@@ -48,7 +48,7 @@ def make_jpegs(num, seed=0):
 
 def run(jpegs, size, aspect, threads, repeats):
   """Best (wall samples/s, samples per CPU-second) over `repeats` passes."""
-  fn = lambda b: images.load(b, size, aspect, common.CLIP_MEAN, common.CLIP_STD)
+  fn = lambda b: images.load(b, size, aspect, config_lib.CLIP_MEAN, config_lib.CLIP_STD)
   best_wall = best_cpu = 0.0
   for _ in range(repeats):
     start, cpu = time.perf_counter(), time.process_time()

@@ -11,6 +11,8 @@ import warnings
 import numpy as np
 from PIL import Image
 
+# config.data.image_aspect: expand to a square with the mean colour first, or only resize + crop.
+ASPECTS = ('pad', 'resize')
 # Decompression-bomb guard: images above this many pixels are rejected before decoding.
 MAX_PIXELS = 64_000_000
 
@@ -129,7 +131,7 @@ def preprocess(im: Image.Image, size: int, aspect: str, mean, std) -> np.ndarray
   if aspect == 'pad':
     im = expand2square(im, mean_colour(mean))
   elif aspect != 'resize':
-    raise ValueError(f"config.data.image_aspect must be 'pad' or 'resize', got {aspect!r}")
+    raise ValueError(f'config.data.image_aspect must be one of {ASPECTS}, got {aspect!r}')
   a = center_crop(np.asarray(resize_shortest(im, size)), size)
   # (x / 255 - mean) / std as one multiply-add from uint8, with no float64 temporaries.
   scale = np.float32(1 / 255) / np.asarray(std, np.float32)

@@ -2,11 +2,12 @@
 
 The TFDS manual directory (`config.data.manual_dir`) holds one or more JSON files (a list of
 `{id, image: path | [paths] (optional), conversations: [{from, value}]}`) and the images,
-whose paths are relative to `config.data.image_folder` (default: the manual dir itself; an
-`images/` subfolder is tried too). Every problem is handled at prepare time: fixable images are
-converted (grey, RGBA, CMYK, palette, 16 bit, wrong extension, oversized), the rest of the
-samples are skipped with a count and a reason in the prepare log (`prepare_report.json`), never
-a crash. A `validation_fraction` of samples (by a hash of the id) forms the validation split.
+whose paths are relative to `config.data.llava_json.image_folder` (default: the manual dir
+itself; an `images/` subfolder is tried too). Every problem is handled at prepare time: fixable
+images are converted (grey, RGBA, CMYK, palette, 16 bit, wrong extension, oversized), the rest
+of the samples are skipped with a count and a reason in the prepare log
+(`prepare_report.json`), never a crash. A `config.data.llava_json.validation_fraction` of
+samples (by a hash of the id) forms the validation split.
 """
 
 import collections
@@ -16,10 +17,13 @@ import io
 import json
 import logging
 import os
+import sys
 
 from PIL import Image
 
+from lvm import registry
 from lvm.data import images as images_lib
+from lvm.data import records
 from lvm.data import templates
 
 # Images with a longer side are downscaled at prepare time (storage and decode speed).
@@ -27,6 +31,26 @@ MAX_SIDE = 2048
 _FORMATS = {'.jpg': 'JPEG', '.jpeg': 'JPEG', '.png': 'PNG', '.gif': 'GIF', '.bmp': 'BMP',
             '.webp': 'WEBP', '.tif': 'TIFF', '.tiff': 'TIFF'}
 SPLITS = ('train', 'validation')
+
+
+def config_defaults() -> dict:
+  """`config.data.llava_json`: which files, where the images are, how much is held out."""
+  return dict(
+      json_files='',  # comma-separated, relative to data.manual_dir ('' = all *.json there)
+      image_folder='',  # relative to data.manual_dir ('' = the manual dir, or its images/)
+      validation_fraction=0.01,  # of samples (by a hash of the id) held out as validation
+  )
+
+
+def check_config(config, problems: registry.Problems):
+  """Faults of the llava_json settings (runs when `config.data.dataset='llava_json'`)."""
+  if not config.data.manual_dir:
+    problems.add('data.manual_dir', "is empty but data.dataset is 'llava_json'",
+                 'point it at the folder holding the LLaVA JSON file(s) and images')
+  frac = config.data.llava_json.validation_fraction
+  if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
+    problems.add('data.llava_json.validation_fraction', f'must be in [0, 1), got {frac!r}',
+                 'hold out a small fraction such as 0.01, or 0 for none')
 
 
 def data_dir(config) -> str:
@@ -42,22 +66,22 @@ def _manual_dir(config) -> str:
 
 
 def json_files(config) -> list[str]:
-  """The JSON files: `config.data.json_files` (comma separated, relative to manual_dir) or all."""
+  """The JSON files: `config.data.llava_json.json_files` (relative to manual_dir) or all."""
   d = _manual_dir(config)
-  names = config.data.get('json_files', '')
+  names = config.data.llava_json.json_files
   files = ([os.path.join(d, n) for n in names.split(',') if n] if names
            else sorted(glob.glob(os.path.join(d, '*.json'))))
   if not files:
     raise ValueError(f'No *.json file in config.data.manual_dir={d!r}.')
   for f in files:
     if not os.path.exists(f):
-      raise FileNotFoundError(f'config.data.json_files: {f} does not exist.')
+      raise FileNotFoundError(f'config.data.llava_json.json_files: {f} does not exist.')
   return files
 
 
 def image_folder(config) -> str:
   d = _manual_dir(config)
-  sub = config.data.get('image_folder', '')
+  sub = config.data.llava_json.image_folder
   return os.path.join(d, sub) if sub else d
 
 
@@ -70,7 +94,7 @@ def config_name(config) -> str:
 
 
 def validation_fraction(config) -> float:
-  return float(config.data.get('validation_fraction', 0.01))
+  return float(config.data.llava_json.validation_fraction)
 
 
 def report_path(config) -> str:
@@ -221,11 +245,6 @@ def scan(config, split, report):
       yield key, ex
 
 
-def features():
-  from lvm.data import shapes  # pylint: disable=g-import-not-at-top
-  return shapes.features()
-
-
 def builder(config, report=None):
   """The TFDS builder of the `llava_json` dataset of `config` (not prepared).
 
@@ -247,7 +266,7 @@ def builder(config, report=None):
     MANUAL_DOWNLOAD_INSTRUCTIONS = 'Set config.data.manual_dir to the LLaVA data folder.'
 
     def _info(self):
-      return self.dataset_info_from_configs(features=features(), description=__doc__)
+      return self.dataset_info_from_configs(features=records.features(), description=__doc__)
 
     def _split_generators(self, dl_manager):
       del dl_manager
@@ -288,3 +307,14 @@ def prepare(config):
     b.download_and_prepare()
     _write_report(report, report_path(config))
   return load_report(config)
+
+
+def summary(config) -> list[str]:
+  """Lines `python -m lvm.data` prints about a prepared dataset: the prepare report."""
+  report = load_report(config)
+  return [f'report: {report_path(config)}'] + json.dumps(
+      {k: report[k] for k in ('kept', 'text_only', 'fixed', 'skipped')}, indent=1).splitlines()
+
+
+registry.DATASET.register('llava_json', sys.modules[__name__], defaults=config_defaults,
+                          check=check_config)

@@ -87,9 +87,9 @@ class Processor:
   def __init__(self, config, tokenizer, num_image_tokens, train=False):
     d = config.data
     self.template, self.seq_len, self.max_images = d.template, d.seq_len, d.max_images
-    self.system = d.get('system_prompt')
+    self.system = d.system_prompt
     # Caption turns are a training target only: evaluation scores the dataset's own answers.
-    self.caption_prompt = d.get('caption_prompt', '') if train else ''
+    self.caption_prompt = d.caption_prompt if train else ''
     self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
     self.size = config.model.vision.image_size
     self.aspect, self.mean, self.std = d.image_aspect, tuple(d.image_mean), tuple(d.image_std)

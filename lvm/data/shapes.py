@@ -15,10 +15,13 @@ import io
 import json
 import logging
 import os
+import sys
 
 import numpy as np
 from PIL import Image, ImageDraw
 
+from lvm import registry
+from lvm.data import records
 from lvm.data import templates
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -57,20 +60,44 @@ class Settings:
     return getattr(self, split)
 
 
+def config_defaults() -> dict:
+  """`config.data.shapes`: the `Settings` fields, and the SentencePiece vocab size (0 = just
+  under the image/pad ids, min(image_token_id, pad_token_id, 512), so the ids fit below them)."""
+  return dict(dataclasses.asdict(Settings()), vocab_size=0)
+
+
+def check_config(config, problems: registry.Problems):
+  """Faults of `config.data.shapes` (runs when `config.data.dataset='shapes'`)."""
+  s = config.data.shapes
+  for key in ('train', 'image_size'):
+    if not isinstance(s[key], int) or s[key] < 1:
+      problems.add(f'data.shapes.{key}', f'must be a positive integer, got {s[key]!r}',
+                   'set a positive integer')
+  for key in ('validation', 'test', 'vocab_size'):
+    if not isinstance(s[key], int) or s[key] < 0:
+      problems.add(f'data.shapes.{key}', f'must be an integer >= 0, got {s[key]!r}',
+                   'use 0 or more')
+  if not isinstance(s.turns, int) or not 1 <= s.turns <= len(QUESTION_TYPES):
+    problems.add('data.shapes.turns', f'must be in [1, {len(QUESTION_TYPES)}], got {s.turns!r}',
+                 f'ask 1 to {len(QUESTION_TYPES)} questions (one per question type) per image')
+
+
 def settings(config) -> Settings:
-  """Settings from `config.data.shapes_*` keys (all optional)."""
-  d = config.data
-  return Settings(train=int(d.get('shapes_train', 20000)),
-                  validation=int(d.get('shapes_validation', 1000)),
-                  test=int(d.get('shapes_test', 1000)), seed=int(d.get('shapes_seed', 0)),
-                  image_size=int(d.get('shapes_image_size', 64)),
-                  turns=int(d.get('shapes_turns', 3)))
+  """Settings from `config.data.shapes`."""
+  s = config.data.shapes
+  return Settings(train=s.train, validation=s.validation, test=s.test, seed=s.seed,
+                  image_size=s.image_size, turns=s.turns)
 
 
 def vocab_size(config) -> int:
-  """SentencePiece vocab: `config.data.shapes_vocab_size`, 0 = just under the image/pad ids."""
-  v = int(config.data.get('shapes_vocab_size', 0))
-  return v or min(config.model.image_token_id, config.model.pad_token_id, 512)
+  """SentencePiece vocab: `config.data.shapes.vocab_size`, 0 = just under the image/pad ids."""
+  return (config.data.shapes.vocab_size
+          or min(config.model.image_token_id, config.model.pad_token_id, 512))
+
+
+def own_tokenizer(config) -> str:
+  """The tokenizer of a run with `config.data.tokenizer=''`: the one `prepare` trains."""
+  return tokenizer_path(config)
 
 
 def data_dir(config) -> str:
@@ -322,17 +349,6 @@ def load_baseline(config) -> dict:
 
 # --- TFDS builder ----------------------------------------------------------------------------
 
-def features():
-  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
-  return tfds.features.FeaturesDict({
-      'id': tfds.features.Text(),
-      'images': tfds.features.Sequence(tfds.features.Tensor(shape=(), dtype=np.object_)),
-      'conversations': tfds.features.Text(),  # JSON list of LLaVA turns
-      'caption': tfds.features.Text(),
-      'question_types': tfds.features.Text(),  # JSON list, one per answer
-  })
-
-
 def builder(config):
   """The TFDS builder of the `shapes` dataset of `config` (not prepared)."""
   import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
@@ -348,7 +364,7 @@ def builder(config):
 
     def _info(self):
       return self.dataset_info_from_configs(
-          features=features(), description=__doc__,
+          features=records.features(), description=__doc__,
           metadata=tfds.core.MetadataDict(settings=dataclasses.asdict(s)))
 
     def _split_generators(self, dl_manager):
@@ -379,3 +395,17 @@ def prepare(config):
     logging.info('shapes %s image-blind majority baseline: overall %.3f; %s', split,
                  res['overall'], per)
   return baseline
+
+
+def summary(config) -> list[str]:
+  """Lines `python -m lvm.data` prints about a prepared dataset: tokenizer and baselines."""
+  lines = [f'tokenizer: {tokenizer_path(config)}']
+  for split, res in load_baseline(config).items():
+    lines.append(f'image-blind majority baseline ({split}): overall {res["overall"]:.3f}')
+    for qtype, r in res['per_type'].items():
+      lines.append(f'  {qtype:9s} {r["accuracy"]:.3f}  (always {r["majority_answer"]!r})')
+  return lines
+
+
+registry.DATASET.register('shapes', sys.modules[__name__], defaults=config_defaults,
+                          check=check_config)

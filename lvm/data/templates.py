@@ -10,15 +10,18 @@ shifted, and the sample is rejected as `tokenization_mismatch` instead of traine
 
 Supervised tokens are exactly each assistant answer plus its end-of-turn token; BOS is added
 once, by the template, never by the tokenizer.
+
+A template is a `Template` registered with `lvm.registry.TEMPLATE` under its config name
+(`config.data.template`); `plain`, `vicuna_v1` and `llama3` are registered below.
 """
 
 import dataclasses
+from typing import Callable
 
 import numpy as np
 
+from lvm import registry
 from lvm.data.tokenizer import IMAGE_MARKER
-
-TEMPLATES = ('plain', 'vicuna_v1', 'llama3')
 
 VICUNA_SYSTEM = ('A chat between a curious user and an artificial intelligence assistant. '
                  "The assistant gives helpful, detailed, and polite answers to the user's "
@@ -39,16 +42,36 @@ class SampleError(ValueError):
 
 
 @dataclasses.dataclass(frozen=True)
-class _Chunk:
+class Chunk:
+  """A piece of a rendered conversation: text, one special id, or an image's slot."""
   kind: str  # text | id | image
   value: object = None
   supervised: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class Template:
+  """A conversation format.
+
+  Attributes:
+    chunks: `(pairs, tokenizer, system) -> [Chunk]`: pairs are (question, answer) texts, the
+      last answer None when rendering a prompt; `system` is the system prompt (None: the
+      template's own; '': none). The chunks start with BOS; answers are stripped and
+      supervised together with their end-of-turn token.
+    stop_strings: strings that end an assistant answer in generation (besides EOS).
+  """
+  chunks: Callable[..., list[Chunk]]
+  stop_strings: tuple[str, ...]
+
+
+def get(template: str) -> Template:
+  """The registered template named `template`; a ValueError naming the known ones if none."""
+  return registry.TEMPLATE.get(template).obj
+
+
 def stop_strings(template: str) -> tuple[str, ...]:
   """Strings that end an assistant answer in generation (besides the EOS id)."""
-  _check(template)
-  return {'plain': ('\n',), 'vicuna_v1': ('</s>',), 'llama3': ('<|eot_id|>',)}[template]
+  return get(template).stop_strings
 
 
 def count_images(turns) -> int:
@@ -74,13 +97,13 @@ def normalize_turns(turns) -> list[dict]:
   return turns
 
 
-def _split_images(text: str, supervised=False) -> list[_Chunk]:
+def _split_images(text: str, supervised=False) -> list[Chunk]:
   chunks = []
   for k, part in enumerate(text.split(IMAGE_MARKER)):
     if k:
-      chunks.append(_Chunk('image'))
+      chunks.append(Chunk('image'))
     if part:
-      chunks.append(_Chunk('text', part, supervised))
+      chunks.append(Chunk('text', part, supervised))
   return chunks
 
 
@@ -90,6 +113,53 @@ def _special(tokenizer, name):
     raise ValueError(f'The llama3 template needs the token {name!r}, which {tokenizer} lacks; '
                      'use a Llama-3 tokenizer (or the shapes tokenizer).')
   return i
+
+
+def _plain(pairs, tokenizer, system):
+  """Stage 1: the image(s), then the caption and a newline; the question text is dropped."""
+  del system  # plain has none
+  c = [Chunk('id', tokenizer.bos_id)]
+  for q, a in pairs:
+    c += [Chunk('image')] * q.count(IMAGE_MARKER)
+    if a is not None:
+      c.append(Chunk('text', a.strip() + '\n', True))
+  return c
+
+
+def _vicuna_v1(pairs, tokenizer, system):
+  """SYS USER: Q ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>"""
+  system = VICUNA_SYSTEM if system is None else system
+  prefix = system + ' ' if system else ''
+  c = [Chunk('id', tokenizer.bos_id)]
+  for q, a in pairs:
+    c += _split_images(prefix + 'USER: ' + q + ' ASSISTANT:')
+    if a is not None:
+      c += [Chunk('text', ' ' + a.strip(), True), Chunk('id', tokenizer.eos_id, True)]
+    prefix = ''
+  return c
+
+
+def _llama3(pairs, tokenizer, system):
+  """LLaVA-NeXT's conv_llava_llama_3: header-delimited turns, each ending with <|eot_id|>."""
+  bos, sh, eh, eot = (_special(tokenizer, n) for n in LLAMA3_SPECIALS)
+  system = LLAMA3_SYSTEM if system is None else system
+  c = [Chunk('id', bos)]
+  if system:
+    c += [Chunk('id', sh), Chunk('text', 'system'), Chunk('id', eh),
+          Chunk('text', '\n\n' + system), Chunk('id', eot)]
+  for q, a in pairs:
+    c += [Chunk('id', sh), Chunk('text', 'user'), Chunk('id', eh)]
+    c += _split_images('\n\n' + q)
+    c += [Chunk('id', eot), Chunk('id', sh), Chunk('text', 'assistant'), Chunk('id', eh),
+          Chunk('text', '\n\n')]
+    if a is not None:
+      c += [Chunk('text', a.strip(), True), Chunk('id', eot, True)]
+  return c
+
+
+registry.TEMPLATE.register('plain', Template(_plain, ('\n',)))
+registry.TEMPLATE.register('vicuna_v1', Template(_vicuna_v1, ('</s>',)))
+registry.TEMPLATE.register('llama3', Template(_llama3, ('<|eot_id|>',)))
 
 
 def _chunks(template, turns, tokenizer, prompt_only, system=None):
@@ -110,45 +180,12 @@ def _chunks(template, turns, tokenizer, prompt_only, system=None):
   for _, a in pairs:
     if a is not None and not a.strip():
       raise SampleError('empty_answer')
-  answer = lambda a: a.strip()
-  c = [_Chunk('id', tokenizer.bos_id)]
-  if template == 'plain':
-    # Stage 1: the image(s), then the caption and a newline; the question text is dropped.
-    for q, a in pairs:
-      c += [_Chunk('image')] * q.count(IMAGE_MARKER)
-      if a is not None:
-        c.append(_Chunk('text', answer(a) + '\n', True))
-  elif template == 'vicuna_v1':
-    # SYS USER: Q ASSISTANT: A</s>USER: Q2 ASSISTANT: A2</s>
-    system = VICUNA_SYSTEM if system is None else system
-    prefix = system + ' ' if system else ''
-    for q, a in pairs:
-      c += _split_images(prefix + 'USER: ' + q + ' ASSISTANT:')
-      if a is not None:
-        c += [_Chunk('text', ' ' + answer(a), True), _Chunk('id', tokenizer.eos_id, True)]
-      prefix = ''
-  elif template == 'llama3':
-    bos, sh, eh, eot = (_special(tokenizer, n) for n in LLAMA3_SPECIALS)
-    system = LLAMA3_SYSTEM if system is None else system
-    c = [_Chunk('id', bos)]
-    if system:
-      c += [_Chunk('id', sh), _Chunk('text', 'system'), _Chunk('id', eh),
-            _Chunk('text', '\n\n' + system), _Chunk('id', eot)]
-    for q, a in pairs:
-      c += [_Chunk('id', sh), _Chunk('text', 'user'), _Chunk('id', eh)]
-      c += _split_images('\n\n' + q)
-      c += [_Chunk('id', eot), _Chunk('id', sh), _Chunk('text', 'assistant'), _Chunk('id', eh),
-            _Chunk('text', '\n\n')]
-      if a is not None:
-        c += [_Chunk('text', answer(a), True), _Chunk('id', eot, True)]
-  else:
-    _check(template)
-  return c
+  return get(template).chunks(pairs, tokenizer, system)
 
 
 def _tokenize(chunks, tokenizer, num_image_tokens):
   ids, mask = [], []
-  run: list[_Chunk] = []
+  run: list[Chunk] = []
 
   def flush():
     text, prev = '', []
@@ -180,16 +217,11 @@ def _tokenize(chunks, tokenizer, num_image_tokens):
   return ids, mask
 
 
-def _check(template):
-  if template not in TEMPLATES:
-    raise ValueError(f'Unknown template {template!r}; known: {TEMPLATES}')
-
-
 def render(template: str, turns, tokenizer, num_image_tokens: int, system: str | None = None):
   """Ids and label mask of a conversation for training.
 
   Args:
-    template: one of TEMPLATES.
+    template: a registered template name (`lvm.registry.TEMPLATE`).
     turns: LLaVA turns, human first, alternating; `<image>` marks images.
     tokenizer: a `lvm.data.tokenizer.Tokenizer`.
     num_image_tokens: image-token ids each `<image>` expands to.
@@ -202,7 +234,7 @@ def render(template: str, turns, tokenizer, num_image_tokens: int, system: str |
     SampleError: with `.reason` (bad_roles, empty_answer, no_answer, tokenization_mismatch,
       no_supervised_tokens, ...).
   """
-  _check(template)
+  get(template)  # An unknown name fails before any sample is judged.
   turns = normalize_turns(turns)
   ids, mask = _tokenize(_chunks(template, turns, tokenizer, False, system), tokenizer,
                         num_image_tokens)
@@ -216,7 +248,7 @@ def render(template: str, turns, tokenizer, num_image_tokens: int, system: str |
 def render_prompt(template: str, turns, tokenizer, num_image_tokens: int,
                   system: str | None = None) -> np.ndarray:
   """Ids of `turns` (ending with a human turn) up to where the assistant answer starts."""
-  _check(template)
+  get(template)  # An unknown name fails before any sample is judged.
   turns = normalize_turns(turns)
   ids, _ = _tokenize(_chunks(template, turns, tokenizer, True, system), tokenizer,
                      num_image_tokens)

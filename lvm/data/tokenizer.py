@@ -112,18 +112,24 @@ def _hf_bos_eos(path, tok):
 
 
 def load(config) -> Tokenizer:
-  """The tokenizer of `config.data.tokenizer`, or the dataset's own ('' -> shapes' model)."""
+  """The tokenizer of `config.data.tokenizer`, or the dataset's own ('' -> e.g. shapes' model).
+
+  A dataset has a tokenizer of its own when its registered object has `own_tokenizer(config)`
+  (the path `lvm.data.prepare` writes it to).
+  """
+  from lvm import registry  # pylint: disable=g-import-not-at-top
   path = config.data.tokenizer
   if not path:
-    if config.data.dataset != 'shapes':
+    dataset = registry.DATASET.get(config.data.dataset).obj
+    if not hasattr(dataset, 'own_tokenizer'):
       raise ValueError(
           f'config.data.tokenizer is empty but dataset {config.data.dataset!r} has no '
           'tokenizer of its own; set it to a tokenizer.model or tokenizer.json path.')
-    from lvm.data import shapes  # pylint: disable=g-import-not-at-top
-    path = shapes.tokenizer_path(config)
+    path = dataset.own_tokenizer(config)
     if not os.path.exists(path):
       raise FileNotFoundError(
-          f'{path} does not exist: the shapes tokenizer is trained by lvm.data.prepare(config).')
+          f'{path} does not exist: the {config.data.dataset} tokenizer is trained by '
+          'lvm.data.prepare(config).')
   if not os.path.exists(path):
     raise FileNotFoundError(f'config.data.tokenizer={path!r} does not exist.')
   tok = Tokenizer(path, config.model.image_token_id, config.model.pad_token_id)

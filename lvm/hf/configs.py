@@ -8,7 +8,11 @@ import copy
 
 import ml_collections
 
-from configs import common
+from lvm import config as lvm_config
+
+# lvm/hf/__init__.py reads `hf_configs.common.projector_config`; drop this alias when it calls
+# lvm.config directly.
+common = lvm_config
 
 # transformers activation names <-> lvm's (lvm.models.layers.ACTIVATIONS).
 _ACT_FROM_HF = {'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
@@ -60,7 +64,7 @@ def vision_from_hf(vision_cfg: dict, feature_layer=-2, strategy='default'):
     raise ValueError(f'Unknown vision_feature_select_strategy {strategy!r}')
   # 'default' drops token 0: the class token for CLIP, but a real patch for SigLIP.
   select = 'all' if strategy == 'full' else ('patch' if kind == 'clip' else 'drop_first')
-  config = common.vision_config(
+  config = lvm_config.vision_config(
       kind, image_size=v['image_size'], patch_size=v['patch_size'], width=v['hidden_size'],
       depth=v['num_hidden_layers'], heads=v['num_attention_heads'],
       mlp_dim=v['intermediate_size'], norm_eps=v['layer_norm_eps'], select=select)
@@ -69,7 +73,7 @@ def vision_from_hf(vision_cfg: dict, feature_layer=-2, strategy='default'):
 
 
 def set_feature_layer(vision_config, feature_layer):
-  """Sets an int or a list (the field is typed `object` in configs/common.py)."""
+  """Sets an int or a list (the field is typed `object` in lvm/config.py)."""
   if isinstance(feature_layer, (list, tuple)):
     vision_config.feature_layer = [int(i) for i in feature_layer]
   else:
@@ -123,7 +127,7 @@ def decoder_from_hf(text_cfg: dict, tie_default=False):
   heads = t['num_attention_heads']
   head_dim = t.get('head_dim') or t['hidden_size'] // heads
   theta, scaling = _rope_from_hf(t)
-  return common.decoder_config(
+  return lvm_config.decoder_config(
       vocab_size=t['vocab_size'], width=t['hidden_size'], depth=t['num_hidden_layers'],
       heads=heads, kv_heads=t.get('num_key_value_heads') or heads,
       head_dim=0 if head_dim * heads == t['hidden_size'] else head_dim,
@@ -133,7 +137,7 @@ def decoder_from_hf(text_cfg: dict, tie_default=False):
 
 def model_config(vision, projector, decoder, image_token_id, pad_token_id, **overrides):
   """An lvm `config.model` from parts; float32 compute unless overridden."""
-  config = copy.deepcopy(common.get_config().model)
+  config = copy.deepcopy(lvm_config.get_config().model)
   config.vision, config.projector, config.decoder = vision, projector, decoder
   config.image_token_id = int(image_token_id)
   config.pad_token_id = int(pad_token_id)
@@ -156,7 +160,7 @@ def llava_from_hf(cfg: dict, **overrides):
   act = cfg.get('projector_hidden_act', 'gelu')
   if act not in _ACT_FROM_HF:
     raise ValueError(f'Unsupported projector_hidden_act {act!r}')
-  projector = common.projector_config(f'mlp2x_{_ACT_FROM_HF[act]}',
+  projector = lvm_config.projector_config(f'mlp2x_{_ACT_FROM_HF[act]}',
                                       bias=bool(cfg.get('multimodal_projector_bias', True)))
   decoder = decoder_from_hf(text_cfg, tie_default=cfg.get('tie_word_embeddings', False))
   image_token_id = cfg.get('image_token_id', cfg.get('image_token_index', 32000))

@@ -9,15 +9,20 @@ from configs import tiny
 
 
 def tiny_shapes_config(data_dir, **data):
-  """configs/tiny.py with a small shapes dataset in `data_dir`."""
+  """configs/tiny.py with a small shapes dataset in `data_dir`; `data`: config.data overrides,
+  dotted keys into sub-groups (`**{'shapes.vocab_size': 510}`)."""
   config = tiny.get_config()
   config.data.data_dir = str(data_dir)
-  config.data.shapes_train = 96
-  config.data.shapes_validation = 24
-  config.data.shapes_test = 24
+  config.data.shapes.train = 96
+  config.data.shapes.validation = 24
+  config.data.shapes.test = 24
   config.data.prefetch = 0
-  for k, v in data.items():
-    config.data[k] = v
+  for key, value in data.items():
+    *groups, last = key.split('.')
+    node = config.data
+    for g in groups:
+      node = node[g]
+    node[last] = value
   return config
 
 

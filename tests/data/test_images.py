@@ -6,7 +6,7 @@ import numpy as np
 from PIL import Image
 import pytest
 
-from configs import common
+from lvm import config as lvm_config
 from lvm.data import images
 
 
@@ -27,7 +27,7 @@ def test_matches_clip_image_processor(size, aspect):
   transformers = pytest.importorskip('transformers')
   processor_cls = getattr(transformers, 'CLIPImageProcessorPil', None) or (
       transformers.CLIPImageProcessor)
-  mean, std = common.CLIP_MEAN, common.CLIP_STD
+  mean, std = lvm_config.CLIP_MEAN, lvm_config.CLIP_STD
   processor = processor_cls(
       do_resize=True, size={'shortest_edge': 336}, resample=3, do_center_crop=True,
       crop_size={'height': 336, 'width': 336}, do_rescale=True, rescale_factor=1 / 255,
@@ -43,14 +43,14 @@ def test_matches_clip_image_processor(size, aspect):
 
 def test_pad_fills_with_mean_colour():
   im = Image.new('RGB', (40, 20), (255, 0, 0))
-  out = images.preprocess(im, 40, 'pad', common.CLIP_MEAN, common.CLIP_STD)
-  background = (np.array(images.mean_colour(common.CLIP_MEAN)) / 255 - common.CLIP_MEAN) / (
-      np.array(common.CLIP_STD))
+  out = images.preprocess(im, 40, 'pad', lvm_config.CLIP_MEAN, lvm_config.CLIP_STD)
+  background = (np.array(images.mean_colour(lvm_config.CLIP_MEAN)) / 255 - lvm_config.CLIP_MEAN) / (
+      np.array(lvm_config.CLIP_STD))
   np.testing.assert_allclose(out[0, 0], background, atol=1e-5)
-  np.testing.assert_allclose(out[20, 20], (np.array([1, 0, 0]) - common.CLIP_MEAN) /
-                             np.array(common.CLIP_STD), atol=1e-5)
+  np.testing.assert_allclose(out[20, 20], (np.array([1, 0, 0]) - lvm_config.CLIP_MEAN) /
+                             np.array(lvm_config.CLIP_STD), atol=1e-5)
   siglip = images.preprocess(Image.new('RGB', (8, 8), (255, 255, 255)), 8, 'resize',
-                             common.SIGLIP_MEAN, common.SIGLIP_STD)
+                             lvm_config.SIGLIP_MEAN, lvm_config.SIGLIP_STD)
   np.testing.assert_allclose(siglip, 1.0, atol=1e-6)
 
 
@@ -106,7 +106,7 @@ def test_load_is_decode_plus_preprocess():
   im = random_image(50, 30)
   data = encode(im)
   np.testing.assert_array_equal(
-      images.load(data, 32, 'pad', common.CLIP_MEAN, common.CLIP_STD),
-      images.preprocess(im, 32, 'pad', common.CLIP_MEAN, common.CLIP_STD))
+      images.load(data, 32, 'pad', lvm_config.CLIP_MEAN, lvm_config.CLIP_STD),
+      images.preprocess(im, 32, 'pad', lvm_config.CLIP_MEAN, lvm_config.CLIP_STD))
   with pytest.raises(ValueError, match='image_aspect'):
-    images.preprocess(im, 32, 'squash', common.CLIP_MEAN, common.CLIP_STD)
+    images.preprocess(im, 32, 'squash', lvm_config.CLIP_MEAN, lvm_config.CLIP_STD)

@@ -34,8 +34,8 @@ def test_supervised_text_is_the_answers(shapes_dir, template):
 def test_cli_json(shapes_dir):
   out = subprocess.run(
       [sys.executable, '-m', 'lvm.data.inspect', '--config=configs/tiny.py',
-       f'--config.data.data_dir={shapes_dir}', '--config.data.shapes_train=96',
-       '--config.data.shapes_validation=24', '--config.data.shapes_test=24',
+       f'--config.data.data_dir={shapes_dir}', '--config.data.shapes.train=96',
+       '--config.data.shapes.validation=24', '--config.data.shapes.test=24',
        '--config.data.seq_len=40', '--split=validation', '--num=2', '--json'],
       cwd=ROOT, env=dict(os.environ, PYTHONPATH=ROOT), capture_output=True, text=True,
       timeout=300, check=True)

@@ -95,7 +95,8 @@ def llava_config(tmp_path_factory):
   root = tmp_path_factory.mktemp('llava')
   expected = write_fixture(root / 'manual')
   config = tiny_shapes_config(root / 'tfds', dataset='llava_json',
-                              manual_dir=str(root / 'manual'), validation_fraction=0.0,
+                              manual_dir=str(root / 'manual'),
+                              **{'llava_json.validation_fraction': 0.0},
                               tokenizer=word_tokenizer(root))
   config.data.seq_len = 64
   return config, expected

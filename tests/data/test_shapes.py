@@ -140,7 +140,7 @@ def test_tokenizer_fits_the_tiny_model(shapes_dir):
   ids = tok.encode('What color is the circle? ASSISTANT: red')
   assert max(ids) < 510 and 0 not in ids  # No unknown pieces in the dataset's own text.
   assert tok.decode(ids) == 'What color is the circle? ASSISTANT: red'
-  bad = tiny_shapes_config(shapes_dir, shapes_vocab_size=510)
+  bad = tiny_shapes_config(shapes_dir, **{'shapes.vocab_size': 510})
   bad.model.image_token_id = 100
   with pytest.raises(ValueError, match='image_token_id=100'):
     tokenizer.load(bad)

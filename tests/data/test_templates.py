@@ -3,11 +3,13 @@
 import numpy as np
 import pytest
 
+from lvm import registry
 from lvm.data import templates
 from lvm.data.tokenizer import Tokenizer
 from tests.data.conftest import sp_tokenizer, word_tokenizer
 
 IMG, PAD = 100, 101
+SHIPPED = ('plain', 'vicuna_v1', 'llama3')
 TURNS = [{'from': 'human', 'value': 'What color is the circle?\n<image>'},
          {'from': 'gpt', 'value': 'red'},
          {'from': 'human', 'value': 'How many shapes are there?'},
@@ -53,7 +55,7 @@ def sp_tok(tmp_path_factory):
   return Tokenizer(sp_tokenizer(tmp_path_factory.mktemp('sp')), IMG, PAD)
 
 
-@pytest.mark.parametrize('template', templates.TEMPLATES)
+@pytest.mark.parametrize('template', SHIPPED)
 def test_golden_word_level(word_tok, template):
   ids, mask = templates.render(template, TURNS, word_tok, 3)
   want_ids, want_mask = GOLDEN_WORD[template]
@@ -62,7 +64,7 @@ def test_golden_word_level(word_tok, template):
   assert ids.dtype == np.int32 and mask.dtype == bool
 
 
-@pytest.mark.parametrize('template', templates.TEMPLATES)
+@pytest.mark.parametrize('template', SHIPPED)
 def test_supervised_is_answers_and_end_of_turn(word_tok, template):
   ids, mask = templates.render(template, TURNS, word_tok, 3)
   end = {'plain': '', 'vicuna_v1': '</s>', 'llama3': '<|eot_id|>'}[template]
@@ -101,8 +103,15 @@ def test_golden_sentencepiece_vicuna_last_round(sp_tok):
   assert ids[0] == 1 and int((ids == 1).sum()) == 1
 
 
+def test_shipped_templates_are_registered_and_unknown_names_fail():
+  assert set(SHIPPED) <= set(registry.TEMPLATE.names())
+  with pytest.raises(ValueError, match=r"config.data.template='vicuna' is not a registered "
+                                       r"template; registered: \['llama3', 'plain', 'vicuna_v1'"):
+    templates.stop_strings('vicuna')
+
+
 def test_render_prompt_is_prefix_of_training_ids(word_tok):
-  for template in templates.TEMPLATES:
+  for template in SHIPPED:
     ids, mask = templates.render(template, TURNS, word_tok, 3)
     prompt = templates.render_prompt(template, TURNS[:3], word_tok, 3)
     first_answer_end = np.flatnonzero(mask)[1] + 1  # answer 'red' and its end token

@@ -175,8 +175,8 @@ NUM_STEPS = 8
 # Every fault run: the tiny model on a small `shapes` set, a checkpoint every 2 steps
 # (all kept), asynchronous saves, no evaluation (the faults concern training).
 BASE_OVERRIDES = (
-    '--config.data.shapes_train=256', '--config.data.shapes_validation=32',
-    '--config.data.shapes_test=32', f'--config.train.num_steps={NUM_STEPS}',
+    '--config.data.shapes.train=256', '--config.data.shapes.validation=32',
+    '--config.data.shapes.test=32', f'--config.train.num_steps={NUM_STEPS}',
     '--config.train.log_every=1', '--config.checkpoint.interval=2', '--config.checkpoint.keep=4',
     '--config.checkpoint.async_save=True', '--config.data.eval_split=',
     '--config.data.test_split=',

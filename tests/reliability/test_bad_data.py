@@ -48,7 +48,7 @@ def test_llava_folder_with_broken_samples(shared, tmp_path):
   proc = h.run_main(
       shared, workdir, *h.SINGLE_MESH, '--config.data.dataset=llava_json',
       f'--config.data.manual_dir={manual}', f'--config.data.tokenizer={tokenizer}',
-      f'--config.data.data_dir={data_dir}', '--config.data.validation_fraction=0.0',
+      f'--config.data.data_dir={data_dir}', '--config.data.llava_json.validation_fraction=0.0',
       '--config.train.num_steps=4', '--config.data.shuffle_seed=1', '--config.data.seq_len=128')
   out = proc.stdout + proc.stderr
 

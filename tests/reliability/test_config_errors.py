@@ -33,14 +33,25 @@ CASES = {
                                   ["config.train.trainable: the trainable pattern '^visoin/'",
                                    'matches none of the', 'Fix:']),
     'unknown_template': (['--config.data.template=vicuna'],
-                         ["config.data.template: unknown value 'vicuna'", 'vicuna_v1']),
+                         ["config.data.template: 'vicuna' is not a registered template",
+                          'vicuna_v1']),
+    # Issue 27: reported once, naming the valid kinds (it was twice, the second misleading).
+    'unknown_projector': (['--config.model.projector.kind=conv'],
+                          ['config.model.projector.kind: ', "'conv'", 'downsample_mlp']),
+    # Issue 27: a typo in a boolean colon arg silently meant False.
+    'bool_colon_arg_typo': ('configs/tiny.py:scan=ture', ["Config arg scan='ture' is not a "
+                                                          'boolean', 'true']),
 }
+ONE_LINE = {'unknown_projector': 'config.model.projector.kind'}
 
 
 def _run(shared, workdir, overrides):
+  """`overrides`: flags, or a `--config=` value (a config file with colon args)."""
   start = time.monotonic()
-  proc = subprocess.run(h.main_cmd(shared, workdir, *overrides), cwd=h.REPO, env=h.env(shared),
-                        capture_output=True, text=True, timeout=300)
+  cmd = (h.main_cmd(shared, workdir, config=overrides) if isinstance(overrides, str)
+         else h.main_cmd(shared, workdir, *overrides))
+  proc = subprocess.run(cmd, cwd=h.REPO, env=h.env(shared), capture_output=True, text=True,
+                        timeout=300)
   return proc, time.monotonic() - start
 
 
@@ -55,6 +66,8 @@ def test_bad_configs_fail_fast_with_the_key_and_fix(shared, tmp_path):
     assert proc.returncode != 0, name
     for text in CASES[name][1]:
       assert text in out, f'{name}: {text!r} not in output:\n{out[-3000:]}'
+    if name in ONE_LINE:
+      assert out.count(ONE_LINE[name]) == 1, f'{name}: not one line:\n{out[-3000:]}'
     workdir = tmp_path / name
     assert not (workdir / 'checkpoints').exists() and not (workdir / 'metrics.jsonl').exists()
     times[name] = round(seconds, 1)
