@@ -155,7 +155,7 @@ def tiles(im, pinpoints: Sequence[Sequence[int]], tile_size: int, mean: Sequence
 
 def square_tile(im, tile_size: int, mean: Sequence[float], std: Sequence[float],
                 resample=BICUBIC) -> np.ndarray:
-  """OneVision's multi-image path: pad to a square with the mean colour, resize; float32[1, S, S, 3].
+  """OneVision's multi-image path: square padding with the mean colour, resize; float32[1, S, S, 3].
 
   The padding colour is `int(m * 255)` of the processor's `image_mean`, the image centered with
   the odd pixel right/below (`LlavaOnevisionImageProcessor.pad_to_square`).

@@ -105,7 +105,7 @@ def test_base_tile_is_squashed_and_padding_is_black():
 
 
 def test_select_best_resolution_equals_transformers():
-  from transformers.image_processing_utils import select_best_resolution  # pylint: disable=g-import-not-at-top
+  select_best_resolution = transformers.image_processing_utils.select_best_resolution
   rng = np.random.default_rng(0)
   sizes = [tuple(s) for s in rng.integers(1, 3000, (400, 2))] + SIZES
   for pins in (anyres.LLAVA_NEXT_PINPOINTS, anyres.onevision_pinpoints()):
