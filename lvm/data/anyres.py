@@ -4,7 +4,8 @@ Matches transformers' PIL-backend image processors `LlavaNextImageProcessorPil` 
 `LlavaOnevisionImageProcessorPil` (what `AutoImageProcessor` returns when torchvision is not
 installed, as in lvm's environment; with torchvision installed it returns the torchvision
 classes `LlavaNextImageProcessor` / `LlavaOnevisionImageProcessor`, whose uint8 antialiased
-bicubic resize differs from Pillow's by about one grey level in some pixels):
+bicubic resize differs from Pillow's: measured with torchvision 0.28, up to 2 grey levels in
+0-2% of the values, 0.03 after CLIP normalization):
 
 1. `select_best_resolution`: the pinpoint (grid resolution, (height, width)) that keeps the most
    of the image's pixels after an aspect-preserving fit, ties broken by the least padding

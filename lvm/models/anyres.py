@@ -21,14 +21,20 @@ tiles 1.. the grid in row-major order, P = n * n patch tokens per tile, CLS alre
 Static formulation (jit once per (max tiles, tile tokens, max length, taps)): each output
 position k of a `max_len` buffer is
 
-  out[k] = sum_j weight[k, j] * features.reshape(T * P, D)[index[k, j]] + newline[k] * image_newline
+  out[k] = sum_j weight[k, j] * features.reshape(T * P, D)[index[k, j]]
+           + newline[k] * image_newline
 
 with host-made tables (`pack_table`, numpy, from the image size only): `index int32[L, K]`,
 `weight float32[L, K]`, `newline float32[L]` and the true `length`. K = 1 (a copy, weight 1)
 for LLaVA-NeXT; K = 4 (the bilinear taps) for OneVision, whose positions without downscaling
 use one tap of weight 1. Positions `>= length` have zero weights and give zero vectors. Zero
-(unused) tiles are never read. Tables for a batch stack to `[B, N, L, K]` and `pack` is
-`jax.vmap`ped over the leading axes.
+(unused) tiles are never read. Cost: K gathers of `[L, D]` (copies, no matmuls). Tables for a
+batch stack to `[B, N, L, K]` and `pack` is `jax.vmap`ped over the leading axes.
+
+A row's N packed buffers `float[N, L, D]` hold its visual tokens with gaps (each image's
+`length` tokens, then zeros); `stream_index(lengths, L, S)` gathers them into one gapless
+stream `float[S, D]`, the k-th visual token of the row at k, the order in which the row's
+image-token ids appear (what `lvm.models.llava.merge_visual_tokens` takes).
 """
 
 import math
@@ -81,6 +87,17 @@ def downscaled_shape(rows: int, cols: int, n: int, max_num_patches: int | None) 
   return rows, cols
 
 
+def patches_per_side(tile_size: int, patch_size: int) -> int:
+  """n: feature rows (and columns) per tile, `tile_size // patch_size` as transformers has it.
+
+  Not necessarily exact: SigLIP-so400m's 384 px tiles of 14 px patches give 27 (its patch
+  convolution drops the last 6 pixels).
+  """
+  if not 0 < patch_size <= tile_size:
+    raise ValueError(f'patch size {patch_size} does not fit the tower image size {tile_size}')
+  return tile_size // patch_size
+
+
 def _grid_layout(image_size, pinpoints, tile_size, n, max_num_patches):
   ph, pw = select_best_resolution(image_size, pinpoints)
   grid = ph // tile_size, pw // tile_size
@@ -96,11 +113,12 @@ def num_image_tokens(image_size: Sequence[int], pinpoints: Sequence[Sequence[int
   Args:
     image_size: original (height, width).
     pinpoints: `image_grid_pinpoints` ((height, width) pairs, multiples of `tile_size`).
-    tile_size, patch_size: the tower's image and patch size.
+    tile_size, patch_size: the tower's image size and the pixels per output feature (its
+      patch size, times any pooling of the projector).
     max_num_patches: N of OneVision's `vision_aspect_ratio='anyres_max_N'`; None for LLaVA-NeXT.
     tiled: False for an image that is not tiled (OneVision's multi-image samples).
   """
-  n = tile_size // patch_size
+  n = patches_per_side(tile_size, patch_size)
   if not tiled:
     return n * n + 1
   _, _, (rows, cols) = _grid_layout(image_size, pinpoints, tile_size, n, max_num_patches)
@@ -115,7 +133,7 @@ def max_image_tokens(pinpoints: Sequence[Sequence[int]], tile_size: int, patch_s
   with any height), a superset of what images produce.
   """
   check_pinpoints(pinpoints, tile_size)
-  n = tile_size // patch_size
+  n = patches_per_side(tile_size, patch_size)
   best = n * n + 1
   for ph, pw in pinpoints:
     ch, cw = ph // tile_size * n, pw // tile_size * n
@@ -161,7 +179,7 @@ def pack_table(image_size: Sequence[int], pinpoints: Sequence[Sequence[int]], ti
     taps: K; default 4 when `max_num_patches` is set (OneVision), else 1. Every image of a
       batch must use the same K.
   """
-  n = tile_size // patch_size
+  n = patches_per_side(tile_size, patch_size)
   taps = taps or (4 if max_num_patches is not None else 1)
   index = np.zeros((max_len, taps), np.int32)
   weight = np.zeros((max_len, taps), np.float32)
@@ -219,7 +237,32 @@ def pack(features: jnp.ndarray, index: jnp.ndarray, weight: jnp.ndarray, newline
     float[L, D] in the features' dtype (the weighted sum in float32).
   """
   t, p, d = features.shape
-  rows = jnp.take(features.reshape(t * p, d), index, axis=0).astype(jnp.float32)  # [L, K, D]
-  out = jnp.sum(rows * weight.astype(jnp.float32)[..., None], axis=1)
-  out = out + newline.astype(jnp.float32)[:, None] * image_newline.astype(jnp.float32)
+  flat = features.reshape(t * p, d)
+  out = newline.astype(jnp.float32)[:, None] * image_newline.astype(jnp.float32)
+  # One gather of [L, D] per tap, never a [L, K, D] buffer (OneVision: K = 4, L ~ 8.8K).
+  for j in range(index.shape[-1]):
+    rows = jnp.take(flat, index[:, j], axis=0).astype(jnp.float32)
+    out = out + weight[:, j, None].astype(jnp.float32) * rows
   return out.astype(features.dtype)
+
+
+def stream_index(lengths: jnp.ndarray, max_len: int, size: int) -> jnp.ndarray:
+  """Gather indices that concatenate each row's packed images without their padding.
+
+  Args:
+    lengths: int[B, N] true token counts of the row's images (0 for an empty slot).
+    max_len: L, the packed buffer length of each image.
+    size: S, the stream length to produce (e.g. the sequence length).
+
+  Returns:
+    int32[B, S]: for the k-th visual token of row b, its row in that row's packed buffers
+    reshaped to `[N * L, D]`; past the row's total the index is clamped (a valid row whose
+    value the caller masks, as `merge_visual_tokens` does).
+  """
+  lengths = jnp.asarray(lengths, jnp.int32)
+  ends = jnp.cumsum(lengths, axis=-1)  # [B, N]
+  k = jnp.arange(size, dtype=jnp.int32)
+  image = jnp.sum(k[None, :, None] >= ends[:, None, :], axis=-1)  # [B, S]
+  image = jnp.minimum(image, lengths.shape[-1] - 1)
+  offset = k[None] - jnp.take_along_axis(ends - lengths, image, axis=1)
+  return (image * max_len + jnp.clip(offset, 0, max_len - 1)).astype(jnp.int32)

@@ -200,5 +200,50 @@ def test_bad_input():
     anyres.parse_vision_aspect_ratio('anyres_max_')
   with pytest.raises(ValueError, match='more than the buffer of 100'):
     anyres.pack_table((300, 600), NEXT, 336, 14, 100)
+  with pytest.raises(ValueError, match='patch size 400 does not fit'):
+    anyres.num_image_tokens((300, 600), NEXT, 336, 400)
   with pytest.raises(ValueError, match='taps=4'):
     anyres.pack_table((768, 2304), ONEVISION, 384, 14, 9000, 9, taps=1)
+
+
+@pytest.mark.parametrize('size', [(2304, 700), (300, 600), (1536, 1536)])
+def test_pack_gradient_equals_torch(size):
+  # Training back-propagates through the packing: d(sum(out * c))/d(features, newline).
+  pinpoints, tile, patch, budget, dim = TINY_ONEVISION, 28, 7, 2, 3
+  rng = np.random.default_rng(0)
+  rows, cols = data_anyres.grid_shape(size, pinpoints, tile)
+  feats = rng.standard_normal((1 + rows * cols, 16, dim)).astype(np.float32)
+  newline = rng.standard_normal(dim).astype(np.float32)
+  max_len = anyres.max_image_tokens(pinpoints, tile, patch, budget)
+  table = anyres.pack_table(size, pinpoints, tile, patch, max_len, budget)
+  coef = rng.standard_normal((max_len, dim)).astype(np.float32)
+  f, nl = torch.tensor(feats, requires_grad=True), torch.tensor(newline, requires_grad=True)
+  want, _ = modeling_llava_onevision.LlavaOnevisionModel.pack_image_features(
+      hf_self(pinpoints, tile, patch), [f], torch.tensor([size]), nl,
+      vision_aspect_ratio=f'anyres_max_{budget}')
+  (want[0] * torch.tensor(coef[:table.length])).sum().backward()
+
+  def loss(x, n):
+    return (anyres.pack(x, table.index, table.weight, table.newline, n) * coef).sum()
+
+  got_f, got_nl = jax.grad(loss, argnums=(0, 1))(feats, newline)
+  np.testing.assert_allclose(got_f, f.grad.numpy(), atol=1e-5, rtol=0)
+  np.testing.assert_allclose(got_nl, nl.grad.numpy(), atol=1e-5, rtol=0)
+
+
+def test_stream_index_concatenates_images_without_padding():
+  rng = np.random.default_rng(0)
+  lengths = np.array([[3, 0, 5], [0, 0, 0], [6, 6, 1], [2, 6, 0]], np.int32)
+  max_len, size = 6, 16
+  packed = rng.standard_normal((4, 3, max_len, 2)).astype(np.float32)
+  for b in range(4):
+    for n in range(3):
+      packed[b, n, lengths[b, n]:] = 0  # What pack gives past each length.
+  index = np.asarray(jax.jit(anyres.stream_index, static_argnums=(1, 2))(
+      lengths, max_len, size))
+  assert index.shape == (4, size) and index.dtype == np.int32
+  for b in range(4):
+    want = np.concatenate([packed[b, n, :lengths[b, n]] for n in range(3)])
+    got = packed[b].reshape(3 * max_len, 2)[index[b]]
+    np.testing.assert_array_equal(got[:len(want)], want)
+    assert np.all((0 <= index[b]) & (index[b] < 3 * max_len))
