@@ -111,9 +111,15 @@ def max_grid_tiles(pinpoints: Sequence[Sequence[int]], tile_size: int) -> int:
 
 
 def normalize(a: np.ndarray, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
-  """uint8[..., 3] -> float32, bit-equal to transformers' `rescale` then `normalize`."""
-  x = (a.astype(np.float64) * (1 / 255)).astype(np.float32)
-  return (x - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
+  """uint8[..., 3] -> float32, bit-equal to transformers' `rescale` then `normalize`.
+
+  Those compute `x * (1/255)` in float64, cast to float32, then `(x - mean) / std` in float32;
+  here the same arithmetic on the 256 possible values of each channel, then a table lookup
+  (about 10x faster than converting every pixel through float64).
+  """
+  levels = (np.arange(256, dtype=np.float64) * (1 / 255)).astype(np.float32)[:, None]
+  table = (levels - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)  # [256, 3]
+  return table[a, np.arange(3)]
 
 
 def _as_pil(im) -> Image.Image:
