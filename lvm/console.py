@@ -1,8 +1,9 @@
 """The console: lvm's own lines, progress bars on terminals, other libraries' logs on demand.
 
 A run shows what lvm says (its printed lines and its own log records) and, from other
-libraries, WARNING and above: orbax alone logs about 70 INFO lines a training run through
-absl, and TensorFlow's C++ runtime a few more. Give absl's `--verbosity` flag explicitly
+libraries' Python logs, WARNING and above: orbax alone logs about 70 INFO lines a training
+run through absl. (TensorFlow's C++ runtime still prints its two oneDNN lines when the data
+pipeline first imports it: no Python setting reaches them.) Give absl's `--verbosity` flag explicitly
 (`--verbosity=0`: INFO, `--verbosity=1`: DEBUG; also `-v 0`) to see every library's log
 at that level. `quiet_libraries()` applies this for the span of a `with` block (set up by
 `train_and_evaluate`, never at import).
@@ -57,16 +58,11 @@ def quiet_libraries(verbose: bool | None = None):
   handlers = list(logging.getLogger().handlers)  # absl's handler under app.run
   for h in handlers:
     h.addFilter(own)
-  # TensorFlow (imported later, by the data pipeline) reads this when it loads.
-  tf_level = os.environ.get('TF_CPP_MIN_LOG_LEVEL')
-  os.environ.setdefault('TF_CPP_MIN_LOG_LEVEL', '1')
   try:
     yield
   finally:
     for h in handlers:
       h.removeFilter(own)
-    if tf_level is None:
-      os.environ.pop('TF_CPP_MIN_LOG_LEVEL', None)
 
 
 @contextlib.contextmanager
