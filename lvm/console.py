@@ -2,11 +2,11 @@
 
 A run shows what lvm says (its printed lines and its own log records) and, from other
 libraries' Python logs, WARNING and above: orbax alone logs about 70 INFO lines a training
-run through absl. (TensorFlow's C++ runtime still prints its two oneDNN lines when the data
-pipeline first imports it: no Python setting reaches them.) Give absl's `--verbosity` flag explicitly
-(`--verbosity=0`: INFO, `--verbosity=1`: DEBUG; also `-v 0`) to see every library's log
-at that level. `quiet_libraries()` applies this for the span of a `with` block (set up by
-`train_and_evaluate`, never at import).
+run through absl. (TensorFlow's C++ runtime still prints its two oneDNN lines when the
+data pipeline first imports it: no Python setting reaches them.) Give absl's `--verbosity`
+flag explicitly (`--verbosity=0`: INFO, `--verbosity=1`: DEBUG; also `-v 0`) to see every
+library's log at that level. `quiet_libraries()` applies this for the span of a `with`
+block (set up by `train_and_evaluate`, never at import).
 
 Progress bars (tqdm: count, rate, ETA) are drawn only when stdout is a terminal; in logs
 and CI the plain lines stand alone.

@@ -215,22 +215,22 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
     dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
   """
   regex = optim.trainable_regex(config.train) if mode == 'train' else r'$^'  # $^: nothing
-  per_token = per_token(config, seq_len, regex)
+  token = per_token(config, seq_len, regex)
   if mode == 'decode':
     d = config.model.decoder
     attn_width = d.depth * d.heads * (d.head_dim or d.width // d.heads)
-    n_dec = per_token['n_decoder']
+    n_dec = token['n_decoder']
     parts = {'decoder': batch_size * (2 * n_dec + 4 * attn_width * cache_len), 'vision': 0,
              'projector': 0}
     formula = (f'B x (2 x N_dec + 4 x layers x heads x head_dim x S) = {batch_size} x '
                f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
     tokens = batch_size
   else:
-    per_image = per_image(config, regex)
+    image = per_image(config, regex)
     images = batch_size * config.data.max_images
-    parts = {'decoder': batch_size * seq_len * per_token['total'],
-             'vision': images * per_image['vision'], 'projector': images * per_image['projector']}
-    formula = (f"B*L x ({per_token['formula']}) + B*N x ({per_image['formula']}); "
+    parts = {'decoder': batch_size * seq_len * token['total'],
+             'vision': images * image['vision'], 'projector': images * image['projector']}
+    formula = (f"B*L x ({token['formula']}) + B*N x ({image['formula']}); "
                f'B={batch_size} L={seq_len} N={config.data.max_images}')
     scored = int(config.train.max_scored_tokens) if mode == 'train' else 0
     if scored:  # the LM head runs at P positions of a row, not L

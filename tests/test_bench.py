@@ -35,6 +35,9 @@ def test_model_flops_train_is_lvm_flops_and_prefill_is_forward():
   b, l = 2, 64
   train = flops.model_flops(config, b, l, 'train')
   assert train['total'] == flops.per_step(config, b, l, 1, optim.trainable_regex(config.train))
+  # The trainer's MFU counts the same (its config's batch and length), never None silently.
+  assert flops.train_step_flops(config) == flops.model_flops(
+      config, config.train.batch_size, config.data.seq_len)['total'] > 0
   # Forward only, counted by hand from the tiny shapes: per layer q,o 64x64, k,v 64x32
   # (2 kv heads of 16), mlp 3 x 64x128, 2 norm scales; plus the final norm and the LM head
   # 64x512 (lvm.flops counts every decoder parameter but the input embedding).
