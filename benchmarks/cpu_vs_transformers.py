@@ -8,8 +8,8 @@ Both sides train the same model on the same batch: transformers'
 config's sizes, loaded with the lvm parameters (so the losses must agree, which is
 checked), and stepped with forward + backward + `torch.optim.AdamW` (eager, the
 default foreach implementation, `torch.get_num_threads()` threads). lvm runs the
-training loop's own step (`lvm.train.train_step`: loss + grad + AdamW from
-`lvm.optim`), jitted with the state donated.
+training loop's own jitted step (`lvm.step.jit_train_step`: loss + grad + AdamW from
+`lvm.optim`), with the state donated.
 
 Precision follows the config: `cpu_small.py` is float32 on both sides;
 `cpu_small.py:dtype=bfloat16` is mixed precision on both sides (float32 weights and
@@ -33,10 +33,12 @@ import time
 from absl import app
 from absl import flags
 import jax
+import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
 from lvm import bench
+from lvm import losses as losses_lib
 import lvm.hf
 
 _CONFIG = config_flags.DEFINE_config_file('config', 'benchmarks/configs/cpu_small.py',
@@ -100,35 +102,32 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
     raise ValueError('--block must be >= 2 (the first step of each block is dropped)')
   b = bench.Bench(config)
   batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
-  params = b.init_params(batch)
+  params = b.init_params()
   num_params = bench._count(params)  # pylint: disable=protected-access
   torch_step, torch_loss0, threads = torch_step_fn(config, params, batch)
-  with b.context():
-    sbatch = b.shard_batch(batch)
-    lvm_loss0 = float(jax.jit(lambda p, x: bench.cross_entropy(
-        b.model.apply({'params': p}, x['images'], x['input_ids'],
-                      attention_mask=x['attention_mask']),
-        x['input_ids'], x['loss_mask']))(params, sbatch))
-  state, step = b.train_step_fn(params)
-  with b.context():
-    compiled, compile_s = bench.compile_timed(step, state, sbatch)
-    holder = [state]
+  sbatch = b.shard_batch(batch)
+  with b.context():  # the trainer's loss (mean next-token cross-entropy) at the start
+    lvm_loss0 = float(jax.jit(lambda p, x: losses_lib.loss_fn(
+        p, x, model=b.model, num_tokens=jnp.sum(x['loss_mask'][:, 1:]))[0])(params, sbatch))
+  state, step = b.train_step(params, sbatch)
+  compiled, compile_s = bench.compile_timed(step, state, sbatch)
+  holder = [state]
 
-    def lvm_step():
-      holder[0], metrics = compiled(holder[0], sbatch)
-      return float(metrics['loss'])
+  def lvm_step():
+    holder[0], metrics = compiled(holder[0], sbatch)
+    return float(metrics['loss'])
 
-    times = {'lvm': ([], []), 'torch': ([], [])}  # (wall, process CPU) seconds
-    lvm_losses, torch_losses = [], []
-    for _ in range(rounds):
-      for name, fn, losses in (('lvm', lvm_step, lvm_losses),
-                               ('torch', torch_step, torch_losses)):
-        for i in range(block):
-          wall, cpu = time.perf_counter(), time.process_time()
-          losses.append(fn())  # float() waits for the step to finish
-          if i:
-            times[name][0].append(time.perf_counter() - wall)
-            times[name][1].append(time.process_time() - cpu)
+  times = {'lvm': ([], []), 'torch': ([], [])}  # (wall, process CPU) seconds
+  lvm_losses, torch_losses = [], []
+  for _ in range(rounds):
+    for name, fn, losses in (('lvm', lvm_step, lvm_losses),
+                             ('torch', torch_step, torch_losses)):
+      for i in range(block):
+        wall, cpu = time.perf_counter(), time.process_time()
+        losses.append(fn())  # float() waits for the step to finish
+        if i:
+          times[name][0].append(time.perf_counter() - wall)
+          times[name][1].append(time.process_time() - cpu)
   lvm_s, torch_s = bench.summarize(times['lvm'][0]), bench.summarize(times['torch'][0])
   lvm_cpu, torch_cpu = bench.summarize(times['lvm'][1]), bench.summarize(times['torch'][1])
   return {

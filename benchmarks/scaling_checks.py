@@ -32,17 +32,15 @@ def compile_seconds(config, repeats: int = 2) -> dict[str, float]:
   from lvm import bench  # pylint: disable=g-import-not-at-top
   b = bench.Bench(config)
   batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
-  params = b.init_params(batch)
-  state, step = b.train_step_fn(params)
-  with b.context():
-    sbatch = b.shard_batch(batch)
-    cpu, wall = [], []
-    for _ in range(repeats):
-      jax.clear_caches()
-      c0, w0 = time.process_time(), time.perf_counter()
-      step.lower(state, sbatch).compile()
-      cpu.append(time.process_time() - c0)
-      wall.append(time.perf_counter() - w0)
+  sbatch = b.shard_batch(batch)
+  state, step = b.train_step(b.init_params(), sbatch)
+  cpu, wall = [], []
+  for _ in range(repeats):
+    jax.clear_caches()
+    c0, w0 = time.process_time(), time.perf_counter()
+    step.lower(state, sbatch).compile()
+    cpu.append(time.process_time() - c0)
+    wall.append(time.perf_counter() - w0)
   return {'cpu_s': min(cpu), 'wall_s': min(wall)}
 
 
@@ -84,10 +82,9 @@ def check_fsdp(num_devices: int = 8, tolerance: float = 0.02) -> dict:
     config.train.stage = 'full'
   b = bench.Bench(config, jax.devices()[:num_devices])
   batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
-  params = b.init_params(batch)
-  state, step = b.train_step_fn(params)
-  with b.context():
-    state, _ = step(state, b.shard_batch(batch))  # the step must keep the layout
+  sbatch = b.shard_batch(batch)
+  state, step = b.train_step(b.init_params(), sbatch)
+  state, _ = step(state, sbatch)  # the step must keep the layout
   tree = {'params': state['params'], 'opt_state': state['opt_state']}
   total = sum(int(x.nbytes) for x in jax.tree.leaves(tree))
   per_device = device_bytes(tree)

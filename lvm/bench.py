@@ -3,13 +3,15 @@
   python -m lvm.bench --config=benchmarks/configs/cpu_small.py --mode=train --steps=20
   python -m lvm.bench --config=benchmarks/configs/gpu_llava15.py:size=2b --mode=train --json
 
-Modes:
-  train    one optimizer step (forward, backward, AdamW update, jitted as one donated
-           function) on a synthetic batch of the config's shape.
-  prefill  the forward pass that fills the KV cache for images + prompt (time to first
-           token when batch_size=1).
-  decode   one token per row with the KV cache (tokens/s = batch / step time); also
-           reports the bandwidth limit: measured copy bandwidth / bytes of the weights.
+Modes, each timing the very function the rest of lvm runs (one compile path):
+  train    the trainer's own step (`lvm.step.jit_train_step`: forward, backward, AdamW
+           update, jitted as one donated function, state from `lvm.state.StateFactory`)
+           on a synthetic batch of the config's shape.
+  prefill  `lvm.generate.Generator.prefill`: fills the KV cache for images + prompt and
+           samples the first token (time to first token when batch_size=1).
+  decode   `lvm.generate.Generator.decode`: one token per row with the KV cache (tokens/s =
+           batch / step time); also reports the bandwidth limit: measured copy bandwidth /
+           bytes of the weights.
 
 Timing: `--warmup` steps after compilation are discarded, then `--steps` steps are
 each timed to completion (`block_until_ready` on every output), and the median, the
@@ -17,14 +19,14 @@ each timed to completion (`block_until_ready` on every output), and the median, 
 measured separately, so it never leaks into the step time.
 
 Model FLOPs follow DESIGN.md ("Counting FLOPs for MFU"), counted on the batch's full
-shape (every position of every row, as the device computes them); see `model_flops`.
+shape (every position of every row, as the device computes them); see
+`lvm.flops.model_flops`.
 MFU = model FLOPs per step / step time / peak; the peak is the device's dense bf16
 rate from `lvm.flops.PEAK_TFLOPS` (none on CPU, so no MFU is claimed there). `--measure_peak`
 also times a large matmul on the same device and reports MFU against that rate.
 """
 
 import contextlib
-import functools
 import json
 import os
 import sys
@@ -33,67 +35,24 @@ from typing import Any, Callable
 
 from absl import app
 from absl import flags
-import flax.linen as nn
 import jax
 import jax.numpy as jnp
 from ml_collections import config_flags
 import numpy as np
 
+from lvm import flops as flops_lib
+from lvm import optim
 from lvm import sharding
-from lvm.flops import peak_tflops  # re-exported: bench reports MFU against it
+from lvm import state as state_lib
+from lvm import step as step_lib
 import lvm.models
 
 # XLA flags for a GPU training step (set before the backend starts; --gpu_flags).
 # The latency-hiding scheduler overlaps collectives and copies with compute.
 GPU_XLA_FLAGS = ('--xla_gpu_enable_latency_hiding_scheduler=true',)
 
-# --------------------------------------------------------------------------- FLOPs
-
-
 def _count(tree) -> int:
   return int(sum(np.prod(x.shape) for x in jax.tree.leaves(tree)))
-
-
-def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
-                cache_len: int = 0) -> dict[str, Any]:
-  """Model FLOPs of one step (DESIGN.md's rule, as `lvm.flops` counts it) and the formula.
-
-  train: `lvm.flops` with the config's trainable stage. prefill: the same count with
-  nothing trainable (forward only). decode: one token per row, 2 x N_dec plus
-  attention to `cache_len` keys, 4 x layers x heads x head_dim x cache_len (no causal
-  halving).
-
-  Returns:
-    dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
-  """
-  from lvm import flops as flops_lib, optim  # pylint: disable=g-import-not-at-top
-  regex = optim.trainable_regex(config.train) if mode == 'train' else r'$^'  # $^: nothing
-  per_token = flops_lib.per_token(config, seq_len, regex)
-  if mode == 'decode':
-    d = config.model.decoder
-    attn_width = d.depth * d.heads * (d.head_dim or d.width // d.heads)
-    n_dec = per_token['n_decoder']
-    parts = {'decoder': batch_size * (2 * n_dec + 4 * attn_width * cache_len), 'vision': 0,
-             'projector': 0}
-    formula = (f'B x (2 x N_dec + 4 x layers x heads x head_dim x S) = {batch_size} x '
-               f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
-    tokens = batch_size
-  else:
-    per_image = flops_lib.per_image(config, regex)
-    images = batch_size * config.data.max_images
-    parts = {'decoder': batch_size * seq_len * per_token['total'],
-             'vision': images * per_image['vision'], 'projector': images * per_image['projector']}
-    formula = (f"B*L x ({per_token['formula']}) + B*N x ({per_image['formula']}); "
-               f'B={batch_size} L={seq_len} N={config.data.max_images}')
-    scored = int(config.train.get('max_scored_tokens', 0)) if mode == 'train' else 0
-    if scored:  # the LM head runs at P positions of a row, not L
-      head = flops_lib.lm_head_per_position(config, regex)
-      parts['decoder'] -= batch_size * (seq_len - scored) * head['total']
-      formula += (f" - B x (L - P) x {head['mult']} x N_head; P={scored} "
-                  f"N_head={head['n_head']:,}")
-    tokens = batch_size * seq_len
-  return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
-          'formula': formula}
 
 
 # --------------------------------------------------------------------------- inputs
@@ -131,126 +90,49 @@ def synthetic_batch(config, batch_size: int, seq_len: int, seed: int = 0) -> dic
 # --------------------------------------------------------------------------- steps
 
 
-def cross_entropy(logits, input_ids, loss_mask):
-  """Mean next-token cross-entropy (float32) over loss_mask positions.
-
-  (A custom-VJP version with a one-pass softmax - onehot backward and shifted targets
-  instead of sliced logits measured no faster on CPU; see docs/performance.md.)
+class Bench:
+  """The trainer's state and step, and the generator's functions, for one config.
 
   Args:
-    logits: float[B, L, V]; logits[:, t] predicts input_ids[:, t + 1].
-    input_ids: int[B, L].
-    loss_mask: bool[B, L], True where input_ids[:, t] is a supervised target.
-
-  Returns:
-    float32 scalar.
+    config: the full config.
+    devices: the mesh's devices (default: all).
+    total_steps: the optimizer schedule's length (its learning rates do not change the
+      timing).
   """
-  logits = logits[:, :-1].astype(jnp.float32)
-  targets = input_ids[:, 1:]
-  mask = loss_mask[:, 1:].astype(jnp.float32)
-  logz = jax.nn.logsumexp(logits, axis=-1)
-  target_logit = jnp.take_along_axis(logits, targets[..., None], axis=-1)[..., 0]
-  return jnp.sum((logz - target_logit) * mask) / jnp.maximum(jnp.sum(mask), 1.0)
 
-
-class Bench:
-  """Builds the model, sharded parameters and jitted step functions for one config."""
-
-  def __init__(self, config, devices=None):
+  def __init__(self, config, devices=None, total_steps: int = 1000):
     self.config = config
     self.model = lvm.models.build(config)
     self.mesh = sharding.make_mesh(config.mesh, devices)
     self.rules = sharding.rules(config)
     self.batch_size = config.train.batch_size
     self.seq_len = config.data.seq_len
+    tx, _ = optim.make(config.optimizer, total_steps)
+    self.factory = state_lib.StateFactory(config, self.model, tx, self.mesh, self.rules)
 
   def context(self):
-    return _Context(self.mesh, self.rules)
+    return step_lib.mesh_context(self.mesh, self.rules)
 
   def shard_batch(self, batch):
     return {k: jax.device_put(v, sharding.batch_sharding(self.mesh, v.ndim))
             for k, v in batch.items()}
 
-  def init_params(self, batch):
-    """Abstract init, then a jitted init straight into the sharded layout."""
-    images, ids = batch['images'][:1], batch['input_ids'][:1]
-    with self.context():
-      abstract = jax.eval_shape(lambda r: self.model.init(r, images, ids)['params'],
-                                jax.random.PRNGKey(0))
-      shardings = sharding.logical_shardings(abstract, self.mesh, self.rules)
-      init = functools.partial(lvm.models.random_params, self.config.model,
-                               images=images, input_ids=ids)
-      return jax.jit(init, out_shardings=shardings)(jax.random.PRNGKey(0))
+  def init_params(self):
+    """Random params created straight into their shardings (the trainer's init)."""
+    return self.factory.random_params(jax.random.key(0))
 
-  def train_step_fn(self, params, total_steps: int = 1000):
-    """(state, jitted step) from `lvm.train`: the training loop's own step and state.
+  def train_step(self, params, batch) -> tuple[dict, step_lib.JittedStep]:
+    """(state, the trainer's jitted step): `lvm.step.jit_train_step` with the config's
+    options, as `lvm.train` builds it. `params` are consumed (donated into the state)."""
+    state = self.factory.from_params(params)
+    step = step_lib.jit_train_step(self.factory, batch,
+                                   **step_lib.step_options(self.config.train))
+    return state, step
 
-    `lvm.train.train_step` (loss + grad + optimizer update of the trainable subtree)
-    jitted with the state's shardings in and out and the state donated, exactly as
-    `lvm.train.jit_train_step` does, but returned as a jit object so that it can be
-    lowered and compiled separately (call it inside `self.context()`; call this
-    method outside it). `params` are consumed (donated into the state).
-    """
-    from lvm import optim, train  # pylint: disable=g-import-not-at-top
-    tx, _ = optim.make(self.config.optimizer, total_steps)
-    factory = train.StateFactory(self.config, self.model, tx, self.mesh, self.rules)
-    state = factory.from_params(params)
-    t = self.config.train
-    step_fn = functools.partial(train.train_step, model=self.model, tx=tx,
-                                trainable=factory.trainable, z_loss=t.z_loss,
-                                accum_steps=t.grad_accum_steps,
-                                scored_tokens=int(t.get('max_scored_tokens', 0)))
-    batch_shardings = {k: sharding.batch_sharding(self.mesh, n) for k, n in
-                       (('images', 5), ('input_ids', 2), ('loss_mask', 2),
-                        ('attention_mask', 2))}
-    jitted = jax.jit(step_fn, in_shardings=(factory.shardings, batch_shardings),
-                     out_shardings=(factory.shardings, sharding.replicated(self.mesh)),
-                     donate_argnums=(0,))
-    return state, jitted
-
-  def prefill_fn(self, cache_len: int):
-    model = self.model
-
-    def prefill(params, images, input_ids, attention_mask):
-      b, l = input_ids.shape
-      cache = model.decoder.init_cache(b, cache_len)
-      # The mask spans the cache; slots past the prompt are hidden by causality anyway and
-      # must read as real once decoding writes them.
-      attention_mask = jnp.concatenate(
-          [attention_mask, jnp.ones((b, cache_len - l), attention_mask.dtype)], axis=1)
-      logits, cache = model.apply({'params': params}, images, input_ids, attention_mask, None,
-                                  cache, jnp.zeros((), jnp.int32), method='forward')
-      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache
-
-    return jax.jit(prefill)
-
-  def decode_fn(self):
-    model = self.model
-
-    def decode(params, tokens, cache, index):
-      logits, cache = model.apply({'params': params}, tokens[:, None], cache, index,
-                                  method='decode')
-      return jnp.argmax(logits[:, -1], axis=-1).astype(jnp.int32), cache, index + 1
-
-    return jax.jit(decode, donate_argnums=(2,))
-
-
-class _Context:
-  """`with` the mesh and the logical axis rules."""
-
-  def __init__(self, mesh, rules):
-    self.mesh, self.rules = mesh, rules
-
-  def __enter__(self):
-    self._mesh_cm = jax.set_mesh(self.mesh)
-    self._rules_cm = nn.logical_axis_rules(self.rules)
-    self._mesh_cm.__enter__()
-    self._rules_cm.__enter__()
-    return self
-
-  def __exit__(self, *exc):
-    self._rules_cm.__exit__(*exc)
-    self._mesh_cm.__exit__(*exc)
+  def generator(self, params):
+    """The `lvm.generate.Generator` of these params on this mesh (its own jitted functions)."""
+    from lvm import generate  # pylint: disable=g-import-not-at-top
+    return generate.Generator(self.config, params, mesh=self.mesh)
 
 
 # --------------------------------------------------------------------------- timing
@@ -264,10 +146,10 @@ def summarize(times: list[float]) -> dict[str, float]:
           'max': float(arr.max()), 'n': int(arr.size)}
 
 
-def compile_timed(jitted, *args):
+def compile_timed(jitted, *args, **kwargs):
   """(compiled executable, seconds spent lowering + compiling)."""
   start = time.perf_counter()
-  compiled = jitted.lower(*args).compile()
+  compiled = jitted.lower(*args, **kwargs).compile()
   return compiled, time.perf_counter() - start
 
 
@@ -364,61 +246,65 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
   # FLOPs first: counting traces the model outside the mesh/rules context.
   if mode == 'decode':
     # Attention cost grows with the cache position; count the middle of the timed span.
-    flops = model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
+    flops = flops_lib.model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
   else:
-    flops = model_flops(config, b, l, mode)
+    flops = flops_lib.model_flops(config, b, l, mode)
   start = time.perf_counter()
-  params = bench.init_params(batch)
+  params = bench.init_params()
   jax.block_until_ready(params)
   report['init_s'] = time.perf_counter() - start  # compiling and running the random init
   report['params'] = _count(params)
+  sbatch = bench.shard_batch(batch)
   if mode == 'train':
-    # Built outside the rules context: StateFactory unboxes abstract values itself.
-    state, step = bench.train_step_fn(params)
-    del params
-  with bench.context():
-    sbatch = bench.shard_batch(batch)
-    if mode == 'train':
-      compiled, report['compile_s'] = compile_timed(step, state, sbatch)
-      holder = [state]
+    state, step = bench.train_step(params, sbatch)
+    del params  # donated into the state
+    compiled, report['compile_s'] = compile_timed(step, state, sbatch)
+    holder = [state]
 
-      def one():
-        holder[0], metrics = compiled(holder[0], sbatch)
-        return holder[0], metrics
+    def one():
+      holder[0], metrics = compiled(holder[0], sbatch)
+      return holder[0], metrics
 
-      times = time_steps(one, steps, warmup, trace_dir)
-      report['loss'] = float(one()[1]['loss'])
-      tokens = b * l
-    elif mode == 'prefill':
-      decode_len = decode_len or 16
-      prefill = bench.prefill_fn(l + decode_len)
-      args = (params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'])
-      compiled, report['compile_s'] = compile_timed(prefill, *args)
-      times = time_steps(lambda: compiled(*args), steps, warmup, trace_dir)
-      tokens = b * l
-    else:
-      decode_len = decode_len or 64
-      cache_len = l + decode_len
-      prefill = bench.prefill_fn(cache_len)
-      tokens_, cache = prefill(params, sbatch['images'], sbatch['input_ids'],
-                               sbatch['attention_mask'])
-      decode = bench.decode_fn()
-      index = jnp.asarray(l, jnp.int32)
-      compiled, report['compile_s'] = compile_timed(decode, params, tokens_, cache, index)
-      holder = [tokens_, cache, index]
-      total = warmup + steps + 1
-      if total > decode_len:
-        raise ValueError(f'decode: warmup + steps + 1 = {total} tokens exceed --decode_len '
-                         f'{decode_len}; raise --decode_len')
+    times = time_steps(one, steps, warmup, trace_dir)
+    report['loss'] = float(one()[1]['loss'])
+    tokens = b * l
+  else:
+    gen = bench.generator(params)
+    rep = lambda x: jax.device_put(x, sharding.replicated(bench.mesh))
+    # Greedy: temperature 0, no top-k, top-p 1 (the generator's defaults).
+    knobs = (rep(np.float32(0.0)), rep(np.int32(0)), rep(np.float32(1.0)))
+    args = (gen.params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'],
+            rep(jax.random.key(0)), *knobs)
+    decode_len = decode_len or (16 if mode == 'prefill' else 64)
+    with bench.context():
+      if mode == 'prefill':
+        compiled, report['compile_s'] = compile_timed(gen.prefill, *args, new_bucket=decode_len)
+        times = time_steps(lambda: compiled(*args), steps, warmup, trace_dir)
+        tokens = b * l
+      else:
+        total = warmup + steps + 1
+        if total > decode_len:
+          raise ValueError(f'decode: warmup + steps + 1 = {total} tokens exceed --decode_len '
+                           f'{decode_len}; raise --decode_len')
+        token, cache, full_mask, next_pos, rng = gen.prefill(*args, new_bucket=decode_len)
+        # Cache slots and positions of every decoded token, made before the timing.
+        index = [rep(np.int32(l + i)) for i in range(total)]
+        positions = [next_pos + i for i in range(total)]
+        compiled, report['compile_s'] = compile_timed(
+            gen.decode, gen.params, token, cache, index[0], full_mask, positions[0], rng, *knobs)
+        holder = [token, cache, rng, 0]
 
-      def one():
-        holder[:] = compiled(params, *holder)
-        return holder
+        def one():
+          token, cache, rng, i = holder
+          token, cache, rng = compiled(gen.params, token, cache, index[i], full_mask,
+                                       positions[i], rng, *knobs)
+          holder[:] = [token, cache, rng, i + 1]
+          return token, cache
 
-      times = time_steps(one, steps, warmup, trace_dir)
-      tokens = b
-      report['weight_bytes'] = tree_bytes(params)
-    report['memory'] = memory_stats(compiled, device)
+        times = time_steps(one, steps, warmup, trace_dir)
+        tokens = b
+        report['weight_bytes'] = tree_bytes(gen.params)
+  report['memory'] = memory_stats(compiled, device)
   if mode == 'decode':
     # Outside the mesh context: a single-device copy. Batch-1 decode reads every weight
     # once per token, so tokens/s <= bandwidth / weight bytes.
@@ -435,9 +321,9 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
   report['flops_formula'] = flops['formula']
   achieved = flops['total'] / t['median']
   report['achieved_tflops'] = achieved / 1e12
-  peak = peak_tflops(device)
+  peak = flops_lib.peak_tflops(device)
   report['peak_tflops_per_device'] = peak
-  report['mfu'] = achieved / (peak * 1e12 * num_devices) if peak else None
+  report['mfu'] = flops_lib.mfu(flops['total'], t['median'], num_devices, peak) if peak else None
   if measure_peak:
     measured = matmul_tflops(device)
     report['measured_matmul_tflops_per_device'] = measured

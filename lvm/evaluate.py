@@ -14,6 +14,7 @@ import os
 import time
 
 
+from lvm import console
 from lvm import eval as benchmarks
 from lvm.sampling import SamplingParams
 
@@ -76,7 +77,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   # Similar lengths share a batch, so fewer prompt buckets are compiled and padded.
   order = sorted(range(len(ready)), key=lambda i: len(ready[i][0].prompt))
   greedy = SamplingParams()
-  for lo in range(0, len(order), batch_size):
+  for lo in console.progress(range(0, len(order), batch_size), desc=benchmark, unit='batch'):
     batch = [ready[i] for i in order[lo:lo + batch_size]]
     images = [None if img is None else img[None] for _, _, img in batch]
     outs = text_gen.answer([turns for _, turns, _ in batch], images, max_new_tokens, greedy,

@@ -22,13 +22,19 @@ N_dec excludes the input embedding (a gather) and includes the LM head (tied or 
 N_vis excludes the position/class embeddings and the unused post_layernorm, and counts
 only the layers up to the deepest selected hidden state; T is the vision tower's tokens
 (class token included), P the visual tokens the projector emits.
+
+`model_flops` counts one step of each mode (train, prefill, decode) with its formula;
+`mfu` turns it into model FLOPs utilization against `peak_tflops`. The trainer's logged
+MFU and `lvm.bench` both count this way.
 """
 
 import re
+from typing import Any
 
 import numpy as np
 
 import lvm.models
+from lvm import optim
 
 # Dense bf16 peak TFLOP/s per chip (DESIGN.md), matched against `device.device_kind`
 # (first match wins); MFU is reported only where the peak is known.
@@ -194,3 +200,52 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
         peak_tflops_per_device: float) -> float:
   """Model FLOPs utilization: achieved / peak (peak bf16 dense, e.g. H100 SXM 989 TFLOP/s)."""
   return flops_per_step / step_seconds / (num_devices * peak_tflops_per_device * 1e12)
+
+
+def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
+                cache_len: int = 0) -> dict[str, Any]:
+  """Model FLOPs of one step of `mode` (DESIGN.md's rule) and the formula.
+
+  train: `per_step` with the config's trainable stage. prefill: the same count with
+  nothing trainable (forward only). decode: one token per row, 2 x N_dec plus
+  attention to `cache_len` keys, 4 x layers x heads x head_dim x cache_len (no causal
+  halving).
+
+  Returns:
+    dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
+  """
+  regex = optim.trainable_regex(config.train) if mode == 'train' else r'$^'  # $^: nothing
+  token = per_token(config, seq_len, regex)
+  if mode == 'decode':
+    d = config.model.decoder
+    attn_width = d.depth * d.heads * (d.head_dim or d.width // d.heads)
+    n_dec = token['n_decoder']
+    parts = {'decoder': batch_size * (2 * n_dec + 4 * attn_width * cache_len), 'vision': 0,
+             'projector': 0}
+    formula = (f'B x (2 x N_dec + 4 x layers x heads x head_dim x S) = {batch_size} x '
+               f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
+    tokens = batch_size
+  else:
+    image = per_image(config, regex)
+    images = batch_size * config.data.max_images
+    parts = {'decoder': batch_size * seq_len * token['total'],
+             'vision': images * image['vision'], 'projector': images * image['projector']}
+    formula = (f"B*L x ({token['formula']}) + B*N x ({image['formula']}); "
+               f'B={batch_size} L={seq_len} N={config.data.max_images}')
+    scored = int(config.train.max_scored_tokens) if mode == 'train' else 0
+    if scored:  # the LM head runs at P positions of a row, not L
+      head = lm_head_per_position(config, regex)
+      parts['decoder'] -= batch_size * (seq_len - scored) * head['total']
+      formula += (f" - B x (L - P) x {head['mult']} x N_head; P={scored} "
+                  f"N_head={head['n_head']:,}")
+    tokens = batch_size * seq_len
+  return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
+          'formula': formula}
+
+
+def train_step_flops(config) -> float | None:
+  """Model FLOPs of one train step of `config` (its batch, length, images and stage)."""
+  try:
+    return float(model_flops(config, config.train.batch_size, config.data.seq_len)['total'])
+  except Exception:  # pylint: disable=broad-except
+    return None  # No MFU rather than no training.

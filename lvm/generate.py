@@ -97,6 +97,10 @@ class Generator:
     self.params = jax.device_put(params, self.param_shardings)
     self.num_compiles = 0  # how many (shape) variants were traced; tests check bucketing
     self._jitted = jax.jit(self._generate, static_argnames=('new_bucket',))
+    # The two halves of `_generate` as programs of their own, which lvm.bench times
+    # (time to first token; one decode step). Call them under `jax.set_mesh(self.mesh)`.
+    self.prefill = jax.jit(self._prefill, static_argnames=('new_bucket',))
+    self.decode = jax.jit(self._decode, donate_argnums=(2,))
 
   def _param_shardings(self):
     h = self.image_size
@@ -112,9 +116,54 @@ class Generator:
     """Never emits the image placeholder: fed back, it would embed as token 0 (not itself)."""
     return logits.at[:, self.image_token_id].set(-jnp.inf)
 
+  def _prefill(self, params, images, input_ids, prompt_mask, rng, temperature, top_k, top_p,
+               *, new_bucket):
+    """Fills the KV cache with the images and prompts and samples each row's first token.
+
+    Args: as `_generate`'s.
+
+    Returns:
+      (token int32[B], cache, full_mask bool[B, S], next_pos int32[B]: the position of the
+      first new token, rng).
+    """
+    model, variables = self.model, {'params': params}
+    b, lp = input_ids.shape
+    cache = model.decoder.init_cache(b, lp + new_bucket)
+    if self.config.model.decoder.kv_heads % self.mesh.shape['tensor'] == 0:
+      # [L, B, S, K, Dh]: rows over the batch axes, kv heads over 'tensor' (as k/v_proj).
+      spec = PartitionSpec(None, lvm_sharding.BATCH_AXES, None, 'tensor', None)
+      cache = jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, spec))
+    full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, new_bucket), bool)], axis=1)
+    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
+    logits, cache = model.apply(variables, images, input_ids, full_mask, positions, cache,
+                                jnp.zeros((), jnp.int32), method='forward')
+    next_pos = positions[:, -1] + 1
+    rng, key = jax.random.split(rng)
+    token = sample(self._suppress(logits[:, -1]), key, temperature, top_k, top_p)
+    return token, cache, full_mask, next_pos, rng
+
+  def _decode(self, params, token, cache, index, full_mask, positions, rng, temperature, top_k,
+              top_p):
+    """One token per row from the KV cache.
+
+    Args:
+      token: int32[B], the last token of each row.
+      cache: the KV cache; `index`: int32[], the cache slot `token` is written to.
+      full_mask: bool[B, S]; positions: int32[B], the RoPE position of `token`.
+      rng, temperature, top_k, top_p: as `_generate`'s.
+
+    Returns:
+      (new token int32[B], cache, rng).
+    """
+    logits, cache = self.model.apply({'params': params}, token[:, None], cache, index,
+                                     full_mask, positions[:, None], method='decode')
+    rng, key = jax.random.split(rng)
+    new = sample(self._suppress(logits[:, 0]), key, temperature, top_k, top_p)
+    return new, cache, rng
+
   def _generate(self, params, images, input_ids, prompt_mask, stop_ids, rng, temperature,
                 top_k, top_p, max_new_tokens, *, new_bucket):
-    """The jitted core: prefill then a while_loop of single-token decode steps.
+    """The jitted core: `_prefill` then a while_loop of `_decode` steps.
 
     Args:
       params: the parameter tree.
@@ -132,20 +181,10 @@ class Generator:
       including the stop token, stopped bool[B]).
     """
     self.num_compiles += 1  # runs only while tracing
-    model, variables = self.model, {'params': params}
     b, lp = input_ids.shape
-    cache = model.decoder.init_cache(b, lp + new_bucket)
-    if self.config.model.decoder.kv_heads % self.mesh.shape['tensor'] == 0:
-      # [L, B, S, K, Dh]: rows over the batch axes, kv heads over 'tensor' (as k/v_proj).
-      spec = PartitionSpec(None, lvm_sharding.BATCH_AXES, None, 'tensor', None)
-      cache = jax.lax.with_sharding_constraint(cache, NamedSharding(self.mesh, spec))
-    full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, new_bucket), bool)], axis=1)
-    positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
-    logits, cache = model.apply(variables, images, input_ids, full_mask, positions, cache,
-                                jnp.zeros((), jnp.int32), method='forward')
-    next_pos = positions[:, -1] + 1
-    rng, key = jax.random.split(rng)
-    token = sample(self._suppress(logits[:, -1]), key, temperature, top_k, top_p)
+    token, cache, full_mask, next_pos, rng = self._prefill(
+        params, images, input_ids, prompt_mask, rng, temperature, top_k, top_p,
+        new_bucket=new_bucket)
     tokens = jnp.full((b, new_bucket), self.pad_id, jnp.int32).at[:, 0].set(token)
     stopped = jnp.isin(token, stop_ids)
     num_tokens = jnp.ones((b,), jnp.int32)
@@ -156,10 +195,8 @@ class Generator:
 
     def body(state):
       i, token, cache, tokens, stopped, num_tokens, rng = state
-      logits, cache = model.apply(variables, token[:, None], cache, lp + i - 1, full_mask,
-                                  (next_pos + i - 1)[:, None], method='decode')
-      rng, key = jax.random.split(rng)
-      new = sample(self._suppress(logits[:, 0]), key, temperature, top_k, top_p)
+      new, cache, rng = self._decode(params, token, cache, lp + i - 1, full_mask,
+                                     next_pos + i - 1, rng, temperature, top_k, top_p)
       new = jnp.where(stopped, self.pad_id, new)
       tokens = jax.lax.dynamic_update_slice_in_dim(tokens, new[:, None], i, axis=1)
       num_tokens = num_tokens + (~stopped).astype(jnp.int32)

@@ -1,4 +1,4 @@
-"""Run outputs: `metrics.jsonl`, TensorBoard events, and a terminal progress line.
+"""Run outputs: `config.json`, `metrics.jsonl`, TensorBoard events, and lvm's console lines.
 
 One JSON object a line: `step`, `split` ('train', 'eval' for the validation split,
 'test' for the held-out test split), `time` (seconds since the run started) and the
@@ -7,12 +7,13 @@ metric values. Only process 0 writes.
 
 import json
 import math
-import os
-import sys
 import time
 from typing import Any
 
+from etils import epath
 import jax
+
+from lvm import console
 
 
 def _plain(value):
@@ -25,36 +26,42 @@ def _plain(value):
 
 
 class MetricWriter:
-  """Writes metrics.jsonl and TensorBoard summaries; prints progress.
+  """Writes config.json, metrics.jsonl and TensorBoard summaries; prints lvm's lines.
+
+  Paths go through `etils.epath`, so a workdir may be anywhere orbax can write
+  (`gs://...` included; appending to metrics.jsonl needs a file system that appends).
 
   Args:
-    workdir: the run's folder.
-    total_steps: for the progress bar's ETA.
+    workdir: the run's folder (a str or an `epath.Path`).
     start_time: `time.time()` when the run started (resumed runs keep counting from
       the restart).
   """
 
-  def __init__(self, workdir: str, total_steps: int, start_time: float | None = None):
+  def __init__(self, workdir, start_time: float | None = None):
     self.enabled = jax.process_index() == 0
-    self.total_steps = total_steps
+    self.workdir = epath.Path(workdir)
     self.start_time = time.time() if start_time is None else start_time
-    self.interactive = sys.stderr.isatty()
     self._tb = None
     self._jsonl = None
     if self.enabled:
-      os.makedirs(workdir, exist_ok=True)
-      path = os.path.join(workdir, 'metrics.jsonl')
-      self._jsonl = open(path, 'a')
+      self.workdir.mkdir(parents=True, exist_ok=True)
+      path = self.workdir / 'metrics.jsonl'
+      torn = path.exists() and not _ends_with_newline(path)
+      self._jsonl = path.open('a')
       # A run killed mid-write leaves a torn last line: end it so the next record
       # starts on a line of its own (readers skip the torn one).
-      if os.path.getsize(path) and not _ends_with_newline(path):
+      if torn:
         self._jsonl.write('\n')
       try:
         from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
-        self._tb = tensorboard.SummaryWriter(os.path.join(workdir, 'tensorboard'))
+        self._tb = tensorboard.SummaryWriter(str(self.workdir / 'tensorboard'))
       except ImportError:  # TensorFlow missing: jsonl only.
         self._tb = None
-    self._bar_start = None
+
+  def write_config(self, config) -> None:
+    """Writes `workdir/config.json`, the resolved config."""
+    if self.enabled:
+      (self.workdir / 'config.json').write_text(config.to_json_best_effort(indent=2))
 
   def write(self, step: int, split: str, metrics: dict[str, Any]) -> dict:
     """Appends one line and the TensorBoard scalars; returns the written record."""
@@ -72,31 +79,10 @@ class MetricWriter:
       self._tb.flush()
     return record
 
-  def progress(self, step: int, first_step: int, loss: float) -> None:
-    """A one-line progress bar with loss and ETA (interactive terminals only)."""
-    if not (self.enabled and self.interactive):
-      return
-    now = time.time()
-    if self._bar_start is None or step <= first_step:
-      self._bar_start = (now, first_step)
-    t0, s0 = self._bar_start
-    done = step - s0
-    eta = (now - t0) / done * (self.total_steps - step) if done > 0 else float('nan')
-    width = 30
-    filled = int(width * step / max(self.total_steps, 1))
-    eta_s = '?' if not math.isfinite(eta) else f'{int(eta) // 60}:{int(eta) % 60:02d}'
-    sys.stderr.write(f'\r[{"#" * filled}{"." * (width - filled)}] {step}/{self.total_steps} '
-                     f'loss {loss:.4f} ETA {eta_s}  ')
-    sys.stderr.flush()
-    if step >= self.total_steps:
-      sys.stderr.write('\n')
-
   def log(self, message: str) -> None:
-    """A line on stdout (process 0), starting on a fresh line after the bar."""
+    """A line on stdout (process 0), above any progress bar."""
     if self.enabled:
-      if self.interactive:
-        sys.stderr.write('\n')
-      print(message, flush=True)
+      console.line(message)
 
   def close(self) -> None:
     if self._jsonl is not None:
@@ -105,22 +91,26 @@ class MetricWriter:
       self._tb.close()
 
 
-def _ends_with_newline(path: str) -> bool:
-  with open(path, 'rb') as f:
-    f.seek(-1, os.SEEK_END)
+def _ends_with_newline(path: epath.Path) -> bool:
+  with path.open('rb') as f:
+    f.seek(0, 2)
+    if not f.tell():
+      return True
+    f.seek(-1, 2)
     return f.read(1) == b'\n'
 
 
-def read_jsonl(path: str) -> list[dict]:
+def read_jsonl(path) -> list[dict]:
   """All records of a metrics.jsonl file (a workdir or the file itself).
 
   A line torn by a killed run (not valid JSON) is skipped; the resumed run logs that
   step again.
   """
-  if os.path.isdir(path):
-    path = os.path.join(path, 'metrics.jsonl')
+  path = epath.Path(path)
+  if path.is_dir():
+    path = path / 'metrics.jsonl'
   records = []
-  with open(path) as f:
+  with path.open() as f:
     for line in f:
       try:
         records.append(json.loads(line))

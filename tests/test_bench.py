@@ -1,15 +1,22 @@
-"""Tests of lvm/bench.py and the scaling checks in benchmarks/scaling_checks.py.
+"""Tests of lvm/bench.py (and the FLOPs it reports), and benchmarks/scaling_checks.py.
 
 Every test process sees 8 emulated CPU devices (tests/conftest.py).
 """
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from benchmarks import scaling_checks
 from configs import tiny
 from lvm import bench
+from lvm import flops
+from lvm import losses
+from lvm import optim
+from lvm import sharding
+from lvm import state as state_lib
+from lvm import step as step_lib
 
 
 def test_scan_compile_time_does_not_grow_with_depth():
@@ -24,21 +31,23 @@ def test_fsdp_shards_params_and_optimizer_state():
 
 
 def test_model_flops_train_is_lvm_flops_and_prefill_is_forward():
-  from lvm import flops, optim
   config = tiny.get_config()
   b, l = 2, 64
-  train = bench.model_flops(config, b, l, 'train')
+  train = flops.model_flops(config, b, l, 'train')
   assert train['total'] == flops.per_step(config, b, l, 1, optim.trainable_regex(config.train))
+  # The trainer's MFU counts the same (its config's batch and length), never None silently.
+  assert flops.train_step_flops(config) == flops.model_flops(
+      config, config.train.batch_size, config.data.seq_len)['total'] > 0
   # Forward only, counted by hand from the tiny shapes: per layer q,o 64x64, k,v 64x32
   # (2 kv heads of 16), mlp 3 x 64x128, 2 norm scales; plus the final norm and the LM head
   # 64x512 (lvm.flops counts every decoder parameter but the input embedding).
   n_dec = 2 * (64 * 64 * 2 + 64 * 32 * 2 + 3 * 64 * 128 + 2 * 64) + 64 + 64 * 512
-  prefill = bench.model_flops(config, b, l, 'prefill')
+  prefill = flops.model_flops(config, b, l, 'prefill')
   assert prefill['parts']['decoder'] == b * l * (2 * n_dec + 2 * 2 * 4 * 16 * l)
   # finetune trains the decoder: 3x its forward count.
   assert train['parts']['decoder'] == 3 * prefill['parts']['decoder']
   assert train['parts']['vision'] == prefill['parts']['vision']  # frozen, no gradient
-  decode = bench.model_flops(config, b, l, 'decode', cache_len=70)
+  decode = flops.model_flops(config, b, l, 'decode', cache_len=70)
   assert decode['total'] == b * (2 * n_dec + 4 * 2 * 4 * 16 * 70)
 
 
@@ -46,25 +55,36 @@ def test_peak_table():
   class Dev:
     def __init__(self, platform, kind):
       self.platform, self.device_kind = platform, kind
-  assert bench.peak_tflops(Dev('gpu', 'NVIDIA H100 80GB HBM3')) == 989.0
-  assert bench.peak_tflops(Dev('gpu', 'NVIDIA H200')) == 989.0
-  assert bench.peak_tflops(Dev('tpu', 'TPU v5 lite')) == 197.0
-  assert bench.peak_tflops(Dev('tpu', 'TPU v5p')) == 459.0
-  assert bench.peak_tflops(Dev('tpu', 'TPU v4')) == 275.0
-  assert bench.peak_tflops(Dev('tpu', 'TPU v6 lite')) == 918.0
-  assert bench.peak_tflops(Dev('cpu', 'cpu')) is None
+  assert flops.peak_tflops(Dev('gpu', 'NVIDIA H100 80GB HBM3')) == 989.0
+  assert flops.peak_tflops(Dev('gpu', 'NVIDIA H200')) == 989.0
+  assert flops.peak_tflops(Dev('tpu', 'TPU v5 lite')) == 197.0
+  assert flops.peak_tflops(Dev('tpu', 'TPU v5p')) == 459.0
+  assert flops.peak_tflops(Dev('tpu', 'TPU v4')) == 275.0
+  assert flops.peak_tflops(Dev('tpu', 'TPU v6 lite')) == 918.0
+  assert flops.peak_tflops(Dev('cpu', 'cpu')) is None
 
 
-def test_cross_entropy_matches_numpy():
+def test_trainer_loss_is_the_mean_cross_entropy_with_its_numpy_gradient():
+  # The loss every benchmark times is the trainer's (lvm.losses.loss_fn); check it and its
+  # gradient against numpy, with a stand-in model that returns the logits it is given.
   rng = np.random.default_rng(0)
   logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
   ids = rng.integers(0, 7, (2, 5)).astype(np.int32)
   mask = np.array([[0, 1, 1, 0, 1], [0, 0, 1, 1, 1]], bool)
-  got = float(bench.cross_entropy(logits, ids, mask))
+
+  class Logits:
+    def apply(self, variables, images, input_ids, logit_positions=None):
+      del images, input_ids, logit_positions
+      return variables['params']
+
+  batch = {'input_ids': jnp.asarray(ids), 'loss_mask': jnp.asarray(mask)}
+  num = float(mask[:, 1:].sum())
+  loss = lambda x: losses.loss_fn(x, batch, model=Logits(), num_tokens=num)[0]
+  got = float(loss(jnp.asarray(logits)))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   terms = [-logp[b, t - 1, ids[b, t]] for b in range(2) for t in range(1, 5) if mask[b, t]]
   np.testing.assert_allclose(got, np.mean(terms), rtol=1e-5)
-  grad = jax.grad(bench.cross_entropy)(logits, ids, mask)
+  grad = jax.grad(loss)(jnp.asarray(logits))
   num = np.zeros_like(logits)
   for b in range(2):
     for t in range(1, 5):
@@ -73,6 +93,38 @@ def test_cross_entropy_matches_numpy():
         p[ids[b, t]] -= 1
         num[b, t - 1] = p / len(terms)
   np.testing.assert_allclose(np.asarray(grad), num, atol=1e-6)
+
+
+def test_bench_times_the_trainers_jitted_step():
+  config = tiny.get_config('scan=0')
+  with config.unlocked():
+    config.mesh.data = -1
+    config.train.max_scored_tokens = 48
+  b = bench.Bench(config)
+  batch = b.shard_batch(bench.synthetic_batch(config, 8, config.data.seq_len))
+  state, step = b.train_step(b.init_params(), batch)
+  # The very function the trainer jits (lvm.step.train_step, with the config's options) ...
+  assert isinstance(step, step_lib.JittedStep)
+  wrapped = step.jitted.__wrapped__
+  assert wrapped.func is step_lib.train_step
+  assert wrapped.keywords['scored_tokens'] == 48 and wrapped.keywords['tx'] is b.factory.tx
+  # ... and the same program as the trainer's own: lvm.train jits its step as below.
+  tx, _ = optim.make(config.optimizer, 1000)
+  factory = state_lib.StateFactory(config, b.model, tx, b.mesh, sharding.rules(config))
+  trainer_step = step_lib.jit_train_step(factory, batch, **step_lib.step_options(config.train))
+  want = trainer_step.lower(factory.abstract, batch).as_text()
+  assert step.lower(state, batch).as_text() == want
+
+
+def test_bench_times_the_generators_own_functions():
+  config = tiny.get_config('scan=0')
+  with config.unlocked():
+    config.mesh.data = -1
+  b = bench.Bench(config)
+  gen = b.generator(b.init_params())
+  # Generator.prefill / decode are the halves of the loop Generator.generate runs.
+  assert gen.prefill.__wrapped__.__func__ is type(gen)._prefill
+  assert gen.decode.__wrapped__.__func__ is type(gen)._decode
 
 
 @pytest.mark.parametrize('mode', ['train', 'prefill', 'decode'])

@@ -8,9 +8,12 @@ import numpy as np
 import pytest
 
 from lvm import checkpoint
+from lvm import hooks
+from lvm import losses
 from lvm import models as lvm_models
 from lvm import metrics
 from lvm import optim
+from lvm import state as state_lib
 from lvm import train
 
 import synthetic_data  # pylint: disable=import-error
@@ -26,7 +29,7 @@ def test_token_losses_match_numpy():
   logits = rng.standard_normal((2, 5, 7)).astype(np.float32)
   ids = rng.integers(0, 7, (2, 5))
   mask = np.array([[0, 0, 1, 1, 0], [0, 1, 1, 1, 1]], bool)
-  nll, log_z, _, m = train.token_losses(jnp.asarray(logits), _batch(ids, mask))
+  nll, log_z, _, m = losses.token_losses(jnp.asarray(logits), _batch(ids, mask))
   lz = np.log(np.exp(logits[:, :-1]).sum(-1))
   want = lz - np.take_along_axis(logits[:, :-1], ids[:, 1:, None], -1)[..., 0]
   np.testing.assert_allclose(nll, want, rtol=1e-5)
@@ -36,7 +39,7 @@ def test_token_losses_match_numpy():
 
 def test_scored_positions_are_each_rows_supervised_targets_in_order():
   mask = np.array([[0, 0, 1, 1, 0, 1], [0, 1, 1, 1, 1, 1], [0] * 6], bool)
-  positions, valid, unscored = train.scored_positions(jnp.asarray(mask), 3)
+  positions, valid, unscored = losses.scored_positions(jnp.asarray(mask), 3)
   # Position t scores the token at t + 1.
   np.testing.assert_array_equal(positions[:2], [[1, 2, 4], [0, 1, 2]])
   np.testing.assert_array_equal(valid, [[1, 1, 1], [1, 1, 1], [0, 0, 0]])
@@ -48,7 +51,7 @@ def test_scoring_only_supervised_positions_keeps_the_loss_and_gradients(scan):
   config = train_utils.tiny_config(**{'model.scan_layers': scan})
   model = lvm_models.build(config)
   batch = jax.tree.map(jnp.asarray, synthetic_data.global_batch(config, 'train', 0))
-  params = model.init(jax.random.key(0), *train.dummy_inputs(config, 2))['params']
+  params = model.init(jax.random.key(0), *state_lib.dummy_inputs(config, 2))['params']
   params = jax.tree.map(lambda x: getattr(x, 'value', x), params,
                         is_leaf=lambda x: hasattr(x, 'value'))
   most = int(np.max(np.sum(np.asarray(batch['loss_mask'])[:, 1:], axis=1)))
@@ -56,8 +59,8 @@ def test_scoring_only_supervised_positions_keeps_the_loss_and_gradients(scan):
   num = jnp.sum(batch['loss_mask'][:, 1:])
 
   def grads(scored):
-    fn = lambda p: train.loss_fn(p, batch, model=model, num_tokens=num, z_loss=1e-3,
-                                 scored_tokens=scored)
+    fn = lambda p: losses.loss_fn(p, batch, model=model, num_tokens=num, z_loss=1e-3,
+                                  scored_tokens=scored)
     return jax.jit(jax.value_and_grad(fn, has_aux=True))(params)
 
   (want, want_aux), want_g = grads(0)
@@ -82,7 +85,7 @@ def test_eval_sums_count_answers():
   for b in range(3):
     for t in range(5):
       logits[b, t, pred[b, t]] = 5.0
-  sums = jax.device_get(train.eval_sums(jnp.asarray(logits), _batch(ids, mask)))
+  sums = jax.device_get(losses.eval_sums(jnp.asarray(logits), _batch(ids, mask)))
   assert sums['answers'] == 3 and sums['exact_answers'] == 2
   assert sums['examples'] == 2 and sums['exact_examples'] == 1
   assert sums['tokens'] == 5 and sums['correct_tokens'] == 4
@@ -133,7 +136,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path):
   config = train_utils.tiny_config(**{'train.num_steps': 6, 'data.eval_split': '',
                                       'data.test_split': ''})
   make = lambda c, split, mesh, **kw: _NanAfter(c, split, mesh)
-  with pytest.raises(train.NonFiniteLossError, match='at step 4'):
+  with pytest.raises(hooks.NonFiniteLossError, match='at step 4'):
     train.train_and_evaluate(config, str(tmp_path), make_iterator=make,
                              num_examples=synthetic_data.num_examples)
   steps = [r['step'] for r in metrics.read_jsonl(str(tmp_path))]

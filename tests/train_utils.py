@@ -7,7 +7,8 @@ from configs import tiny
 from lvm import models
 from lvm import optim
 from lvm import sharding
-from lvm import train
+from lvm import state as state_lib
+from lvm import step as step_lib
 
 import synthetic_data  # pylint: disable=import-error
 
@@ -41,7 +42,7 @@ def run_steps(config, mesh, num_steps=5, accum_steps=1, params=None):
   """
   model = models.build(config)
   tx, _ = optim.make(config.optimizer, max(config.train.num_steps, num_steps))
-  factory = train.StateFactory(config, model, tx, mesh, sharding.rules(config))
+  factory = state_lib.StateFactory(config, model, tx, mesh, sharding.rules(config))
   if params is None:
     params = factory.random_params(jax.random.key(config.train.seed))
   else:
@@ -49,7 +50,7 @@ def run_steps(config, mesh, num_steps=5, accum_steps=1, params=None):
   state = factory.from_params(params)
   batches = synthetic_data.SyntheticIterator(config, 'train', mesh)
   first = next(batches)
-  step = train.jit_train_step(factory, first, accum_steps=accum_steps)
+  step = step_lib.jit_train_step(factory, first, accum_steps=accum_steps)
   losses = []
   batch = first
   # The caller may want the initial params (for comparisons): hand back a host copy.

@@ -67,7 +67,7 @@ def main(argv):
     base_make, num_examples = synthetic_data.make_iterator, synthetic_data.num_examples
   else:
     base_make, num_examples = train.default_make_iterator, train.default_num_examples
-    train._prepare_data(_CONFIG.value)  # pylint: disable=protected-access
+    train.prepare_data(_CONFIG.value)
 
   def make_iterator(config, split, mesh, *, shuffle=True, num_epochs=None):
     it = base_make(config, split, mesh, shuffle=shuffle, num_epochs=num_epochs)

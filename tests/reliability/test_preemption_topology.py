@@ -28,7 +28,10 @@ def _start_two(shared, workdir, tmp_path, tag):
   port = h.free_port()
   procs = []
   for i in range(2):
-    flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}']
+    # --verbosity=0: the test reads orbax's own INFO lines (each process's part in a save),
+    # which the console holds back by default.
+    flags = [f'--coordinator_address=127.0.0.1:{port}', '--num_processes=2', f'--process_id={i}',
+             '--verbosity=0']
     procs.append(h.start_main(shared, workdir, str(tmp_path / f'{tag}_p{i}.log'), *h.SINGLE_MESH,
                               num_devices=4, extra_flags=flags))
   return procs
