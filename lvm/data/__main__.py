@@ -10,9 +10,9 @@ llava_json: prints the kept / fixed / skipped counts by reason (also in prepare_
 
 import json
 
-from absl import app
 from ml_collections import config_flags
 
+from lvm import cli
 from lvm import data
 from lvm.data import pipeline
 
@@ -43,4 +43,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)
