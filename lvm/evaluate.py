@@ -83,7 +83,8 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   result = {'benchmark': benchmark, 'headline': {label: value}, 'scores': scores,
             'num_questions': len(examples), 'num_answered': len(predictions),
             'num_scored': len(predictions),
-            'skipped': dict(skipped), 'data_dir': str(checkpoint.as_path(data_dir)) if data_dir else '',
+            'skipped': dict(skipped),
+            'data_dir': str(checkpoint.as_path(data_dir)) if data_dir else '',
             'max_new_tokens': max_new_tokens, 'limit': limit,
             'seconds': round(time.time() - start, 2)}
   (out / 'score.json').write_text(json.dumps(result, indent=1))

@@ -317,10 +317,7 @@ class TextGenerator:
 
 
 def load_image(path: str, config) -> np.ndarray:
-  """An image file preprocessed as the run's data pipeline does: float32[H, W, 3].
-
-  See `lvm.data.images.load_image` (the loader evaluation uses too).
-  """
+  """float32[H, W, 3] as the run's pipeline makes it (`lvm.data.images.load_image`)."""
   from lvm.data import images  # pylint: disable=g-import-not-at-top
   return images.load_image(path, config)
 
@@ -415,15 +412,12 @@ def main(argv):
     cli.fail('Give --prompt="..." (or --chat)')
   try:
     # Images first (with the run's preprocessing): a bad file fails before the model loads.
-    run_config = checkpoint.load_config(path)
+    run_config = checkpoint.load_config(path, log=lambda _: None)
     images = np.stack([load_image(p, run_config) for p in flags.image]) if flags.image else None
+    config, _, text_gen = from_run(path)
   except images_lib.ImageError as e:
     cli.fail(f'--image: {e}')
-  except (FileNotFoundError, RuntimeError) as e:
-    cli.fail(str(e))
-  try:
-    config, _, text_gen = from_run(path)
-  except RuntimeError as e:  # no checkpoint restores; each step's reason is listed
+  except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores
     cli.fail(str(e))
   sampling = SamplingParams(flags.temperature, flags.top_k, flags.top_p, flags.seed)
   image_prefix = '<image>\n' * len(flags.image)

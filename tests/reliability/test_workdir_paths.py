@@ -42,7 +42,8 @@ def test_uris_reach_orbax_unchanged(tmp_path, monkeypatch):
   ckpt = checkpoint.Checkpointer('gs://bucket/run', CKPT)
   assert str(seen['directory']) == 'gs://bucket/run/checkpoints'
   assert str(ckpt.directory) == 'gs://bucket/run/checkpoints'
-  assert evaluate.default_out_dir('gs://b/run/checkpoints/4', 'pope') == 'gs://b/run/eval/pope_step4'
+  assert (evaluate.default_out_dir('gs://b/run/checkpoints/4', 'pope')
+          == 'gs://b/run/eval/pope_step4')
   assert evaluate.default_out_dir('gs://b/run', 'pope') == 'gs://b/run/eval/pope'
   assert os.listdir(tmp_path) == []  # no local folder named gs:
 
