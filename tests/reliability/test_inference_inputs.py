@@ -168,3 +168,27 @@ def test_too_few_scored_threshold():
   assert 'only 5 of 10 questions' in evaluate.too_few_scored(result, 0.6)
   assert evaluate.too_few_scored(dict(result, num_scored=0), 0.0) is not None
   assert evaluate.too_few_scored(dict(result, num_scored=10, skipped={}), 1.0) is None
+
+
+def test_one_image_loader_names_the_file(tmp_path):
+  """Item 12 and issue 20.6: `images.load_image` (generate and evaluate) on paths, bytes."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  from lvm.data import images  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  size = config.model.vision.image_size
+  Image.new('RGB', (40, 20), (255, 0, 0)).save(tmp_path / 'red.png')
+  from_path = images.load_image(str(tmp_path / 'red.png'), config)
+  from_bytes = images.load_image((tmp_path / 'red.png').read_bytes(), config)
+  np.testing.assert_array_equal(from_path, from_bytes)
+  assert from_path.shape == (size, size, 3)
+  # 'pad': the red image is centered on the mean colour; its centre is normalized red.
+  mean, std = np.asarray(config.data.image_mean), np.asarray(config.data.image_std)
+  np.testing.assert_allclose(from_path[size // 2, size // 2], (np.array([1, 0, 0]) - mean) / std,
+                             rtol=1e-5)
+  (tmp_path / 'notes.txt').write_text('hello')
+  cases = {'notes.txt': 'corrupt_image', 'gone.jpg': 'missing_image', '.': 'not_a_file'}
+  for name, reason in cases.items():
+    with pytest.raises(images.ImageError) as err:
+      images.load_image(str(tmp_path / name), config)
+    assert err.value.reason == reason
+    assert str(err.value).startswith(f'{reason}: {tmp_path / name}'), str(err.value)
