@@ -11,6 +11,8 @@ folder or `gs://bucket/run`); URIs are used as written, never made local.
 """
 
 import json
+import os
+import socket
 from typing import Any, Callable
 
 from etils import epath
@@ -47,11 +49,12 @@ def check_writable(workdir: PathLike) -> epath.Path:
       credentials, no file system registered for its scheme, a file in the way).
   """
   path = as_path(workdir)
-  probe = path / '.lvm_write_probe'
+  # One probe per process: the processes of a multi-host run check the same folder at once.
+  probe = path / f'.lvm_write_probe.{socket.gethostname()}.{os.getpid()}'
   try:
     path.mkdir(parents=True, exist_ok=True)
     probe.write_text('ok')
-    probe.unlink()
+    probe.unlink(missing_ok=True)
   except Exception as e:  # pylint: disable=broad-except
     detail = ' '.join(str(e).split())[:300] or type(e).__name__
     raise ValueError(f'--workdir={workdir}: cannot write there ({type(e).__name__}: {detail}). '
