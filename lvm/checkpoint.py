@@ -5,12 +5,17 @@ Each step directory holds three items: `state` (the train state pytree, whose
 and `config` (the run's resolved config as JSON). Restoring against an abstract
 state whose leaves carry shardings puts the arrays straight onto any mesh, so a
 checkpoint written on one mesh restores onto another.
+
+Paths are `etils.epath` paths, so a workdir may be anywhere orbax writes (a local
+folder or `gs://bucket/run`); URIs are used as written, never made local.
 """
 
 import json
 import os
-from typing import Any
+import socket
+from typing import Any, Callable
 
+from etils import epath
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -20,19 +25,68 @@ ITEMS = ('state', 'data', 'config')
 COMMIT_MARKER = 'commit_success.txt'
 
 
-def checkpoint_dir(workdir: str) -> str:
-  return os.path.join(os.path.abspath(workdir), 'checkpoints')
+# A converted or params-only step folder (`save_params`) has no data iterator state.
+PARAMS_ITEMS = ('state', 'config')
+PathLike = str | epath.Path
+
+
+def as_path(path: PathLike) -> epath.Path:
+  """An epath.Path; a local path is made absolute, a URI (`gs://...`) is kept as written."""
+  if '://' in str(path):
+    return epath.Path(path)
+  return epath.Path(path).expanduser().absolute()
+
+
+def checkpoint_dir(workdir: PathLike) -> epath.Path:
+  return as_path(workdir) / 'checkpoints'
+
+
+def check_writable(workdir: PathLike) -> epath.Path:
+  """Creates `workdir` and writes a probe file there, before anything is compiled.
+
+  Raises:
+    ValueError: naming the workdir and why it cannot be written (no such bucket, no
+      credentials, no file system registered for its scheme, a file in the way).
+  """
+  path = as_path(workdir)
+  # One probe per process: the processes of a multi-host run check the same folder at once.
+  probe = path / f'.lvm_write_probe.{socket.gethostname()}.{os.getpid()}'
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    probe.write_text('ok')
+    probe.unlink(missing_ok=True)
+  except Exception as e:  # pylint: disable=broad-except
+    detail = ' '.join(str(e).split())[:300] or type(e).__name__
+    raise ValueError(f'--workdir={workdir}: cannot write there ({type(e).__name__}: {detail}). '
+                     'Give a folder (local, or a bucket URI such as gs://bucket/run) that '
+                     'this process can create and write.') from e
+  return path
+
+
+def step_problems(step_dir: epath.Path, items=ITEMS, others_committed: bool = False) -> str | None:
+  """Why the checkpoint in `step_dir` is incomplete, or None if its files look whole.
+
+  A step folder needs every item and, where this orbax writes commit markers (the run's
+  other steps have `commit_success.txt`: `others_committed`), its own marker.
+  """
+  missing = [item for item in items if not (step_dir / item).is_dir()]
+  if missing:
+    return f'item folder(s) {missing} missing'
+  if others_committed and not (step_dir / COMMIT_MARKER).exists():
+    return f'commit marker {COMMIT_MARKER} missing (the save never finished)'
+  return None
 
 
 class Checkpointer:
   """A CheckpointManager with interval, keep-N and asynchronous saves.
 
   Args:
-    workdir: the run's folder; checkpoints go to `workdir/checkpoints/<step>/`.
+    workdir: the run's folder (str or epath.Path, local or a URI such as gs://bucket/run);
+      checkpoints go to `workdir/checkpoints/<step>/`.
     ckpt_config: `config.checkpoint` (interval, keep, async_save).
   """
 
-  def __init__(self, workdir: str, ckpt_config):
+  def __init__(self, workdir: PathLike, ckpt_config):
     self.interval = int(ckpt_config.interval)
     options = ocp.CheckpointManagerOptions(
         # Interval saves are decided here (`should_save`), so orbax saves whatever it is given.
@@ -41,7 +95,7 @@ class Checkpointer:
         enable_async_checkpointing=bool(ckpt_config.async_save),
         create=True)
     self.directory = checkpoint_dir(workdir)
-    self.manager = ocp.CheckpointManager(checkpoint_dir(workdir), options=options,
+    self.manager = ocp.CheckpointManager(self.directory, options=options,
                                          item_names=ITEMS)
 
   def latest_step(self) -> int | None:
@@ -71,21 +125,10 @@ class Checkpointer:
     return restored['state'], restored['data']
 
   def problems(self, step: int) -> str | None:
-    """Why the checkpoint of `step` is incomplete, or None if its files look whole.
-
-    A step folder needs every item and, where this orbax writes commit markers
-    (`commit_success.txt`, present in the run's other steps), its own marker.
-    """
-    step_dir = os.path.join(self.directory, str(step))
-    missing = [item for item in ITEMS if not os.path.isdir(os.path.join(step_dir, item))]
-    if missing:
-      return f'item folder(s) {missing} missing'
-    if not os.path.exists(os.path.join(step_dir, COMMIT_MARKER)):
-      others = [s for s in self.manager.all_steps() if s != step and os.path.exists(
-          os.path.join(self.directory, str(s), COMMIT_MARKER))]
-      if others:
-        return f'commit marker {COMMIT_MARKER} missing (the save never finished)'
-    return None
+    """Why the checkpoint of `step` is incomplete, or None (see `step_problems`)."""
+    others = any((self.directory / str(s) / COMMIT_MARKER).exists()
+                 for s in self.manager.all_steps() if s != step)
+    return step_problems(self.directory / str(step), ITEMS, others)
 
   def restore_latest(self, abstract_state, log=print) -> tuple[int, Any, dict] | None:
     """Restores the newest checkpoint that is whole; None if there is none.
@@ -126,16 +169,16 @@ class Checkpointer:
           'the old config, or start a new workdir.')
     return None
 
-  def _quarantine(self, step: int) -> str:
+  def _quarantine(self, step: int) -> epath.Path:
     """Moves a bad step folder out of the manager's sight (process 0), then syncs."""
-    target = os.path.join(os.path.dirname(self.directory), 'checkpoints_corrupt', str(step))
+    target = self.directory.parent / 'checkpoints_corrupt' / str(step)
     if jax.process_index() == 0:
-      os.makedirs(os.path.dirname(target), exist_ok=True)
+      target.parent.mkdir(parents=True, exist_ok=True)
       suffix, final = 0, target
-      while os.path.exists(final):
+      while final.exists():
         suffix += 1
-        final = f'{target}.{suffix}'
-      os.rename(os.path.join(self.directory, str(step)), final)
+        final = target.parent / f'{step}.{suffix}'
+      (self.directory / str(step)).rename(final)
       target = final
     if jax.process_count() > 1:
       from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
@@ -151,45 +194,28 @@ class Checkpointer:
     self.manager.close()
 
 
-def _resolve_step_dir(path: str) -> str:
-  """A checkpoint step folder from a workdir, its checkpoints folder, or a step folder."""
-  path = os.path.abspath(path)
-  if os.path.isdir(os.path.join(path, 'state')):
-    return path
-  for root in (os.path.join(path, 'checkpoints'), path):
-    if os.path.isdir(root):
-      steps = [int(d) for d in os.listdir(root) if d.isdigit()
-               and os.path.isdir(os.path.join(root, d, 'state'))]
+def _step_dirs(path: PathLike) -> tuple[list[epath.Path], bool]:
+  """Step folders to try, newest first, and whether `path` named one step folder itself."""
+  path = as_path(path)
+  if (path / 'state').is_dir():
+    return [path], True
+  for root in (path / 'checkpoints', path):
+    if root.is_dir():
+      steps = sorted((int(d.name) for d in root.iterdir() if d.name.isdigit()), reverse=True)
       if steps:
-        return os.path.join(root, str(max(steps)))
+        return [root / str(s) for s in steps], False
   raise FileNotFoundError(
-      f'No checkpoint under {path!r}: expected a run workdir (with checkpoints/<step>/state), '
-      'a checkpoints folder, or a checkpoint step folder.')
+      f'No checkpoint under {str(path)!r}: expected a run workdir (with checkpoints/<step>/state),'
+      ' a checkpoints folder, or a checkpoint step folder.')
 
 
-def load_config(path: str) -> ml_collections.ConfigDict:
-  """The config saved with the checkpoint at `path` (see `load_params`)."""
-  step_dir = _resolve_step_dir(path)
-  with open(os.path.join(step_dir, 'config', 'metadata')) as f:
-    return ml_collections.ConfigDict(json.load(f))
+def _read_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
+  return ml_collections.ConfigDict(json.loads((step_dir / 'config' / 'metadata').read_text()))
 
 
-def load_params(path: str, abstract_params=None) -> tuple[ml_collections.ConfigDict, Any]:
-  """Loads the model parameters of an earlier run.
-
-  Args:
-    path: a run's workdir (its latest checkpoint is used), its `checkpoints/` folder,
-      or one checkpoint step folder.
-    abstract_params: optional pytree of `jax.ShapeDtypeStruct` (with shardings) to
-      restore onto; default: the saved shapes, as host-local arrays.
-
-  Returns:
-    (config of that run, params pytree).
-  """
-  step_dir = _resolve_step_dir(path)
-  config = load_config(step_dir)
+def _restore_params(step_dir: epath.Path, abstract_params):
   checkpointer = ocp.PyTreeCheckpointer()
-  state_dir = os.path.join(step_dir, 'state')
+  state_dir = step_dir / 'state'
   if abstract_params is None:
     metadata = checkpointer.metadata(state_dir)
     tree = metadata.item_metadata.tree if hasattr(metadata, 'item_metadata') else metadata.tree
@@ -202,4 +228,89 @@ def load_params(path: str, abstract_params=None) -> tuple[ml_collections.ConfigD
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item={'params': abstract_params}, restore_args={'params': restore_args},
       partial_restore=True))
-  return config, restored['params']
+  return restored['params']
+
+
+def _first_whole(path: PathLike, read: Callable[[epath.Path], Any], log) -> Any:
+  """`read(step_dir)` of the newest step folder under `path` that reads whole.
+
+  As training's `Checkpointer.restore_latest`: a newest checkpoint that is incomplete or
+  unreadable is reported and the previous one tried; nothing is moved (inference only
+  reads). A step folder named explicitly is not replaced by another: its failure is an
+  error naming it and the steps beside it.
+
+  Raises:
+    RuntimeError: no step folder reads (each one's error listed).
+  """
+  step_dirs, explicit = _step_dirs(path)
+  committed = {d.name for d in step_dirs if (d / COMMIT_MARKER).exists()}
+  failed = []
+  for step_dir in step_dirs:
+    problem = step_problems(step_dir, PARAMS_ITEMS, bool(committed - {step_dir.name}))
+    if problem is None:
+      try:
+        result = read(step_dir)
+      except Exception as e:  # pylint: disable=broad-except
+        problem = f'{type(e).__name__}: {" ".join(str(e).split())[:500]}'
+      else:
+        for bad, why in failed:
+          log(f'WARNING: checkpoint step {bad} is unusable ({why}); using step '
+              f'{step_dir.name} of {step_dir.parent} instead.')
+        return result
+    failed.append((step_dir.name, problem))
+  if explicit:
+    parent = step_dirs[0].parent
+    others = sorted(int(d.name) for d in parent.iterdir() if d.name.isdigit()
+                    and d != step_dirs[0] and (d / 'state').is_dir()) if parent.is_dir() else []
+    raise RuntimeError(
+        f'Checkpoint {step_dirs[0]} does not restore: {failed[0][1]}\n'
+        + (f'Other checkpoint steps in {parent}: {others} (give one of them, or the workdir '
+           'for the newest that restores).' if others else 'No other checkpoint steps beside it.'))
+  raise RuntimeError(f'No checkpoint under {path} restores:\n' +
+                     '\n'.join(f'  step {s}: {why}' for s, why in failed))
+
+
+def load_config(path: PathLike, log=print) -> ml_collections.ConfigDict:
+  """The config saved with the newest readable checkpoint at `path` (see `load_params`)."""
+  return _first_whole(path, _read_config, log)
+
+
+def load_params(path: PathLike, abstract_params=None,
+                log=print) -> tuple[ml_collections.ConfigDict, Any]:
+  """Loads the model parameters of an earlier run, from its newest checkpoint that restores.
+
+  A corrupt or incomplete newest checkpoint is reported through `log` and the previous
+  one used (as training's resume does); an explicitly named step folder that does not
+  restore is an error naming it and its neighbours.
+
+  Args:
+    path: a run's workdir (local or URI), its `checkpoints/` folder, one checkpoint step
+      folder, or a `save_params` folder.
+    abstract_params: pytree of `jax.ShapeDtypeStruct` with shardings to restore onto
+      (each host reads only its shards), or a function of the run's config returning
+      one; None: the saved shapes as arrays on the first local device (tests, tools).
+    log: where warnings about skipped checkpoints go.
+
+  Returns:
+    (config of that run, params pytree).
+  """
+  def read(step_dir):
+    config = _read_config(step_dir)
+    target = abstract_params(config) if callable(abstract_params) else abstract_params
+    return config, _restore_params(step_dir, target)
+  return _first_whole(path, read, log)
+
+
+def save_params(step_dir: PathLike, config: ml_collections.ConfigDict, params) -> epath.Path:
+  """Writes `params` and the full `config` as a step folder `load_params` reads.
+
+  The items are a training step's `state` (here only `{'params': ...}`) and `config`, so
+  generation, evaluation, export and `config.init.kind='checkpoint'` read it as they read
+  a training checkpoint. An existing folder is replaced.
+  """
+  step_dir = as_path(step_dir)
+  with ocp.Checkpointer(ocp.CompositeCheckpointHandler()) as ckptr:
+    ckptr.save(step_dir, args=ocp.args.Composite(
+        state=ocp.args.StandardSave({'params': params}),
+        config=ocp.args.JsonSave(json.loads(config.to_json_best_effort()))), force=True)
+  return step_dir

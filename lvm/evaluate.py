@@ -10,28 +10,16 @@ score.json, and scored as wrong.
 
 import collections
 import json
-import os
+import sys
 import time
 
+from etils import epath
 
 from lvm import console
+from lvm import checkpoint
 from lvm import eval as benchmarks
+from lvm.data import images as images_lib
 from lvm.sampling import SamplingParams
-
-
-def _preprocess(image, config):
-  """A path, encoded bytes or PIL image -> normalized float32[H, W, 3] (raises ImageError)."""
-  from lvm.data import images  # pylint: disable=g-import-not-at-top
-  size, aspect = int(config.model.vision.image_size), config.data.image_aspect
-  mean, std = config.data.image_mean, config.data.image_std
-  if isinstance(image, str):
-    if not os.path.exists(image):
-      raise images.ImageError('missing_image', image)
-    with open(image, 'rb') as f:
-      image = f.read()
-  if isinstance(image, bytes):
-    return images.load(image, size, aspect, mean, std)
-  return images.preprocess(images.to_rgb(image)[0], size, aspect, mean, std)
 
 
 def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: int = 0,
@@ -49,7 +37,8 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     max_new_tokens: 0 = the benchmark's default.
 
   Returns:
-    The score.json content: {'benchmark', 'scores', 'num_questions', 'skipped', ...}.
+    The score.json content: {'benchmark', 'scores', 'num_questions', 'num_scored',
+    'skipped', ...}; `num_scored` questions were answered (the others were skipped).
   """
   bench = benchmarks.get(benchmark)
   start = time.time()
@@ -67,7 +56,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     image = None
     if e.image is not None:
       try:
-        image = _preprocess(e.image, config)
+        image = images_lib.load_image(e.image, config)
       except ValueError as err:  # ImageError: missing, corrupt, truncated, too large
         skipped[getattr(err, 'reason', 'bad_image')] += 1
         continue
@@ -85,31 +74,30 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     for (e, _, _), out in zip(batch, outs):
       predictions[e.question_id] = out.text
   scores = bench.score(examples, predictions, config)
-  os.makedirs(out_dir, exist_ok=True)
-  with open(os.path.join(out_dir, 'answers.jsonl'), 'w') as f:
-    for e in examples:
-      if e.question_id in predictions:
-        f.write(json.dumps({'question_id': e.question_id, 'prompt': prompts[e.question_id],
-                            'answer': predictions[e.question_id]}) + '\n')
+  out = epath.Path(out_dir)
+  out.mkdir(parents=True, exist_ok=True)
+  (out / 'answers.jsonl').write_text(''.join(
+      json.dumps({'question_id': e.question_id, 'prompt': prompts[e.question_id],
+                  'answer': predictions[e.question_id]}) + '\n'
+      for e in examples if e.question_id in predictions))
   label, value = bench.headline(scores)
   result = {'benchmark': benchmark, 'headline': {label: value}, 'scores': scores,
             'num_questions': len(examples), 'num_answered': len(predictions),
-            'skipped': dict(skipped), 'data_dir': os.path.abspath(data_dir) if data_dir else '',
+            'num_scored': len(predictions),
+            'skipped': dict(skipped),
+            'data_dir': str(checkpoint.as_path(data_dir)) if data_dir else '',
             'max_new_tokens': max_new_tokens, 'limit': limit,
             'seconds': round(time.time() - start, 2)}
-  with open(os.path.join(out_dir, 'score.json'), 'w') as f:
-    json.dump(result, f, indent=1)
+  (out / 'score.json').write_text(json.dumps(result, indent=1))
   return result
 
 
 def default_out_dir(path: str, benchmark: str) -> str:
   """WORKDIR/eval/NAME; for a step folder WORKDIR/checkpoints/N: WORKDIR/eval/NAME_stepN."""
-  path = os.path.abspath(path)
-  parent = os.path.dirname(path)
-  if os.path.basename(parent) == 'checkpoints' and os.path.basename(path).isdigit():
-    step = os.path.basename(path)
-    return os.path.join(os.path.dirname(parent), 'eval', f'{benchmark}_step{step}')
-  return os.path.join(path, 'eval', benchmark)
+  path = checkpoint.as_path(path)
+  if path.parent.name == 'checkpoints' and path.name.isdigit():
+    return str(path.parent.parent / 'eval' / f'{benchmark}_step{path.name}')
+  return str(path / 'eval' / benchmark)
 
 
 def _define_flags():
@@ -122,33 +110,61 @@ def _define_flags():
   flags.DEFINE_integer('limit', 0, 'Only the first N questions (0: all).')
   flags.DEFINE_integer('batch_size', 16, 'Questions per batch.')
   flags.DEFINE_integer('max_new_tokens', 0, "0: the benchmark's default.")
+  flags.DEFINE_float('min_scored_fraction', 0.5,
+                     'Exit non-zero when fewer than this fraction of the questions could be '
+                     'answered (the rest skipped for missing or unreadable images).')
   return flags.FLAGS
 
 
+def too_few_scored(result: dict, min_fraction: float) -> str | None:
+  """Why `result` is not a usable score (too few questions answered), or None."""
+  scored, total = result['num_scored'], result['num_questions']
+  if scored == 0 or scored < min_fraction * total:
+    reasons = ', '.join(f'{n} {why}' for why, n in sorted(result['skipped'].items()))
+    return (f"only {scored} of {total} questions could be scored (skipped: {reasons or 'none'}; "
+            f'--min_scored_fraction={min_fraction}); check --data_dir '
+            f"{result['data_dir']!r} and the benchmark's image folder")
+  return None
+
+
 def main(argv):
-  del argv
+  from lvm import cli  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f'Unexpected arguments: {argv[1:]}')
   flags = _define_flags.flags
   path = flags.checkpoint or flags.workdir
   if not path or not flags.benchmark:
-    raise SystemExit('Give --workdir=DIR (or --checkpoint=PATH) and --benchmark=NAME')
-  benchmarks.get(flags.benchmark)  # fail on a bad name before loading the model
+    cli.fail('Give --workdir=DIR (or --checkpoint=PATH) and --benchmark=NAME')
+  try:
+    benchmarks.get(flags.benchmark)  # fail on a bad name before loading the model
+  except ValueError as e:
+    cli.fail(str(e))
   from lvm import generate  # pylint: disable=g-import-not-at-top
-  config, _, text_gen = generate.from_run(path)
+  try:
+    config, _, text_gen = generate.from_run(path)
+  except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores
+    cli.fail(str(e))
   out_dir = flags.out_dir or default_out_dir(path, flags.benchmark)
   result = run(text_gen, config, flags.benchmark, flags.data_dir, out_dir, flags.limit,
                flags.batch_size, flags.max_new_tokens)
   (label, value), = result['headline'].items()
   skipped = sum(result['skipped'].values())
-  print(f"{flags.benchmark} {label}: {value:.2f}  ({result['num_questions']} questions, "
-        f"{skipped} skipped, {result['seconds']:.1f}s)")
+  print(f"{flags.benchmark} {label}: {value:.2f}  ({result['num_scored']} of "
+        f"{result['num_questions']} questions scored, {skipped} skipped, "
+        f"{result['seconds']:.1f}s)")
   print(json.dumps(result['scores'], indent=1))
   print(f'answers and score.json in {out_dir}')
+  problem = too_few_scored(result, flags.min_scored_fraction)
+  if problem:
+    print(f'Error: {problem}', file=sys.stderr)
+    return 1
+  return 0
 
 
 def entry():
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from lvm import cli  # pylint: disable=g-import-not-at-top
   _define_flags.flags = _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

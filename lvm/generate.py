@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
-from configs import common
+from lvm import config as lvm_config
 from lvm import models
 from lvm import sharding as lvm_sharding
 from lvm.sampling import SamplingParams, sample
@@ -78,7 +78,7 @@ class Generator:
       prompt_buckets / new_token_buckets: allowed padded lengths (default powers of two).
     """
     if 'model' not in config:  # a bare model config (e.g. from lvm.hf.load)
-      full = common.get_config()
+      full = lvm_config.get_config()
       full.model = config
       config = full
     self.config = config
@@ -354,19 +354,43 @@ class TextGenerator:
 
 
 def load_image(path: str, config) -> np.ndarray:
-  """Reads an image file and preprocesses it as the run's data pipeline does: float32[H, W, 3]."""
-  from lvm.data import images as data_images  # pylint: disable=g-import-not-at-top
-  with open(path, 'rb') as f:
-    data = f.read()
-  return data_images.load(data, int(config.model.vision.image_size), config.data.image_aspect,
-                          config.data.image_mean, config.data.image_std)
+  """float32[H, W, 3] as the run's pipeline makes it (`lvm.data.images.load_image`)."""
+  from lvm.data import images  # pylint: disable=g-import-not-at-top
+  return images.load_image(path, config)
 
 
-def from_run(path: str, mesh=None):
-  """(config, Generator, TextGenerator) for a workdir or checkpoint path."""
+def abstract_params(config, mesh):
+  """The run's params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
+
+  Restoring against this tree puts each shard straight onto its devices (as training's
+  StateFactory does); no full copy is made on one device.
+  """
+  model = models.build(config)
+  rules = lvm_sharding.rules(config)
+  h = int(config.model.vision.image_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
+                           jnp.zeros((1, 8), jnp.int32))['params']
+  shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+def from_run(path: str, mesh=None, log=print):
+  """(config, Generator, TextGenerator) for a workdir or checkpoint path.
+
+  The newest checkpoint that restores is used (a corrupt newest one is reported through
+  `log` and skipped), restored straight into the generator's shardings.
+  """
   from lvm import checkpoint  # pylint: disable=g-import-not-at-top
   from lvm.data import tokenizer as data_tokenizer  # pylint: disable=g-import-not-at-top
-  config, params = checkpoint.load_params(path)
+  meshes = {}
+
+  def target(config):
+    meshes['mesh'] = mesh if mesh is not None else lvm_sharding.make_mesh(config.mesh)
+    return abstract_params(config, meshes['mesh'])
+
+  config, params = checkpoint.load_params(path, target, log=log)
   try:
     tok = data_tokenizer.load(config)
   except FileNotFoundError:
@@ -376,7 +400,7 @@ def from_run(path: str, mesh=None):
     from lvm import data  # pylint: disable=g-import-not-at-top
     data.prepare(config)
     tok = data_tokenizer.load(config)
-  generator = Generator(config, params, mesh=mesh)
+  generator = Generator(config, params, mesh=meshes['mesh'])
   return config, generator, TextGenerator(generator, tok, config.data.template,
                                           config.data.get('system_prompt'))
 
@@ -413,16 +437,26 @@ def _read_line(prompt: str) -> str | None:
 
 
 def main(argv):
-  del argv
+  from lvm import checkpoint, cli  # pylint: disable=g-import-not-at-top
+  from lvm.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  if len(argv) > 1:
+    cli.fail(f'Unexpected arguments: {argv[1:]}')
   flags = _define_flags.flags
   path = flags.checkpoint or flags.workdir
   if not path:
-    raise SystemExit('Give --workdir=DIR or --checkpoint=PATH')
+    cli.fail('Give --workdir=DIR or --checkpoint=PATH')
   if not flags.chat and not flags.prompt:
-    raise SystemExit('Give --prompt="..." (or --chat)')
-  config, _, text_gen = from_run(path)
+    cli.fail('Give --prompt="..." (or --chat)')
+  try:
+    # Images first (with the run's preprocessing): a bad file fails before the model loads.
+    run_config = checkpoint.load_config(path, log=lambda _: None)
+    images = np.stack([load_image(p, run_config) for p in flags.image]) if flags.image else None
+    config, _, text_gen = from_run(path)
+  except images_lib.ImageError as e:
+    cli.fail(f'--image: {e}')
+  except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores
+    cli.fail(str(e))
   sampling = SamplingParams(flags.temperature, flags.top_k, flags.top_p, flags.seed)
-  images = np.stack([load_image(p, config) for p in flags.image]) if flags.image else None
   image_prefix = '<image>\n' * len(flags.image)
   turns = []
   message = flags.prompt
@@ -446,9 +480,9 @@ def main(argv):
 
 
 def run():
-  from absl import app  # pylint: disable=g-import-not-at-top
+  from lvm import cli  # pylint: disable=g-import-not-at-top
   _define_flags.flags = _define_flags()
-  app.run(main)
+  cli.run(main)
 
 
 if __name__ == '__main__':

@@ -9,11 +9,11 @@ add --coordinator_address=HOST:PORT --num_processes=N --process_id=I on every pr
 (TPU pods and SLURM are detected without flags).
 """
 
-from absl import app
 from absl import flags
 from absl import logging
 from ml_collections import config_flags
 
+from lvm import cli
 from lvm import distributed
 
 _CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:args].',
@@ -24,7 +24,14 @@ flags.mark_flags_as_required(['config', 'workdir'])
 
 def main(argv):
   if len(argv) > 1:
-    raise app.UsageError(f'Unexpected arguments: {argv[1:]}')
+    cli.fail(f'Unexpected arguments: {argv[1:]}')
+  # A workdir that cannot be written (no such bucket, no credentials) fails here, not at the
+  # first checkpoint after compiling and training.
+  from lvm import checkpoint  # pylint: disable=import-outside-toplevel
+  try:
+    checkpoint.check_writable(_WORKDIR.value)
+  except ValueError as e:
+    cli.fail(str(e))
   distributed.initialize_from_flags()
   # Imported after distributed init: nothing may touch the devices before it.
   from lvm import train  # pylint: disable=import-outside-toplevel
@@ -35,4 +42,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

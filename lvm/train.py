@@ -94,7 +94,7 @@ def train_and_evaluate(config, workdir, *, make_iterator=None, num_examples=None
   """Trains and evaluates as `config` says; resumes from `workdir`'s latest checkpoint.
 
   Args:
-    config: the full run config (configs/common.py tree).
+    config: the full run config (the `lvm.config` tree).
     workdir: output folder (config.json, metrics.jsonl, tensorboard/, checkpoints/); a
       local path or any `etils.epath` path (e.g. `gs://bucket/run`).
     make_iterator: `(config, split, mesh, *, shuffle, num_epochs) -> iterator` of global

@@ -8,9 +8,9 @@ shapes: prints the split sizes and the image-blind majority baseline per questio
 llava_json: prints the kept / fixed / skipped counts by reason (also in prepare_report.json).
 """
 
-from absl import app
 from ml_collections import config_flags
 
+from lvm import cli
 from lvm import data
 from lvm.data import pipeline
 
@@ -30,4 +30,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -6,6 +6,7 @@ square filled with the mean colour, as LLaVA-1.5's `expand2square`.
 """
 
 import io
+import os
 import warnings
 
 import numpy as np
@@ -145,3 +146,31 @@ def load(data: bytes, size: int, aspect: str, mean, std) -> np.ndarray:
   """Encoded bytes -> normalized float32[size, size, 3] (raises ImageError)."""
   im, _ = decode(data)
   return preprocess(im, size, aspect, mean, std)
+
+
+def load_image(image, config) -> np.ndarray:
+  """The one image loader of inference: a file path, encoded bytes or a PIL image ->
+  float32[H, W, 3] preprocessed as the run's data pipeline does (`config.model.vision.
+  image_size`, `config.data.image_aspect`, `image_mean`, `image_std`).
+
+  Raises:
+    ImageError: missing_image, not_a_file, empty/corrupt/truncated image, image_too_large;
+      for a path, the message names the file.
+  """
+  from etils import epath  # pylint: disable=g-import-not-at-top
+  size, aspect = int(config.model.vision.image_size), config.data.image_aspect
+  mean, std = config.data.image_mean, config.data.image_std
+  if isinstance(image, (str, os.PathLike)):
+    path = epath.Path(image)
+    if not path.exists():
+      raise ImageError('missing_image', f'{image}: no such file')
+    if path.is_dir():
+      raise ImageError('not_a_file', f'{image}: is a folder, not an image file')
+    try:
+      return load(path.read_bytes(), size, aspect, mean, std)
+    except ImageError as e:
+      raise ImageError(e.reason, f'{image}: {str(e).removeprefix(e.reason + ": ")} '
+                       '(not a readable image file)') from e
+  if isinstance(image, bytes):
+    return load(image, size, aspect, mean, std)
+  return preprocess(to_rgb(image)[0], size, aspect, mean, std)

@@ -13,11 +13,11 @@ import collections
 import json
 import sys
 
-from absl import app
 from absl import flags
 from ml_collections import config_flags
 import numpy as np
 
+from lvm import cli
 from lvm.data import images as images_lib
 from lvm.data import templates
 
@@ -124,4 +124,4 @@ def main(argv):
 
 
 if __name__ == '__main__':
-  app.run(main)
+  cli.run(main)

@@ -11,14 +11,16 @@ Only safetensors are read or written; pickled weights are refused.
 
 import copy
 import json
-import os
 
+from etils import epath
 from flax import traverse_util
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 
+from lvm import config as lvm_config
 from lvm.hf import configs as hf_configs
 from lvm.hf import io
 from lvm.hf import keymap
@@ -29,11 +31,10 @@ WEIGHTS_FILE = 'model.safetensors'
 
 
 def read_config(folder: str) -> dict:
-  path = os.path.join(folder, CONFIG_FILE)
-  if not os.path.exists(path):
+  path = epath.Path(folder) / CONFIG_FILE
+  if not path.exists():
     raise ValueError(f'No {CONFIG_FILE} in {folder!r}: not a transformers checkpoint folder')
-  with open(path) as f:
-    return json.load(f)
+  return json.loads(path.read_text())
 
 
 def abstract_params(model_config, scan_layers: bool | None = None) -> dict:
@@ -135,16 +136,52 @@ def to_tensors(model_config, params) -> dict[str, np.ndarray]:
   return tensors
 
 
-def save(model_config, params, hf_dir: str):
-  """Writes a folder that `LlavaForConditionalGeneration.from_pretrained` loads."""
+# A transformers folder's model files (weights of every format, their indexes, the model
+# config); `save(..., overwrite=True)` replaces exactly these and keeps the rest (tokenizer).
+MODEL_FILE_PATTERNS = ('config.json', 'generation_config.json', '*.safetensors',
+                       '*.safetensors.index.json', 'pytorch_model*.bin', '*.bin.index.json',
+                       'tf_model*.h5', 'flax_model*.msgpack')
+
+
+def _model_files(folder: epath.Path) -> list[epath.Path]:
+  return sorted({p for pattern in MODEL_FILE_PATTERNS for p in folder.glob(pattern)})
+
+
+def save(model_config, params, hf_dir: str, overwrite: bool = False):
+  """Writes a folder that `LlavaForConditionalGeneration.from_pretrained` loads.
+
+  Args:
+    model_config: the lvm `config.model`.
+    params: its parameters (any placement).
+    hf_dir: the folder; created if missing.
+    overwrite: replace the model files of a non-empty `hf_dir` as a whole (old shards and
+      index included; other files such as a tokenizer stay). Without it a non-empty
+      folder is refused.
+
+  Raises:
+    FileExistsError: `hf_dir` is not empty and `overwrite` is False.
+  """
   import lvm.models  # pylint: disable=g-import-not-at-top
+  hf_dir = epath.Path(hf_dir)
+  if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
+    raise FileExistsError(f'{hf_dir} is not empty; pass --overwrite (overwrite=True) to replace '
+                          'its model files, or choose an empty or new folder.')
   hf_config = hf_configs.llava_to_hf(model_config)
   hf_config['image_seq_length'] = lvm.models.num_image_tokens(model_config)
-  os.makedirs(hf_dir, exist_ok=True)
-  io.write_file(os.path.join(hf_dir, WEIGHTS_FILE), to_tensors(model_config, params),
+  # Written beside the target first, so a failed export leaves the old model whole.
+  staging = hf_dir.parent / f'.{hf_dir.name}.export-tmp'
+  if staging.exists():
+    staging.rmtree()
+  staging.mkdir(parents=True)
+  io.write_file(str(staging / WEIGHTS_FILE), to_tensors(model_config, params),
                 metadata={'format': 'pt'})
-  with open(os.path.join(hf_dir, CONFIG_FILE), 'w') as f:
-    json.dump(hf_config, f, indent=2)
+  (staging / CONFIG_FILE).write_text(json.dumps(hf_config, indent=2))
+  hf_dir.mkdir(parents=True, exist_ok=True)
+  for old in _model_files(hf_dir):
+    old.unlink()
+  for new in staging.iterdir():
+    new.rename(hf_dir / new.name)
+  staging.rmtree()
 
 
 def _mean_resize(embedding: np.ndarray, rows: int) -> np.ndarray:
@@ -194,7 +231,7 @@ def assemble(vision_dir: str, llama_dir: str, *, projector: str = 'mlp2x_gelu',
     vocab_size = needed if needed == base_vocab else -(-needed // 64) * 64
   decoder.vocab_size = vocab_size
   model_config = hf_configs.model_config(
-      vision, hf_configs.common.projector_config(projector), decoder, image_token_id,
+      vision, lvm_config.projector_config(projector), decoder, image_token_id,
       pad_token_id, **overrides)
 
   flat = params_from_tensors(io.read_folder(vision_dir), model_config, keymap.canonical_vision,
@@ -218,43 +255,39 @@ def assemble(vision_dir: str, llama_dir: str, *, projector: str = 'mlp2x_gelu',
 
 def config_to_json(model_config) -> str:
   """The full lvm config (common defaults, this model) as JSON."""
-  from configs import common  # pylint: disable=g-import-not-at-top
-  config = common.get_config()
+  config = lvm_config.get_config()
   config.model = model_config
   return config.to_json_best_effort(indent=2)
 
 
 def save_converted(out_dir: str, model_config, params):
-  """Writes (model_config, params) as one lvm checkpoint step folder.
+  """Writes (model_config, params) as one lvm checkpoint step folder, through lvm.checkpoint.
 
-  The layout is `lvm.checkpoint`'s: `out_dir/state` (orbax PyTree `{'params': ...}`) and
-  `out_dir/config/metadata` (the full lvm config as JSON), plus a readable copy at
-  `out_dir/config.json`. So `lvm.checkpoint.load_params(out_dir)`, `config.init.kind=
-  'checkpoint'` with `config.init.path=out_dir`, generation and evaluation all read it.
+  The layout is `lvm.checkpoint.save_params`'s: `out_dir/state` (`{'params': ...}`) and
+  `out_dir/config` (the full lvm config), plus a readable copy at `out_dir/config.json`.
+  So `lvm.checkpoint.load_params(out_dir)`, `config.init.kind='checkpoint'` with
+  `config.init.path=out_dir`, generation and evaluation all read it.
   """
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
-  out_dir = os.path.abspath(out_dir)
-  os.makedirs(os.path.join(out_dir, 'config'), exist_ok=True)
+  from lvm import checkpoint  # pylint: disable=g-import-not-at-top
   text = config_to_json(model_config)
-  for path in (os.path.join(out_dir, CONFIG_FILE), os.path.join(out_dir, 'config', 'metadata')):
-    with open(path, 'w') as f:
-      f.write(text)
-  with ocp.PyTreeCheckpointer() as ckptr:
-    ckptr.save(os.path.join(out_dir, 'state'), {'params': nn.unbox(params)}, force=True)
+  config = ml_collections.ConfigDict(json.loads(text))
+  out = checkpoint.save_params(out_dir, config, nn.unbox(params))
+  (out / CONFIG_FILE).write_text(text)
 
 
-def load_converted(path: str):
+def load_converted(path: str, log=print):
   """(model_config, params) from `save_converted`'s folder or any lvm training checkpoint.
 
   Args:
-    path: an imported folder, a run's workdir (latest checkpoint), its `checkpoints/`
-      folder or a step folder.
+    path: an imported folder, a run's workdir (its newest checkpoint that restores), its
+      `checkpoints/` folder or a step folder.
+    log: where a skipped (corrupt) newest checkpoint is reported.
 
   Returns:
     (lvm `config.model`, nested dict of numpy params).
   """
   from lvm import checkpoint  # pylint: disable=g-import-not-at-top
-  config, params = checkpoint.load_params(path)
+  config, params = checkpoint.load_params(path, log=log)
   model_config = config.model if 'model' in config else config
   return model_config, jax.tree.map(np.asarray, params)
 

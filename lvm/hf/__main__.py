@@ -3,13 +3,28 @@
   python -m lvm.hf import HF_DIR OUT_DIR         transformers LLaVA folder -> lvm checkpoint
   python -m lvm.hf export CKPT_DIR HF_DIR        lvm checkpoint / run workdir -> transformers
   python -m lvm.hf assemble VISION_DIR LLAMA_DIR OUT_DIR   CLIP/SigLIP + LLaMA, new projector
+
+`export` refuses a non-empty HF_DIR unless --overwrite (which replaces its model files as a
+whole: old shards and index go; a tokenizer beside them stays).
 """
 
-import argparse
-import sys
-
+from absl import flags
 import jax
 import numpy as np
+
+from lvm import cli
+
+_OVERWRITE = flags.DEFINE_bool('overwrite', False,
+                               'export: replace the model files of a non-empty HF_DIR.')
+_UNSCANNED = flags.DEFINE_bool('unscanned', False, 'import/assemble: store layers as '
+                               'layers_0, layers_1, ... instead of stacked.')
+_PROJECTOR = flags.DEFINE_string('projector', 'mlp2x_gelu', 'assemble: projector kind.')
+_FEATURE_LAYER = flags.DEFINE_integer('feature_layer', -2, 'assemble: vision hidden state.')
+_SEED = flags.DEFINE_integer('seed', 0, 'assemble: projector initialization seed.')
+
+# Subcommand -> its positional arguments.
+COMMANDS = {'import': ('HF_DIR', 'OUT_DIR'), 'export': ('CKPT_DIR', 'HF_DIR'),
+            'assemble': ('VISION_DIR', 'LLAMA_DIR', 'OUT_DIR')}
 
 
 def _count(params) -> int:
@@ -23,48 +38,37 @@ def _describe(model_config) -> str:
           f'(heads {d.heads}, kv {d.kv_heads}, vocab {d.vocab_size})')
 
 
-def main(argv=None):
-  parser = argparse.ArgumentParser(prog='python -m lvm.hf', description=__doc__,
-                                   formatter_class=argparse.RawDescriptionHelpFormatter)
-  sub = parser.add_subparsers(dest='command', required=True)
-  imp = sub.add_parser('import', help='transformers LLaVA folder -> lvm checkpoint folder')
-  imp.add_argument('hf_dir')
-  imp.add_argument('out_dir')
-  exp = sub.add_parser('export', help='lvm checkpoint (or run workdir) -> transformers folder')
-  exp.add_argument('ckpt_dir')
-  exp.add_argument('hf_dir')
-  asm = sub.add_parser('assemble', help='CLIP/SigLIP folder + LLaMA folder -> lvm checkpoint')
-  asm.add_argument('vision_dir')
-  asm.add_argument('llama_dir')
-  asm.add_argument('out_dir')
-  asm.add_argument('--projector', default='mlp2x_gelu')
-  asm.add_argument('--feature_layer', type=int, default=-2)
-  asm.add_argument('--seed', type=int, default=0)
-  for p in (imp, asm):
-    p.add_argument('--unscanned', action='store_true',
-                   help='store layers as layers_0, layers_1, ... instead of stacked')
-  args = parser.parse_args(argv)
+def main(argv):
+  args = argv[1:]
+  if not args or args[0] not in COMMANDS or len(args) != len(COMMANDS[args[0]]) + 1:
+    usage = '; '.join(f'{c} {" ".join(a)}' for c, a in COMMANDS.items())
+    cli.fail(f'expected one of: {usage} (got {" ".join(args) or "nothing"})')
+  command, paths = args[0], args[1:]
 
   import lvm.hf  # pylint: disable=g-import-not-at-top  (keeps --help fast)
-  if args.command == 'export':
-    model_config, params = lvm.hf.load_converted(args.ckpt_dir)
-    lvm.hf.save(model_config, params, args.hf_dir)
-    print(f'exported {_count(params):,} parameters ({_describe(model_config)}) '
-          f'to {args.hf_dir}')
+  if command == 'export':
+    ckpt_dir, hf_dir = paths
+    try:
+      model_config, params = lvm.hf.load_converted(ckpt_dir)
+      lvm.hf.save(model_config, params, hf_dir, overwrite=_OVERWRITE.value)
+    except (FileExistsError, FileNotFoundError, RuntimeError) as e:
+      cli.fail(str(e))
+    print(f'exported {_count(params):,} parameters ({_describe(model_config)}) to {hf_dir}')
     return 0
-  overrides = {'scan_layers': not args.unscanned}
-  if args.command == 'import':
-    model_config, params = lvm.hf.load(args.hf_dir, **overrides)
+  overrides = {'scan_layers': not _UNSCANNED.value}
+  if command == 'import':
+    hf_dir, out_dir = paths
+    model_config, params = lvm.hf.load(hf_dir, **overrides)
   else:
-    model_config, params = lvm.hf.assemble(args.vision_dir, args.llama_dir,
-                                           projector=args.projector,
-                                           feature_layer=args.feature_layer, seed=args.seed,
-                                           **overrides)
-  lvm.hf.save_converted(args.out_dir, model_config, params)
-  print(f'wrote {_count(params):,} parameters ({_describe(model_config)}) to {args.out_dir} '
+    vision_dir, llama_dir, out_dir = paths
+    model_config, params = lvm.hf.assemble(vision_dir, llama_dir, projector=_PROJECTOR.value,
+                                           feature_layer=_FEATURE_LAYER.value,
+                                           seed=_SEED.value, **overrides)
+  lvm.hf.save_converted(out_dir, model_config, params)
+  print(f'wrote {_count(params):,} parameters ({_describe(model_config)}) to {out_dir} '
         f'(state/ + config.json)')
   return 0
 
 
 if __name__ == '__main__':
-  sys.exit(main())
+  cli.run(main)

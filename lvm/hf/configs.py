@@ -10,9 +10,6 @@ import ml_collections
 
 from lvm import config as lvm_config
 
-# lvm/hf/__init__.py reads `hf_configs.common.projector_config`; drop this alias when it calls
-# lvm.config directly.
-common = lvm_config
 
 # transformers activation names <-> lvm's (lvm.models.layers.ACTIVATIONS).
 _ACT_FROM_HF = {'gelu': 'gelu', 'gelu_pytorch_tanh': 'gelu_tanh', 'gelu_new': 'gelu_tanh',
