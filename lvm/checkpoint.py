@@ -210,7 +210,9 @@ def _step_dirs(path: PathLike) -> tuple[list[epath.Path], bool]:
 
 
 def _read_config(step_dir: epath.Path) -> ml_collections.ConfigDict:
-  return ml_collections.ConfigDict(json.loads((step_dir / 'config' / 'metadata').read_text()))
+  from lvm import config as lvm_config  # pylint: disable=g-import-not-at-top
+  saved = ml_collections.ConfigDict(json.loads((step_dir / 'config' / 'metadata').read_text()))
+  return lvm_config.upgrade(saved)  # in today's layout, whatever lvm version wrote it
 
 
 def _restore_params(step_dir: epath.Path, abstract_params):

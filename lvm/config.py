@@ -10,6 +10,8 @@ whose defaults the dataset registers with `lvm.registry.DATASET`; this module on
 them, so a new dataset adds its settings in its own module.
 """
 
+import copy
+
 import ml_collections
 
 from lvm import registry
@@ -246,16 +248,27 @@ def upgrade(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   """
   config = ml_collections.ConfigDict(config.to_dict())
   data = config.get('data')
-  if data is None:
-    return config
-  for kind in registry.DATASET.kinds():
-    if kind.defaults is not None and kind.name not in data:
-      data[kind.name] = ml_collections.ConfigDict(kind.defaults())
-  for old, (group, key) in _MOVED.items():
-    if old in data:
-      data[group][key] = data[old]
-      del data[old]
+  if data is not None:
+    for kind in registry.DATASET.kinds():
+      if kind.defaults is not None and kind.name not in data:
+        data[kind.name] = ml_collections.ConfigDict(kind.defaults())
+    for old, (group, key) in _MOVED.items():
+      if old in data:
+        data[group][key] = data[old]
+        del data[old]
+  _add_missing(config, get_config())
   return config
+
+
+def _add_missing(config, defaults):
+  """Gives `config` every key of `defaults` it lacks (keys added to the schema after the
+  config was saved), leaving the keys it has as they are."""
+  for key in defaults.keys():
+    if key not in config:
+      config[key] = copy.deepcopy(defaults[key])
+    elif (isinstance(defaults[key], ml_collections.ConfigDict)
+          and isinstance(config[key], ml_collections.ConfigDict)):
+      _add_missing(config[key], defaults[key])
 
 
 def _dataset_groups(data):

@@ -394,15 +394,15 @@ def from_run(path: str, mesh=None, log=print):
   try:
     tok = data_tokenizer.load(config)
   except FileNotFoundError:
-    if config.data.dataset != 'shapes':
-      raise
-    # The shapes tokenizer is generated (deterministically) at prepare time.
     from lvm import data  # pylint: disable=g-import-not-at-top
+    if not hasattr(data.dataset(config), 'own_tokenizer'):
+      raise
+    # A dataset's own tokenizer (shapes) is generated, deterministically, at prepare time.
     data.prepare(config)
     tok = data_tokenizer.load(config)
   generator = Generator(config, params, mesh=meshes['mesh'])
   return config, generator, TextGenerator(generator, tok, config.data.template,
-                                          config.data.get('system_prompt'))
+                                          config.data.system_prompt)
 
 
 # ----------------------------------------------------------------------------------------
