@@ -3,13 +3,13 @@
 `model.matmul_impl` and `model.attention_impl` name registered kernels
 (`lvm.registry.MATMUL` / `ATTENTION`):
 
-| name  | matmul                                   | attention                                    |
-|-------|------------------------------------------|----------------------------------------------|
-| cpu   | `cpu_matmul`: 2-D dot, custom backward   | `cpu_attention`: heads-major, custom backward |
-| xla   | `jax.lax.dot_general`                    | `jax.nn.dot_product_attention('xla')`        |
-| cudnn |                                          | `jax.nn.dot_product_attention('cudnn')`      |
-| jax   |                                          | `jax.nn.dot_product_attention(None)`: jax picks |
-| auto  | resolved once by `lvm.models.build` (`resolve`): 'cpu' on a CPU backend, else 'xla' |
+| name  | matmul                                | attention                                  |
+|-------|---------------------------------------|--------------------------------------------|
+| cpu   | `cpu_matmul`: 2-D dot, custom VJP     | `cpu_attention`: heads-major, custom VJP   |
+| xla   | `jax.lax.dot_general`                 | `jax.nn.dot_product_attention('xla')`      |
+| cudnn |                                       | `jax.nn.dot_product_attention('cudnn')`    |
+| jax   |                                       | `jax.nn.dot_product_attention(None)`       |
+| auto  | `resolve`d once by `lvm.models.build`: 'cpu' on a CPU backend, else 'xla'          |
 
 A matmul kernel is `f(x, kernel, n_in) -> y`, contracting x's last `n_in` dims with
 kernel's first `n_in`; an attention kernel is `f(q[B, T, H, Dh], k[B, S, K, Dh], v, *,
@@ -66,7 +66,8 @@ def resolve_impls(model_config, backend: str | None = None) -> Impls:
   """
   impls = Impls(resolve(model_config.matmul_impl, backend),
                 resolve(model_config.attention_impl, backend))
-  matmul(impls.matmul), attention(impls.attention)  # unknown names fail here, at build
+  for reg, name in ((registry.MATMUL, impls.matmul), (registry.ATTENTION, impls.attention)):
+    _kernel(reg, name)  # an unknown name fails here, at build, naming its config key
   return impls
 
 

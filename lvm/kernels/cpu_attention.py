@@ -122,5 +122,5 @@ attention_cpu.defvjp(_attention_fwd, _attention_bwd)
 
 @registry.ATTENTION.register('cpu')
 def dot_product_attention_cpu(q, k, v, *, mask=None, is_causal=False):
-  """`attention_cpu` with jax.nn's default scale 1/sqrt(Dh) (see `lvm.kernels.Attention`)."""
+  """`attention_cpu` with jax.nn's scale 1/sqrt(Dh), as an attention kernel (`lvm.kernels`)."""
   return attention_cpu(q, k, v, mask, is_causal, 1.0 / math.sqrt(q.shape[-1]))
