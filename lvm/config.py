@@ -146,7 +146,12 @@ def get_config(arg=None):
   config.model.param_dtype = 'float32'  # storage
   config.model.scan_layers = True
   config.model.remat_policy = 'none'  # layers.REMAT_POLICIES: none | full | dots | ...
-  config.model.attention_impl = 'xla'  # xla | cudnn | auto (None: jax picks)
+  # The kernels (lvm/kernels, registry.ATTENTION / MATMUL). 'auto' resolves once, in
+  # lvm.models.build, from the default device's backend: the CPU custom-VJP kernels ('cpu')
+  # on a CPU, 'xla' elsewhere. Attention: auto | cpu | xla | cudnn (flash, GPU, bf16/fp16)
+  # | jax (jax.nn picks). Matmul: auto | cpu | xla (dot_general).
+  config.model.attention_impl = 'auto'
+  config.model.matmul_impl = 'auto'
   # Cast the decoder layers' weights to `dtype` once before the layer loop, not in every layer
   # (and again in the remat recompute). Same forward values; costs a `dtype` copy of them.
   config.model.precast_weights = True

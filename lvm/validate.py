@@ -18,7 +18,6 @@ import re
 from typing import Any
 
 import flax.linen as nn
-import jax
 import ml_collections
 
 from lvm import config as config_lib
@@ -32,13 +31,8 @@ from lvm.data import images
 # registered where it is implemented, never listed here.
 FAMILIES = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
             registry.MATMUL, registry.DATASET, registry.TEMPLATE)
-# TEMPORARY (until the models/kernels branch registers its kinds): these families are still
-# checked by `_legacy_model_checks`. Delete this tuple and that function when merging it.
-_UNREGISTERED = (registry.VISION, registry.PROJECTOR, registry.DECODER, registry.ATTENTION,
-                 registry.MATMUL)
 
 # Names of settings that are not kinds of a registry family.
-SELECTS = ('patch', 'all', 'drop_first')
 STAGES = (*optim.STAGES, 'custom')
 SCHEDULES = ('cosine', 'linear', 'constant')
 OPTIMIZERS = ('adamw',)
@@ -180,8 +174,6 @@ def _check_kinds(p: registry.Problems, config) -> set[str]:
   """
   bad = set()
   for family in FAMILIES:
-    if family in _UNREGISTERED:
-      continue
     name = _get(config, family.config_key)
     try:
       kind = family.get(name)
@@ -195,89 +187,16 @@ def _check_kinds(p: registry.Problems, config) -> set[str]:
   return bad
 
 
-def _legacy_model_checks(p: registry.Problems, config) -> set[str]:
-  """TEMPORARY: the model checks until lvm/models registers its kinds with their checks.
-
-  Delete this function (and `_UNREGISTERED`) when merging the models/kernels branch, whose
-  kinds' own `check`s replace it; `_check_kinds` then covers these families.
-
-  Returns:
-    The config keys naming an unknown kind.
-  """
-  bad = {key for key, allowed in (('model.vision.kind', ('clip', 'siglip')),
-                                  ('model.decoder.kind', ('llama',)))
-         if _get(config, key) not in allowed}
-  _choice(p, config, 'model.vision.kind', ('clip', 'siglip'))
-  _choice(p, config, 'model.decoder.kind', ('llama',))
-  _choice(p, config, 'model.vision.select', SELECTS)
+def _check_model_settings(p: registry.Problems, config):
+  """The model settings that are not a kind of a family: dtypes and the remat policy."""
   for key in ('model.dtype', 'model.param_dtype'):
     _choice(p, config, key, tuple(models.DTYPES))
   _choice(p, config, 'model.remat_policy', tuple(_remat_policies()))
-  _choice(p, config, 'model.attention_impl', ('xla', 'cudnn', 'auto'))
-  try:
-    from lvm.models import projector  # pylint: disable=g-import-not-at-top
-    projector.parse_kind(_get(config, 'model.projector.kind'))
-  except (ValueError, TypeError) as e:
-    # One line: the error names the kind and the valid ones.
-    p.add('model.projector.kind', f'{e}', 'pick one of those')
-    bad.add('model.projector.kind')
-
-  v = config.model.vision
-  _positive_ints(p, v, 'model.vision', ('image_size', 'patch_size', 'width', 'depth', 'heads',
-                                         'mlp_dim'))
-  if _all_positive(v, ('image_size', 'patch_size')) and v.image_size % v.patch_size:
-    p.add('model.vision.image_size', f'{v.image_size} is not a multiple of patch_size '
-          f'{v.patch_size}', f'use a multiple of {v.patch_size} (e.g. '
-          f'{v.image_size // v.patch_size * v.patch_size or v.patch_size})')
-  if _all_positive(v, ('width', 'heads')) and v.width % v.heads:
-    p.add('model.vision.heads', f'vision width {v.width} is not divisible by heads {v.heads}',
-          'pick heads dividing model.vision.width')
-  if _all_positive(v, ('depth',)):
-    layers = models.feature_layers(v) if v.get('feature_layer') is not None else ()
-    n = v.depth + 1
-    out_of_range = [i for i in layers if not -n <= i < n]
-    if out_of_range or not layers:
-      p.add('model.vision.feature_layer', f'{v.get("feature_layer")!r} is out of range for a '
-            f'tower of depth {v.depth} ({n} hidden states)',
-            f'use indices in [-{n}, {n - 1}] (LLaVA-1.5: -2)')
-
-  d = config.model.decoder
-  _positive_ints(p, d, 'model.decoder', ('vocab_size', 'width', 'depth', 'heads', 'kv_heads',
-                                          'mlp_dim'))
-  if _all_positive(d, ('heads', 'kv_heads')) and d.heads % d.kv_heads:
-    p.add('model.decoder.kv_heads', f'heads {d.heads} is not a multiple of kv_heads '
-          f'{d.kv_heads} (grouped-query attention)', 'pick kv_heads dividing model.decoder.heads')
-  if (_all_positive(d, ('width', 'heads')) and not d.get('head_dim')
-      and d.width % d.heads):
-    p.add('model.decoder.heads', f'width {d.width} is not divisible by heads {d.heads} and '
-          'head_dim is 0 (derived)', 'pick heads dividing the width, or set '
-          'model.decoder.head_dim')
-  vocab = d.get('vocab_size')
-  if isinstance(vocab, int):
-    for key in ('model.image_token_id', 'model.pad_token_id'):
-      tid = _get(config, key)
-      if not isinstance(tid, int) or not 0 <= tid < vocab:
-        p.add(key, f'{tid!r} is outside the vocabulary [0, {vocab})',
-              f'use an id below model.decoder.vocab_size={vocab}, or grow the vocabulary')
-    if _get(config, 'model.image_token_id') == _get(config, 'model.pad_token_id'):
-      p.add('model.pad_token_id', 'equals model.image_token_id', 'give padding its own id')
-  return bad
 
 
 def _remat_policies():
   from lvm.models import layers  # pylint: disable=g-import-not-at-top
   return layers.REMAT_POLICIES
-
-
-def _positive_ints(p, section, prefix: str, keys) -> None:
-  for key in keys:
-    if not isinstance(section.get(key), int) or section.get(key) <= 0:
-      p.add(f'{prefix}.{key}', f'must be a positive integer, got {section.get(key)!r}',
-            'set a positive integer')
-
-
-def _all_positive(node, keys) -> bool:
-  return all(isinstance(node.get(k), int) and node.get(k) > 0 for k in keys)
 
 
 def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
@@ -448,7 +367,7 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
   if mesh is not None:
     _check_mesh_divisibility(p, config, mesh)
   bad_kinds = _check_kinds(p, config)
-  bad_kinds |= _legacy_model_checks(p, config)
+  _check_model_settings(p, config)
   _check_data(p, config, bad_kinds)
   _check_train(p, config, mesh, num_processes)
   _check_optimizer(p, config)

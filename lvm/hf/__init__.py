@@ -9,7 +9,6 @@ expects (scanned `layers` or unscanned `layers_i`, per `model_config.scan_layers
 Only safetensors are read or written; pickled weights are refused.
 """
 
-import copy
 import json
 
 from etils import epath

@@ -1,4 +1,9 @@
-"""Model families and `build(model_config)`, the one place configs become modules."""
+"""Model families and `build(model_config)`, the one place configs become modules.
+
+The vision towers, projectors and decoder families register themselves in their modules
+(`lvm.registry.VISION`, `PROJECTOR`, `DECODER`), imported here so the registries find
+them; `build` looks the configured kinds up there and resolves the kernels once.
+"""
 
 import copy
 
@@ -7,72 +12,61 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvm import kernels
+from lvm import registry
+from lvm.models import decoder as _decoder  # noqa: F401  (registers 'llama')
+from lvm.models import projector as _projector  # noqa: F401  (registers the projectors)
+from lvm.models import vision as _vision  # noqa: F401  (registers 'clip', 'siglip')
 from lvm.models.decoder import Decoder
+from lvm.models.layers import DTYPES, dtype
 from lvm.models.layout import stack_layers, unstack_layers
 from lvm.models.llava import LLaVA
-from lvm.models.projector import Projector, tokens_out
-from lvm.models.vision import VisionTower
-
-DTYPES = {'float32': jnp.float32, 'bfloat16': jnp.bfloat16, 'float16': jnp.float16}
+from lvm.models.projector import Projector
+from lvm.models.vision import VisionTower, feature_layers
 
 
-def dtype(name):
-  if name not in DTYPES:
-    raise ValueError(f'Unknown dtype {name!r}; known: {sorted(DTYPES)}')
-  return DTYPES[name]
+def _model(config):
+  return config.model if 'model' in config else config
 
 
-def feature_layers(vision_config) -> tuple[int, ...]:
-  layer = vision_config.feature_layer
-  return tuple(int(i) for i in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
+def build_vision(config, impls: kernels.Impls | None = None) -> nn.Module:
+  """The vision tower of `config.model` (or a full config); `impls`: resolved kernels
+  (default: `kernels.resolve_impls` of the config)."""
+  config = _model(config)
+  impls = impls or kernels.resolve_impls(config)
+  return registry.VISION.get(config.vision.kind).obj(config, impls)
 
 
-def build_vision(config) -> VisionTower:
-  """config: the full `config.model`."""
-  v = config.vision
-  if v.kind not in ('clip', 'siglip'):
-    raise ValueError(f"model.vision.kind must be 'clip' or 'siglip', got {v.kind!r}")
-  return VisionTower(
-      kind=v.kind, image_size=v.image_size, patch_size=v.patch_size, width=v.width,
-      depth=v.depth, heads=v.heads, mlp_dim=v.mlp_dim, norm_eps=v.norm_eps,
-      feature_layers=feature_layers(v), select=v.select, dtype=dtype(config.dtype),
-      param_dtype=dtype(config.param_dtype), scan_layers=config.scan_layers,
-      remat_policy=config.remat_policy, attention_impl=config.attention_impl)
+def build_projector(config, impls: kernels.Impls | None = None) -> nn.Module:
+  """The projector of `config.model` (or a full config); `impls` as in `build_vision`."""
+  config = _model(config)
+  impls = impls or kernels.resolve_impls(config)
+  return registry.PROJECTOR.get(config.projector.kind).obj(config, impls)
 
 
-def build_decoder(config) -> Decoder:
-  d = config.decoder
-  if d.kind != 'llama':
-    raise ValueError(f"model.decoder.kind must be 'llama', got {d.kind!r}")
-  scaling = d.rope_scaling
-  scaling = tuple(sorted(dict(scaling).items())) if scaling else None
-  return Decoder(
-      vocab_size=d.vocab_size, width=d.width, depth=d.depth, heads=d.heads,
-      kv_heads=d.kv_heads, mlp_dim=d.mlp_dim, head_dim=d.head_dim, rope_theta=d.rope_theta,
-      rope_scaling=scaling, norm_eps=d.norm_eps, tie_embeddings=d.tie_embeddings,
-      dtype=dtype(config.dtype), param_dtype=dtype(config.param_dtype),
-      scan_layers=config.scan_layers, remat_policy=config.remat_policy,
-      attention_impl=config.attention_impl,
-      precast_weights=config.get('precast_weights', True),
-      fuse_projections=config.get('fuse_projections', False), qk_norm=d.get('qk_norm', False))
+def build_decoder(config, impls: kernels.Impls | None = None) -> nn.Module:
+  """The decoder of `config.model` (or a full config); `impls` as in `build_vision`."""
+  config = _model(config)
+  impls = impls or kernels.resolve_impls(config)
+  return registry.DECODER.get(config.decoder.kind).obj(config, impls)
 
 
-def build(config) -> LLaVA:
-  """The LLaVA module for `config.model` (or a full config holding `.model`)."""
-  config = config.model if 'model' in config else config
-  return LLaVA(
-      vision=build_vision(config),
-      projector=Projector(kind=config.projector.kind, width=config.decoder.width,
-                          bias=config.projector.get('bias', True), dtype=dtype(config.dtype),
-                          param_dtype=dtype(config.param_dtype)),
-      decoder=build_decoder(config),
-      image_token_id=config.image_token_id)
+def build(config, backend: str | None = None) -> LLaVA:
+  """The LLaVA module for `config.model` (or a full config holding `.model`).
+
+  Each part is built by the kind its config names (a registry lookup); 'auto' kernels
+  resolve here, once, for `backend` (default: the default device's; see `lvm.kernels`).
+  """
+  config = _model(config)
+  impls = kernels.resolve_impls(config, backend)
+  return LLaVA(vision=build_vision(config, impls), projector=build_projector(config, impls),
+               decoder=build_decoder(config, impls), image_token_id=config.image_token_id)
 
 
 def num_image_tokens(config) -> int:
   """Visual tokens per image for `config.model` (what the data pipeline must expand to)."""
-  config = config.model if 'model' in config else config
-  return tokens_out(config.projector.kind, build_vision(config).num_tokens)
+  impls = kernels.Impls(matmul='xla', attention='xla')  # the count depends on no kernel
+  return build_projector(config, impls).tokens_out(build_vision(config, impls).num_tokens)
 
 
 def abstract_params(config, scan_layers: bool | None = None) -> dict:
@@ -108,5 +102,6 @@ def random_params(config, rng, images, input_ids) -> dict:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-__all__ = ['abstract_params', 'build', 'num_image_tokens', 'random_params', 'stack_layers',
-           'unstack_layers', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+__all__ = ['abstract_params', 'build', 'build_decoder', 'build_projector', 'build_vision',
+           'dtype', 'feature_layers', 'num_image_tokens', 'random_params', 'stack_layers',
+           'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']

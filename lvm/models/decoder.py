@@ -5,7 +5,8 @@ Letters: B batch, T query length, S key (cache) length, D width, H heads, K kv h
 Dh head width, F mlp width, V vocabulary, L layers.
 
 The KV cache is a plain pytree `{'k': float[L, B, S, K, Dh], 'v': ...}` passed in and
-returned, so generation stays a pure function of (params, cache).
+returned, so generation stays a pure function of (params, cache). The family registers
+here as 'llama' (`lvm.registry.DECODER`).
 """
 
 import math
@@ -17,6 +18,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
+from lvm import kernels
+from lvm import registry
+from lvm.models import checks
 from lvm.models import layers
 from lvm.models.layers import Dense, RMSNorm
 
@@ -83,11 +87,12 @@ class Attention(nn.Module):
   fuse_projections: bool = False
   qk_norm: bool = False
   norm_eps: float = 1e-5
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, rope, mask, cache, cache_index):
     """x float[B, T, D], rope (cos, sin) -> (float[B, T, D], updated layer cache or None)."""
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
     projections = [
         Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
               **kw),
@@ -100,8 +105,9 @@ class Attention(nn.Module):
     else:
       q, k, v = (p(x) for p in projections)
     if self.qk_norm:  # per head, before RoPE (as Qwen3's q_norm / k_norm)
-      q = RMSNorm(self.norm_eps, axes=('head_dim',), name='q_norm', **kw)(q)
-      k = RMSNorm(self.norm_eps, axes=('head_dim',), name='k_norm', **kw)(k)
+      norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+      q = RMSNorm(self.norm_eps, axes=('head_dim',), name='q_norm', **norm_kw)(q)
+      k = RMSNorm(self.norm_eps, axes=('head_dim',), name='k_norm', **norm_kw)(k)
     q, k = apply_rope(q, *rope), apply_rope(k, *rope)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', None))
     q, k, v = checkpoint_name(q, 'query'), checkpoint_name(k, 'key'), checkpoint_name(v, 'value')
@@ -113,8 +119,7 @@ class Attention(nn.Module):
                                               cache_index, axis=1)
       new_cache = {'k': k, 'v': v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out = layers.dot_product_attention(q, k, v, mask=mask, is_causal=mask is None,
-                                       implementation=self.attention_impl)
+    out = kernels.attention(self.attention_impl)(q, k, v, mask=mask, is_causal=mask is None)
     out = checkpoint_name(out, 'attn_out')
     out = Dense(x.shape[-1], ('heads', 'head_dim'), ('embed',), name='o_proj', **kw)(out)
     return out, new_cache
@@ -125,10 +130,11 @@ class MLP(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   fuse_projections: bool = False
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
-    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
+    kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
     projections = [Dense(self.mlp_dim, ('embed',), ('mlp',), name='gate_proj', **kw),
                    Dense(self.mlp_dim, ('embed',), ('mlp',), name='up_proj', **kw)]
     if self.fuse_projections:
@@ -154,20 +160,22 @@ class DecoderBlock(nn.Module):
   attention_impl: str = 'xla'
   fuse_projections: bool = False
   qk_norm: bool = False
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, rope, mask, cache, cache_index):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim,
-                             attention_impl=self.attention_impl,
+                             attention_impl=self.attention_impl, matmul_impl=self.matmul_impl,
                              fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
                              norm_eps=self.norm_eps, name='self_attn',
                              **kw)(h, rope, mask, cache, cache_index)
     x = x + h
     h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
                         'normed')
-    x = x + MLP(self.mlp_dim, fuse_projections=self.fuse_projections, name='mlp', **kw)(h)
+    x = x + MLP(self.mlp_dim, fuse_projections=self.fuse_projections,
+                matmul_impl=self.matmul_impl, name='mlp', **kw)(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x, new_cache
 
@@ -195,6 +203,7 @@ class Decoder(nn.Module):
   fuse_projections: bool = False
   # RMSNorm of each head's query and key before RoPE (Qwen3, OLMo-2, Gemma 3); not in LLaMA.
   qk_norm: bool = False
+  matmul_impl: str = 'xla'  # attention_impl and matmul_impl: resolved kernels (lvm.kernels)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -211,7 +220,8 @@ class Decoder(nn.Module):
     block_kw = dict(heads=self.heads, kv_heads=self.kv_heads, head_dim=self.resolved_head_dim,
                     mlp_dim=self.mlp_dim, norm_eps=self.norm_eps, dtype=self.dtype,
                     param_dtype=self.param_dtype, attention_impl=self.attention_impl,
-                    fuse_projections=self.fuse_projections, qk_norm=self.qk_norm)
+                    fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
+                    matmul_impl=self.matmul_impl)
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
         in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
@@ -228,7 +238,7 @@ class Decoder(nn.Module):
     self.norm = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
     if not self.tie_embeddings:
       self.lm_head = Dense(self.vocab_size, ('embed',), ('vocab',), dtype=self.dtype,
-                           param_dtype=self.param_dtype)
+                           param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
 
   def _to_compute_dtype(self, variables):
     return jax.tree.map(lambda v: v.astype(self.dtype), variables)
@@ -298,3 +308,47 @@ class Decoder(nn.Module):
     shape = (self.depth, batch_size, max_len, self.kv_heads, self.resolved_head_dim)
     dtype = dtype or self.dtype
     return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
+
+
+def build_llama(model_config, impls: kernels.Impls) -> Decoder:
+  """The decoder of `model_config` (the full `config.model`), with the resolved kernels."""
+  d = model_config.decoder
+  scaling = d.rope_scaling
+  scaling = tuple(sorted(dict(scaling).items())) if scaling else None
+  return Decoder(
+      vocab_size=d.vocab_size, width=d.width, depth=d.depth, heads=d.heads,
+      kv_heads=d.kv_heads, mlp_dim=d.mlp_dim, head_dim=d.head_dim, rope_theta=d.rope_theta,
+      rope_scaling=scaling, norm_eps=d.norm_eps, tie_embeddings=d.tie_embeddings,
+      dtype=layers.dtype(model_config.dtype), param_dtype=layers.dtype(model_config.param_dtype),
+      scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
+      attention_impl=impls.attention, matmul_impl=impls.matmul,
+      precast_weights=model_config.precast_weights,
+      fuse_projections=model_config.fuse_projections, qk_norm=d.qk_norm)
+
+
+def check_llama(config, problems: registry.Problems):
+  """`model.decoder`'s own faults: sizes, grouped-query heads, the head width, and the
+  image and padding token ids against the vocabulary."""
+  d = config.model.decoder
+  checks.positive_ints(problems, d, 'model.decoder',
+                       ('vocab_size', 'width', 'depth', 'heads', 'kv_heads', 'mlp_dim'))
+  if checks.all_positive(d, ('heads', 'kv_heads')) and d.heads % d.kv_heads:
+    problems.add('model.decoder.kv_heads', f'heads {d.heads} is not a multiple of kv_heads '
+                 f'{d.kv_heads} (grouped-query attention)',
+                 'pick kv_heads dividing model.decoder.heads')
+  if checks.all_positive(d, ('width', 'heads')) and not d.get('head_dim') and d.width % d.heads:
+    problems.add('model.decoder.heads', f'width {d.width} is not divisible by heads {d.heads} '
+                 'and head_dim is 0 (derived)', 'pick heads dividing the width, or set '
+                 'model.decoder.head_dim')
+  vocab = d.get('vocab_size')
+  if isinstance(vocab, int):
+    ids = {key: config.model.get(key) for key in ('image_token_id', 'pad_token_id')}
+    for key, tid in ids.items():
+      if not isinstance(tid, int) or not 0 <= tid < vocab:
+        problems.add(f'model.{key}', f'{tid!r} is outside the vocabulary [0, {vocab})',
+                     f'use an id below model.decoder.vocab_size={vocab}, or grow the vocabulary')
+    if ids['image_token_id'] == ids['pad_token_id']:
+      problems.add('model.pad_token_id', 'equals model.image_token_id', 'give padding its own id')
+
+
+registry.DECODER.register('llama', build_llama, check=check_llama)

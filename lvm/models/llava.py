@@ -9,9 +9,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lvm.models.decoder import Decoder
-from lvm.models.projector import Projector
-from lvm.models.vision import VisionTower
 
 
 def check_image_tokens(input_ids, image_token_id: int, tokens_per_image: int, num_images: int):
@@ -55,16 +52,21 @@ def merge_visual_tokens(text_embeds, visual_tokens, is_image):
 
 
 class LLaVA(nn.Module):
-  """The composite model; `__call__(images, input_ids) -> logits`."""
-  vision: VisionTower
-  projector: Projector
-  decoder: Decoder
+  """The composite model; `__call__(images, input_ids) -> logits`.
+
+  The parts are any registered kinds (`lvm.models.build`): a vision tower maps images
+  float[B, H, W, 3] to features float[B, P, Dv] and has `num_tokens` (P); a projector maps
+  them to float[B, P', D] and has `tokens_out(P) -> P'`; a decoder has `embed(ids)` and
+  `__call__(x, positions, attention_mask, cache, cache_index, logit_positions)`.
+  """
+  vision: nn.Module
+  projector: nn.Module
+  decoder: nn.Module
   image_token_id: int
 
   @property
   def tokens_per_image(self) -> int:
-    from lvm.models.projector import tokens_out
-    return tokens_out(self.projector.kind, self.vision.num_tokens)
+    return self.projector.tokens_out(self.vision.num_tokens)
 
   def embed_image(self, images):
     """images float[B, N, H, W, 3] -> visual tokens float[B, N*P, D]."""

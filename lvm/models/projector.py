@@ -1,10 +1,16 @@
-"""Projectors: vision features float[B, P, Dv] -> visual tokens float[B, P', D]."""
+"""Projectors: vision features float[B, P, Dv] -> visual tokens float[B, P', D].
+
+The kinds (linear, mlp{k}x_{act}, downsample_mlp, identity) register here
+(`lvm.registry.PROJECTOR`).
+"""
 
 import re
 
 import flax.linen as nn
 import jax.numpy as jnp
 
+from lvm import kernels
+from lvm import registry
 from lvm.models import layers
 from lvm.models.layers import Dense
 
@@ -52,6 +58,11 @@ class Projector(nn.Module):
   bias: bool = True
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  matmul_impl: str = 'xla'  # resolved (lvm.kernels)
+
+  def tokens_out(self, num_tokens: int) -> int:
+    """Visual tokens per image from `num_tokens` vision tokens (what LLaVA splices in)."""
+    return tokens_out(self.kind, num_tokens)
 
   @nn.compact
   def __call__(self, x):
@@ -70,7 +81,29 @@ class Projector(nn.Module):
     for i in range(depth):
       # 'embed_in' is left unsharded so the square D x D kernel never names fsdp twice.
       x = Dense(self.width, ('embed_in',), ('embed',), use_bias=self.bias, dtype=self.dtype,
-                param_dtype=self.param_dtype, name=f'linear_{i + 1}')(x)
+                param_dtype=self.param_dtype, matmul_impl=self.matmul_impl,
+                name=f'linear_{i + 1}')(x)
       if i < depth - 1:
         x = layers.activation(act)(x)
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+
+
+def build_projector(model_config, impls: kernels.Impls) -> Projector:
+  """The projector of `model_config` (the full `config.model`) onto the decoder's width."""
+  return Projector(kind=model_config.projector.kind, width=model_config.decoder.width,
+                   bias=model_config.projector.bias, dtype=layers.dtype(model_config.dtype),
+                   param_dtype=layers.dtype(model_config.param_dtype), matmul_impl=impls.matmul)
+
+
+def check_projector(config, problems: registry.Problems):
+  """`model.projector.kind` parses (an mlp's depth and activation)."""
+  try:
+    parse_kind(config.model.projector.kind)
+  except (ValueError, TypeError) as e:
+    problems.add('model.projector.kind', f'{e}',
+                 "use 'linear', 'mlp2x_gelu' (LLaVA-1.5), 'downsample_mlp' or 'identity'")
+
+
+for _name, _pattern in (('linear', None), ('mlp{k}x_{act}', _MLP_KIND.pattern[1:-1]),
+                        ('downsample_mlp', None), ('identity', None)):
+  registry.PROJECTOR.register(_name, build_projector, check=check_projector, pattern=_pattern)

@@ -2,6 +2,7 @@
 
 Layout follows transformers' CLIPVisionTransformer / SiglipVisionTransformer, so that
 checkpoints map one to one (see lvm/hf). Letters: B images, P tokens, D width, H heads.
+Both kinds register here (`lvm.registry.VISION`) with their builder, defaults and check.
 """
 
 from typing import Sequence
@@ -10,8 +11,13 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
+from lvm import kernels
+from lvm import registry
+from lvm.models import checks
 from lvm.models import layers
 from lvm.models.layers import Dense, LayerNorm
+
+SELECTS = ('patch', 'all', 'drop_first')
 
 
 class VisionAttention(nn.Module):
@@ -20,18 +26,19 @@ class VisionAttention(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):  # float[B, P, D] -> float[B, P, D]
     d = x.shape[-1]
     head_dim = d // self.heads
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+              matmul_impl=self.matmul_impl)
     proj = lambda name: Dense((self.heads, head_dim), ('embed',), ('heads', 'head_dim'),
-                              use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
-                              name=name)
+                              name=name, **kw)
     q, k, v = proj('q_proj')(x), proj('k_proj')(x), proj('v_proj')(x)
-    out = layers.dot_product_attention(q, k, v, implementation=self.attention_impl)
-    return Dense(d, ('heads', 'head_dim'), ('embed',), use_bias=True, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='out_proj')(out)
+    out = kernels.attention(self.attention_impl)(q, k, v)
+    return Dense(d, ('heads', 'head_dim'), ('embed',), name='out_proj', **kw)(out)
 
 
 class VisionMLP(nn.Module):
@@ -39,15 +46,16 @@ class VisionMLP(nn.Module):
   act: str
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x):
     d = x.shape[-1]
-    h = Dense(self.mlp_dim, ('embed',), ('mlp',), use_bias=True, dtype=self.dtype,
-              param_dtype=self.param_dtype, name='fc1')(x)
+    kw = dict(use_bias=True, dtype=self.dtype, param_dtype=self.param_dtype,
+              matmul_impl=self.matmul_impl)
+    h = Dense(self.mlp_dim, ('embed',), ('mlp',), name='fc1', **kw)(x)
     h = nn.with_logical_constraint(layers.activation(self.act)(h), ('batch', 'length', 'act_mlp'))
-    return Dense(d, ('mlp',), ('embed',), use_bias=True, dtype=self.dtype,
-                 param_dtype=self.param_dtype, name='fc2')(h)
+    return Dense(d, ('mlp',), ('embed',), name='fc2', **kw)(h)
 
 
 class VisionBlock(nn.Module):
@@ -59,15 +67,16 @@ class VisionBlock(nn.Module):
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   attention_impl: str = 'xla'
+  matmul_impl: str = 'xla'
 
   @nn.compact
   def __call__(self, x, _=None):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     h = LayerNorm(self.norm_eps, name='layer_norm1', **kw)(x)
-    x = x + VisionAttention(self.heads, attention_impl=self.attention_impl, name='self_attn',
-                            **kw)(h)
+    x = x + VisionAttention(self.heads, attention_impl=self.attention_impl,
+                            matmul_impl=self.matmul_impl, name='self_attn', **kw)(h)
     h = LayerNorm(self.norm_eps, name='layer_norm2', **kw)(x)
-    x = x + VisionMLP(self.mlp_dim, self.act, name='mlp', **kw)(h)
+    x = x + VisionMLP(self.mlp_dim, self.act, matmul_impl=self.matmul_impl, name='mlp', **kw)(h)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
     return x, x
 
@@ -82,6 +91,7 @@ class VisionTower(nn.Module):
       layer depth), as in transformers' `hidden_states`; several are concatenated.
     select: 'patch' drops the class token (a no-op for SigLIP), 'all' keeps every
       token, 'drop_first' always drops token 0 (transformers' 'default' on SigLIP).
+    attention_impl, matmul_impl: the kernels (`lvm.kernels`), resolved by `build`.
   """
   kind: str
   image_size: int
@@ -98,6 +108,7 @@ class VisionTower(nn.Module):
   scan_layers: bool = False
   remat_policy: str = 'none'
   attention_impl: str = 'xla'
+  matmul_impl: str = 'xla'
 
   @property
   def has_class_token(self) -> bool:
@@ -163,7 +174,7 @@ class VisionTower(nn.Module):
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     act = 'quick_gelu' if self.kind == 'clip' else 'gelu_tanh'
     block_kw = dict(heads=self.heads, mlp_dim=self.mlp_dim, act=act, norm_eps=self.norm_eps,
-                    attention_impl=self.attention_impl, **kw)
+                    attention_impl=self.attention_impl, matmul_impl=self.matmul_impl, **kw)
     wanted = self._resolved_layers()
     x = self.embed(images)
     x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
@@ -193,6 +204,58 @@ class VisionTower(nn.Module):
     feats = jnp.concatenate([hidden[i] for i in wanted], axis=-1)
     if self.select == 'patch' and self.has_class_token or self.select == 'drop_first':
       feats = feats[:, 1:]
-    elif self.select not in ('patch', 'all', 'drop_first'):
+    elif self.select not in SELECTS:
       raise ValueError(f"vision select must be 'patch', 'all' or 'drop_first', got {self.select!r}")
     return feats
+
+
+def feature_layers(vision_config) -> tuple[int, ...]:
+  """`model.vision.feature_layer` (an index or a list of them) as a tuple of ints."""
+  layer = vision_config.feature_layer
+  return tuple(int(i) for i in layer) if isinstance(layer, (list, tuple)) else (int(layer),)
+
+
+def build_tower(model_config, impls: kernels.Impls) -> VisionTower:
+  """The tower of `model_config` (the full `config.model`), with the resolved kernels."""
+  v = model_config.vision
+  return VisionTower(
+      kind=v.kind, image_size=v.image_size, patch_size=v.patch_size, width=v.width,
+      depth=v.depth, heads=v.heads, mlp_dim=v.mlp_dim, norm_eps=v.norm_eps,
+      feature_layers=feature_layers(v), select=v.select,
+      dtype=layers.dtype(model_config.dtype), param_dtype=layers.dtype(model_config.param_dtype),
+      scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
+      attention_impl=impls.attention, matmul_impl=impls.matmul)
+
+
+def check_tower(config, problems: registry.Problems):
+  """`model.vision`'s own faults: sizes, the patch grid, heads, feature_layer, select."""
+  v = config.model.vision
+  checks.positive_ints(problems, v, 'model.vision',
+                       ('image_size', 'patch_size', 'width', 'depth', 'heads', 'mlp_dim'))
+  if checks.all_positive(v, ('image_size', 'patch_size')) and v.image_size % v.patch_size:
+    problems.add('model.vision.image_size', f'{v.image_size} is not a multiple of patch_size '
+                 f'{v.patch_size}', f'use a multiple of {v.patch_size} (e.g. '
+                 f'{v.image_size // v.patch_size * v.patch_size or v.patch_size})')
+  if checks.all_positive(v, ('width', 'heads')) and v.width % v.heads:
+    problems.add('model.vision.heads', f'vision width {v.width} is not divisible by heads '
+                 f'{v.heads}', 'pick heads dividing model.vision.width')
+  if checks.all_positive(v, ('depth',)):
+    try:
+      wanted = feature_layers(v) if v.get('feature_layer') is not None else ()
+    except (TypeError, ValueError):
+      wanted = ()
+    n = v.depth + 1
+    if not wanted or any(not -n <= i < n for i in wanted):
+      problems.add('model.vision.feature_layer', f'{v.get("feature_layer")!r} is out of range '
+                   f'for a tower of depth {v.depth} ({n} hidden states)',
+                   f'use indices in [-{n}, {n - 1}] (LLaVA-1.5: -2)')
+  if v.get('select') not in SELECTS:
+    problems.add('model.vision.select', f'unknown value {v.get("select")!r}',
+                 f'use one of {list(SELECTS)}')
+
+
+# The fields where the kinds differ (the rest of `model.vision` is shared).
+registry.VISION.register('clip', build_tower, check=check_tower,
+                         defaults=lambda: {'norm_eps': 1e-5})
+registry.VISION.register('siglip', build_tower, check=check_tower,
+                         defaults=lambda: {'norm_eps': 1e-6})
