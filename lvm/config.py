@@ -84,19 +84,20 @@ def parse_arg(arg, lazy=False, **spec):
 def vision_config(kind='clip', **overrides):
   """A vision tower config; defaults are CLIP ViT-L/14-336 (LLaVA-1.5)."""
   c = ml_collections.ConfigDict()
-  c.kind = kind  # clip | siglip
+  c.kind = kind  # a registered vision tower (lvm.registry.VISION): clip | siglip
   c.image_size = 336
   c.patch_size = 14
   c.width = 1024
   c.depth = 24
   c.heads = 16
   c.mlp_dim = 4096
-  c.norm_eps = 1e-5 if kind == 'clip' else 1e-6
+  c.norm_eps = 1e-5
   # Index into the hidden states (embeddings, layer 1, ..., layer depth), or a list of them to
   # concatenate; typed `object` so both `=-1` and `=[-3,-1]` work as overrides.
   c.feature_layer = ml_collections.FieldReference(-2, field_type=object)
   # patch: drop the class token (if any) | all | drop_first (HF 'default' on SigLIP)
   c.select = 'patch'
+  c.update((registry.VISION.get(kind).defaults or dict)())  # what the kind sets otherwise
   c.update(overrides)
   return c
 

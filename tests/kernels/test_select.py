@@ -5,7 +5,7 @@ import pathlib
 
 import pytest
 
-from configs import common
+from lvm import config as common
 from configs import tiny
 from lvm import kernels
 from lvm import registry

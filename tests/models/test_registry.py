@@ -7,7 +7,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from configs import common
+from lvm import config as common
 from configs import tiny
 from lvm import kernels
 from lvm import registry
