@@ -61,12 +61,14 @@ class Hook:
 class Checkpoint(Hook):
   """Saves the state and the data iterator's position every `checkpoint.interval` steps."""
 
-  def __init__(self, checkpointer, train_iter, config, steps: int):
+  def __init__(self, checkpointer, train_iter, config, steps: int, writer=None):
     self.checkpointer, self.train_iter, self.config = checkpointer, train_iter, config
-    self.steps = steps
+    self.steps, self.writer = steps, writer
 
   def save(self, step: int, state) -> None:
     self.checkpointer.save(step, state, self.train_iter.get_state(), self.config)
+    if self.writer is not None:
+      self.writer.flush()  # metrics up to a checkpoint survive a kill on any file system
 
   def due(self, step):
     return self.checkpointer.should_save(step) or step == self.steps

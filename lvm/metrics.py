@@ -15,6 +15,9 @@ import jax
 
 from lvm import console
 
+# Object stores: seconds between rewrites of the whole metrics.jsonl (see MetricWriter).
+REMOTE_FLUSH_SECONDS = 30.0
+
 
 def _plain(value):
   """JSON-safe scalars (NaN/Inf become strings JSON can hold)."""
@@ -28,8 +31,11 @@ def _plain(value):
 class MetricWriter:
   """Writes config.json, metrics.jsonl and TensorBoard summaries; prints lvm's lines.
 
-  Paths go through `etils.epath`, so a workdir may be anywhere orbax can write
-  (`gs://...` included; appending to metrics.jsonl needs a file system that appends).
+  Paths go through `etils.epath`, so a workdir may be anywhere orbax can write. Object
+  stores (`gs://`, `s3://`) cannot append to a file: there metrics.jsonl is kept in memory
+  and written whole every `REMOTE_FLUSH_SECONDS`, at each checkpoint (`flush`) and at
+  `close`, so a hard kill loses at most the records since the last of those (the steps
+  after the last checkpoint are trained and logged again on resume anyway).
 
   Args:
     workdir: the run's folder (a str or an `epath.Path`).
@@ -43,15 +49,22 @@ class MetricWriter:
     self.start_time = time.time() if start_time is None else start_time
     self._tb = None
     self._jsonl = None
+    self._path = self.workdir / 'metrics.jsonl'
+    self._lines = None  # object stores: every line of the file, written whole on flush
+    self._flushed_at = time.time()
     if self.enabled:
       self.workdir.mkdir(parents=True, exist_ok=True)
-      path = self.workdir / 'metrics.jsonl'
+      path = self._path
       torn = path.exists() and not _ends_with_newline(path)
-      self._jsonl = path.open('a')
-      # A run killed mid-write leaves a torn last line: end it so the next record
-      # starts on a line of its own (readers skip the torn one).
-      if torn:
-        self._jsonl.write('\n')
+      if appends(path):
+        self._jsonl = path.open('a')
+        # A run killed mid-write leaves a torn last line: end it so the next record
+        # starts on a line of its own (readers skip the torn one).
+        if torn:
+          self._jsonl.write('\n')
+      else:
+        self._lines = [line + '\n' for line in path.read_text().splitlines()
+                       ] if path.exists() else []
       try:
         from flax.metrics import tensorboard  # pylint: disable=import-outside-toplevel
         self._tb = tensorboard.SummaryWriter(str(self.workdir / 'tensorboard'))
@@ -70,8 +83,13 @@ class MetricWriter:
     record.update({k: _plain(v) for k, v in metrics.items()})
     if not self.enabled:
       return record
-    self._jsonl.write(json.dumps(record) + '\n')
-    self._jsonl.flush()
+    if self._lines is None:
+      self._jsonl.write(json.dumps(record) + '\n')
+      self._jsonl.flush()
+    else:
+      self._lines.append(json.dumps(record) + '\n')
+      if time.time() - self._flushed_at >= REMOTE_FLUSH_SECONDS:
+        self.flush()
     if self._tb is not None:
       for key, value in record.items():
         if key not in ('step', 'split') and isinstance(value, (int, float)):
@@ -84,11 +102,27 @@ class MetricWriter:
     if self.enabled:
       console.line(message)
 
+  def flush(self) -> None:
+    """Writes buffered metrics out (object stores: the whole file, replaced at once)."""
+    if not self.enabled:
+      return
+    if self._lines is not None:
+      self._path.write_text(''.join(self._lines))
+    self._flushed_at = time.time()
+
   def close(self) -> None:
+    self.flush()
     if self._jsonl is not None:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def appends(path: epath.Path) -> bool:
+  """Whether `path` is on a file system that appends in place: a local disk does, an
+  object store (`gs://`, `s3://`, any `scheme://` but `file://`) does not."""
+  text = str(path)
+  return '://' not in text or text.startswith('file://')
 
 
 def _ends_with_newline(path: epath.Path) -> bool:

@@ -148,7 +148,7 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   step = int(jax.device_get(state['step']))
 
   # The periodic work between steps, in the order it runs.
-  checkpoint = hooks_lib.Checkpoint(checkpointer, train_iter, config, steps)
+  checkpoint = hooks_lib.Checkpoint(checkpointer, train_iter, config, steps, writer)
   progress = hooks_lib.ReportProgress(writer, config, steps, step, lr_schedule)
   evaluator = hooks_lib.Evaluate(config, writer, step_lib.jit_eval_step(factory),
                                  make_iterator, steps, progress)
