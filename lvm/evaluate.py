@@ -27,7 +27,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   """Answers and scores one benchmark.
 
   Args:
-    text_gen: a `lvm.generate.TextGenerator` for the run.
+    text_gen: a `lvm.inference.TextGenerator` for the run.
     config: the run's config (template, image preprocessing).
     benchmark: a registered benchmark name (`lvm.eval.names()`).
     data_dir: the benchmark's files in their official layout.
@@ -139,9 +139,9 @@ def main(argv):
     benchmarks.get(flags.benchmark)  # fail on a bad name before loading the model
   except ValueError as e:
     cli.fail(str(e))
-  from lvm import generate  # pylint: disable=g-import-not-at-top
+  from lvm import inference  # pylint: disable=g-import-not-at-top
   try:
-    config, _, text_gen = generate.from_run(path)
+    config, _, text_gen = inference.from_run(path)
   except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores
     cli.fail(str(e))
   out_dir = flags.out_dir or default_out_dir(path, flags.benchmark)

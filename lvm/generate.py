@@ -1,5 +1,8 @@
 """Batched, jitted, sharded generation with a KV cache, and the `python -m lvm.generate` CLI.
 
+A trained run becomes a generator with `lvm.inference.from_run`, which also gives the
+text-level `TextGenerator` (templates, stop strings) that the CLI and `lvm.evaluate` use.
+
 Prompts are left-padded to a bucketed length (positions = cumsum(mask) - 1), the image
 and prompt are prefilled in one pass into a cache of length prompt_bucket + new_bucket,
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
@@ -295,116 +298,6 @@ class Generator:
 # Text level: templates, tokenizer, stop strings.
 
 
-def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
-  """Cuts `text` at the earliest stop string; returns (text, whether one was found)."""
-  cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
-  return (text[:cut], True) if cut >= 0 else (text, False)
-
-
-class TextGenerator:
-  """Turns conversations (LLaVA turns with `<image>`) into answers with a run's template."""
-
-  def __init__(self, generator: Generator, tokenizer, template: str,
-               system_prompt: str | None = None):
-    from lvm.data import templates  # pylint: disable=g-import-not-at-top
-    self.generator = generator
-    self.tokenizer = tokenizer
-    self.template = template
-    self.system_prompt = system_prompt  # None: the template's own; as trained
-    self._templates = templates
-    self.stop_strings = tuple(templates.stop_strings(template))
-    # Stop strings that are single tokens (</s>, <|eot_id|>) also end the loop on device;
-    # the rest are cut on the host after decoding.
-    ids = {int(tokenizer.eos_id)}
-    for s in self.stop_strings:
-      token_id = tokenizer.token_to_id(s) if hasattr(tokenizer, 'token_to_id') else None
-      if token_id is not None:
-        ids.add(int(token_id))
-    self.stop_ids = tuple(sorted(ids))
-
-  def prompt_ids(self, turns) -> list[int]:
-    return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
-                                              self.generator.tokens_per_image,
-                                              self.system_prompt))
-
-  def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
-             max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
-             min_batch: int = 1) -> list[Output]:
-    """Answers the last human turn of each conversation, in one batch.
-
-    Args:
-      conversations: per row, LLaVA turns ending with a human turn.
-      images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s.
-      max_new_tokens: per row.
-      sampling: decoding knobs.
-      min_batch: see `Generator.generate`.
-
-    Returns:
-      Outputs whose `.text` is the answer, stripped and cut at the template's stop strings.
-    """
-    prompts = [self.prompt_ids(turns) for turns in conversations]
-    outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids,
-                                   min_batch)
-    for out in outs:
-      text, hit = cut_at_stop_strings(self.tokenizer.decode(out.tokens), self.stop_strings)
-      out.text = text.strip()
-      if hit:
-        out.finish = 'stop'
-    return outs
-
-
-def load_image(path: str, config) -> np.ndarray:
-  """float32[H, W, 3] as the run's pipeline makes it (`lvm.data.images.load_image`)."""
-  from lvm.data import images  # pylint: disable=g-import-not-at-top
-  return images.load_image(path, config)
-
-
-def abstract_params(config, mesh):
-  """The run's params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
-
-  Restoring against this tree puts each shard straight onto its devices (as training's
-  StateFactory does); no full copy is made on one device.
-  """
-  model = models.build(config)
-  rules = lvm_sharding.rules(config)
-  h = int(config.model.vision.image_size)
-  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
-                           jnp.zeros((1, 8), jnp.int32))['params']
-  shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
-  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
-
-
-def from_run(path: str, mesh=None, log=print):
-  """(config, Generator, TextGenerator) for a workdir or checkpoint path.
-
-  The newest checkpoint that restores is used (a corrupt newest one is reported through
-  `log` and skipped), restored straight into the generator's shardings.
-  """
-  from lvm import checkpoint  # pylint: disable=g-import-not-at-top
-  from lvm.data import tokenizer as data_tokenizer  # pylint: disable=g-import-not-at-top
-  meshes = {}
-
-  def target(config):
-    meshes['mesh'] = mesh if mesh is not None else lvm_sharding.make_mesh(config.mesh)
-    return abstract_params(config, meshes['mesh'])
-
-  config, params = checkpoint.load_params(path, target, log=log)
-  try:
-    tok = data_tokenizer.load(config)
-  except FileNotFoundError:
-    from lvm import data  # pylint: disable=g-import-not-at-top
-    if not hasattr(data.dataset(config), 'own_tokenizer'):
-      raise
-    # A dataset's own tokenizer (shapes) is generated, deterministically, at prepare time.
-    data.prepare(config)
-    tok = data_tokenizer.load(config)
-  generator = Generator(config, params, mesh=meshes['mesh'])
-  return config, generator, TextGenerator(generator, tok, config.data.template,
-                                          config.data.system_prompt)
-
-
 # ----------------------------------------------------------------------------------------
 # CLI.
 
@@ -437,7 +330,7 @@ def _read_line(prompt: str) -> str | None:
 
 
 def main(argv):
-  from lvm import checkpoint, cli  # pylint: disable=g-import-not-at-top
+  from lvm import checkpoint, cli, inference  # pylint: disable=g-import-not-at-top
   from lvm.data import images as images_lib  # pylint: disable=g-import-not-at-top
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}')
@@ -450,8 +343,9 @@ def main(argv):
   try:
     # Images first (with the run's preprocessing): a bad file fails before the model loads.
     run_config = checkpoint.load_config(path, log=lambda _: None)
-    images = np.stack([load_image(p, run_config) for p in flags.image]) if flags.image else None
-    config, _, text_gen = from_run(path)
+    images = (np.stack([images_lib.load_image(p, run_config) for p in flags.image])
+              if flags.image else None)
+    _, _, text_gen = inference.from_run(path)
   except images_lib.ImageError as e:
     cli.fail(f'--image: {e}')
   except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores

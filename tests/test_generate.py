@@ -9,7 +9,8 @@ import flax.linen as nn
 from configs import tiny
 from lvm import models
 from lvm import sharding as lvm_sharding
-from lvm.generate import Generator, bucket, cut_at_stop_strings
+from lvm.generate import Generator, bucket
+from lvm.inference import cut_at_stop_strings
 from lvm.sampling import SamplingParams, filter_logits, sample
 
 NEW = 8  # tokens generated per test row

@@ -13,7 +13,8 @@ import pytest
 from configs import tiny
 from lvm import checkpoint
 from lvm import evaluate
-from lvm import generate
+from lvm import inference
+from lvm.data import images
 from lvm import models
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -58,8 +59,8 @@ def test_chat_cli_answers_every_turn(workdir):
 
 
 def test_single_answer_matches_library_and_shapes_eval(workdir, tmp_path):
-  config, gen, text_gen = generate.from_run(str(workdir / 'run'))
-  image = generate.load_image(str(workdir / 'shape.png'), config)
+  config, gen, text_gen = inference.from_run(str(workdir / 'run'))
+  image = images.load_image(str(workdir / 'shape.png'), config)
   turns = [{'from': 'human', 'value': '<image>\nWhat color is the circle?'}]
   out = text_gen.answer([turns], [image[None]], max_new_tokens=4)[0]
   # The same prompt through the token-level API gives the same tokens.

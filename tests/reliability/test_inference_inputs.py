@@ -14,7 +14,6 @@ restored shows in the numbers.
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -27,7 +26,7 @@ import pytest
 from configs import tiny
 from lvm import checkpoint
 from lvm import evaluate
-from lvm import generate
+from lvm import inference
 from lvm import models
 from lvm import sharding as lvm_sharding
 import lvm.hf
@@ -79,7 +78,7 @@ def test_load_params_onto_shardings_falls_back_past_corrupt_newest(run):
   """Item 8, `init.kind=checkpoint`'s call: restored into shardings, from step 1."""
   workdir, config, first = run
   mesh = lvm_sharding.make_mesh(config.mesh)
-  target = generate.abstract_params(config, mesh)
+  target = inference.abstract_params(config, mesh)
   logs = []
   _, params = checkpoint.load_params(str(workdir), target, log=logs.append)
   _assert_params_equal(params, first)
@@ -112,7 +111,7 @@ def test_hf_export_reads_past_corrupt_newest(run):
 def test_from_run_restores_sharded_from_the_last_good_step(run):
   """Item 8 and issue 20.6: the generator's params come sharded, from step 1."""
   workdir, _, first = run
-  _, gen, _ = generate.from_run(str(workdir), log=lambda _: None)
+  _, gen, _ = inference.from_run(str(workdir), log=lambda _: None)
   _assert_params_equal(gen.params, first)
   got = jax.tree.leaves(gen.params)
   want = jax.tree.leaves(gen.param_shardings)

@@ -1,0 +1,123 @@
+"""A trained run, loaded for inference: sharded parameters, tokenizer and template.
+
+`from_run(path)` restores a run's newest readable checkpoint straight onto the shardings
+of a generation mesh (no full copy on one device) and returns the token-level
+`lvm.generate.Generator` with the text-level `TextGenerator` that renders conversations with
+the run's template and cuts answers at its stop strings. `python -m lvm.generate` and
+`lvm.evaluate` both start here.
+"""
+
+from typing import Any, Sequence
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+
+from lvm import generate
+from lvm import models
+from lvm import sharding as lvm_sharding
+from lvm.sampling import SamplingParams
+
+
+def cut_at_stop_strings(text: str, stop_strings: Sequence[str]) -> tuple[str, bool]:
+  """Cuts `text` at the earliest stop string; returns (text, whether one was found)."""
+  cut = min((i for i in (text.find(s) for s in stop_strings if s) if i >= 0), default=-1)
+  return (text[:cut], True) if cut >= 0 else (text, False)
+
+
+class TextGenerator:
+  """Turns conversations (LLaVA turns with `<image>`) into answers with a run's template."""
+
+  def __init__(self, generator: generate.Generator, tokenizer, template: str,
+               system_prompt: str | None = None):
+    from lvm.data import templates  # pylint: disable=g-import-not-at-top
+    self.generator = generator
+    self.tokenizer = tokenizer
+    self.template = template
+    self.system_prompt = system_prompt  # None: the template's own; as trained
+    self._templates = templates
+    self.stop_strings = tuple(templates.stop_strings(template))
+    # Stop strings that are single tokens (</s>, <|eot_id|>) also end the loop on device;
+    # the rest are cut on the host after decoding.
+    ids = {int(tokenizer.eos_id)}
+    for s in self.stop_strings:
+      token_id = tokenizer.token_to_id(s) if hasattr(tokenizer, 'token_to_id') else None
+      if token_id is not None:
+        ids.add(int(token_id))
+    self.stop_ids = tuple(sorted(ids))
+
+  def prompt_ids(self, turns) -> list[int]:
+    return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
+                                              self.generator.tokens_per_image,
+                                              self.system_prompt))
+
+  def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
+             max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
+             min_batch: int = 1) -> list[generate.Output]:
+    """Answers the last human turn of each conversation, in one batch.
+
+    Args:
+      conversations: per row, LLaVA turns ending with a human turn.
+      images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s.
+      max_new_tokens: per row.
+      sampling: decoding knobs.
+      min_batch: see `Generator.generate`.
+
+    Returns:
+      Outputs whose `.text` is the answer, stripped and cut at the template's stop strings.
+    """
+    prompts = [self.prompt_ids(turns) for turns in conversations]
+    outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids,
+                                   min_batch)
+    for out in outs:
+      text, hit = cut_at_stop_strings(self.tokenizer.decode(out.tokens), self.stop_strings)
+      out.text = text.strip()
+      if hit:
+        out.finish = 'stop'
+    return outs
+
+
+def abstract_params(config, mesh):
+  """The run's params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
+
+  Restoring against this tree puts each shard straight onto its devices (as training's
+  StateFactory does); no full copy is made on one device.
+  """
+  model = models.build(config)
+  rules = lvm_sharding.rules(config)
+  h = int(config.model.vision.image_size)
+  with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
+    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
+                           jnp.zeros((1, 8), jnp.int32))['params']
+  shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      nn.unbox(boxed), shardings)
+
+
+def from_run(path: str, mesh=None, log=print):
+  """(config, Generator, TextGenerator) for a workdir or checkpoint path.
+
+  The newest checkpoint that restores is used (a corrupt newest one is reported through
+  `log` and skipped), restored straight into the generator's shardings.
+  """
+  from lvm import checkpoint  # pylint: disable=g-import-not-at-top
+  from lvm.data import tokenizer as data_tokenizer  # pylint: disable=g-import-not-at-top
+  meshes = {}
+
+  def target(config):
+    meshes['mesh'] = mesh if mesh is not None else lvm_sharding.make_mesh(config.mesh)
+    return abstract_params(config, meshes['mesh'])
+
+  config, params = checkpoint.load_params(path, target, log=log)
+  try:
+    tok = data_tokenizer.load(config)
+  except FileNotFoundError:
+    from lvm import data  # pylint: disable=g-import-not-at-top
+    if not hasattr(data.dataset(config), 'own_tokenizer'):
+      raise
+    # A dataset's own tokenizer (shapes) is generated, deterministically, at prepare time.
+    data.prepare(config)
+    tok = data_tokenizer.load(config)
+  generator = generate.Generator(config, params, mesh=meshes['mesh'])
+  return config, generator, TextGenerator(generator, tok, config.data.template,
+                                          config.data.system_prompt)
