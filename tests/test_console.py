@@ -66,7 +66,7 @@ def _run(*args):
 def test_training_console_has_no_orbax_info_lines_unless_asked(tmp_path):
   args = ['--config=configs/shapes.py:train=32,steps=2,batch_size=8',
           f'--workdir={tmp_path / "run"}', f'--config.data.data_dir={tmp_path / "data"}',
-          '--config.data.shapes_validation=8', '--config.data.shapes_test=8',
+          '--config.data.shapes.validation=8', '--config.data.shapes.test=8',
           '--config.model.vision.depth=1', '--config.model.decoder.depth=1',
           '--config.train.log_every=1', '--config.data.eval_split=']
   out = _run(*args)

@@ -107,3 +107,42 @@ def test_other_kernels_accept_any_model_on_the_cpu(name):
   assert not _problems(config, name, registry.ATTENTION)
   if name in registry.MATMUL:
     assert not _problems(config, name, registry.MATMUL)
+
+
+def test_a_kernel_registered_in_a_test_is_validated_and_used():
+  """A new attention kernel (XLA attention that counts its traces) named by the config:
+  validation accepts it, `models.build` hands it to every attention module, and the
+  logits equal the 'xla' kernel's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  calls = []
+  xla_attention = registry.ATTENTION.get('xla').obj
+
+  def counting(q, k, v, *, mask=None, is_causal=False):
+    calls.append(q.shape)
+    return xla_attention(q, k, v, mask=mask, is_causal=is_causal)
+
+  registry.ATTENTION.register('counting', counting)
+  try:
+    config = tiny.get_config()
+    config.model.attention_impl = 'counting'
+    validate.validate_config(config, 1)
+    model = lvm.models.build(config)
+    assert model.decoder.attention_impl == model.vision.attention_impl == 'counting'
+    images = jnp.ones((1, 1, 32, 32, 3), jnp.float32)
+    ids = jnp.arange(20, dtype=jnp.int32)[None]
+    params = model.init(jax.random.PRNGKey(0), images, ids)['params']
+    logits = model.apply({'params': params}, images, ids)
+    d, v = config.model.decoder.depth, config.model.vision.depth
+    assert len(calls) >= d + v  # every layer of both towers (init traces them too)
+    config.model.attention_impl = 'xla'
+    want = lvm.models.build(config).apply({'params': params}, images, ids)
+    np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+  finally:
+    registry.ATTENTION.unregister('counting')
+  config.model.attention_impl = 'counting'
+  with pytest.raises(ValueError, match=r"config\.model\.attention_impl: 'counting' is not a "
+                                       'registered attention kernel'):
+    validate.validate_config(config, 1)

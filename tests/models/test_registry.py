@@ -160,3 +160,56 @@ def test_projector_check():
   assert 'config.model.projector.kind:' in _check(registry.PROJECTOR, config, 'mlp2x_swishy')
   config.model.projector.kind = 'mlp0x_gelu'
   assert 'depth must be >= 1' in _check(registry.PROJECTOR, config, 'mlp0x_gelu')
+
+
+def test_validation_picks_up_kinds_registered_in_a_test(toy_kinds):
+  """`lvm.validate` asks the registries: a registered kind validates, its own check runs
+  and reports through the same one-shot error, and nothing else lists the names."""
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.model.decoder.kind, config.model.projector.kind = 'bag', 'mean_pool'
+  validate.validate_config(config, 1)
+
+  def check_bag(config, problems):
+    if config.model.decoder.width % 3:
+      problems.add('model.decoder.width', 'the bag decoder needs a multiple of 3', 'use 48')
+
+  registry.DECODER.register('bag_checked', build_bag, check=check_bag)
+  try:
+    config.model.decoder.kind = 'bag_checked'
+    with pytest.raises(ValueError, match=r'config\.model\.decoder\.width: the bag decoder'):
+      validate.validate_config(config, 1)
+    config.model.decoder.width = 48
+    validate.validate_config(config, 1)
+  finally:
+    registry.DECODER.unregister('bag_checked')
+  config.model.decoder.kind = 'bag_checked'
+  with pytest.raises(ValueError, match=r"config\.model\.decoder\.kind: 'bag_checked' is not a "
+                                       r'registered decoder family'):
+    validate.validate_config(config, 1)
+
+
+def test_a_vision_tower_registered_in_a_test_is_built_and_validated():
+  """A new tower kind: the CLIP tower under another name whose builder records the call."""
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  from lvm.models import vision  # pylint: disable=g-import-not-at-top
+  built = []
+
+  def build_recording(model_config, impls):
+    built.append(model_config.vision.kind)
+    return vision.build_tower(model_config, impls)
+
+  registry.VISION.register('clip_recorded', build_recording,
+                           check=registry.VISION.get('clip').check)
+  try:
+    config = tiny.get_config()
+    config.model.vision.kind = 'clip_recorded'
+    validate.validate_config(config, 1)  # counts the tower's tokens: builds it too
+    built.clear()
+    model = lvm.models.build(config)
+    assert built == ['clip_recorded'] and isinstance(model.vision, vision.VisionTower)
+    config.model.vision.image_size = 30  # the registered check runs for the new kind too
+    with pytest.raises(ValueError, match='is not a multiple of patch_size'):
+      validate.validate_config(config, 1)
+  finally:
+    registry.VISION.unregister('clip_recorded')

@@ -51,8 +51,8 @@ def run(tmp_path_factory):
   root = tmp_path_factory.mktemp('infer')
   config = tiny.get_config()
   config.data.data_dir = str(root / 'data')
-  config.data.shapes_train, config.data.shapes_validation, config.data.shapes_test = 96, 8, 8
-  config.data.shapes_image_size = 32
+  config.data.shapes.train, config.data.shapes.validation, config.data.shapes.test = 96, 8, 8
+  config.data.shapes.image_size = 32
   from lvm.data import shapes  # pylint: disable=g-import-not-at-top
   shapes.prepare_assets(config)  # the tokenizer; the TFDS records are not needed
   workdir = root / 'run'
