@@ -14,8 +14,8 @@ letter from the given choices directly."
 Scoring (LLaVA's scripts/convert_seed_for_submission.py): right when the answer, stripped,
 is exactly the reference letter; accuracy overall and per question type (by its name). An
 answer that is not a single letter A-D is counted as `unparseable` (with examples) and
-wrong. LLaVA-1.5 7B's published SEED 58.6 averages image and video questions; its image
-accuracy is 66.1 (the paper).
+wrong. LLaVA-1.5 7B's published SEED 58.6 counts image and video questions together, so
+this image-only accuracy is not directly comparable with it.
 """
 
 import collections
