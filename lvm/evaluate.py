@@ -197,7 +197,8 @@ def main(argv):
   except (FileNotFoundError, ValueError) as e:  # missing or malformed benchmark files
     cli.fail(str(e))
   print(summary(result))
-  print(json.dumps(result['scores'], indent=1))
+  if result['scores']:
+    print(json.dumps(result['scores'], indent=1))
   for why, examples in result['problems'].items():
     print(f"{result['skipped'][why]} {why}, e.g. {examples[0]}")
   print(f'answers and score.json in {out_dir}')

@@ -1,4 +1,5 @@
-"""VQAv2 (and the VQA accuracy TextVQA, VizWiz share): the official answer normalization and the 10-human soft accuracy.
+"""VQAv2: the official answer normalization and the 10-human soft accuracy (also TextVQA's,
+VizWiz's).
 
 `normalize` is the EvalAI answer processor (lower case, punctuation, number words to
 digits, articles dropped, contractions restored) that LLaVA applies to its answers before
