@@ -15,7 +15,9 @@ the EvalAI-normalized answer, min(#humans / 3, 1) over the ten leave-one-out sub
 (`vqa.vqav2_accuracy`); 'unanswerable' is an answer like any other, so answering
 "Unanswerable." where the humans said so scores. Reported also per answer_type
 (yes/no, number, other, unanswerable) and the share of predictions that are
-'unanswerable'.
+'unanswerable'. (lmms-eval's tasks/vizwiz_vqa/utils.py `vizwiz_vqa_process_results`
+normalizes the human answers too; the two differ only where all humans agree on an
+unnormalized spelling. The published number is EvalAI's test-dev score either way.)
 
 Submission (test, the LLaVA-1.5 number 50.0 is test-dev on EvalAI): a JSON list of
 {image, answer}, answers EvalAI-normalized, one per test question in file order
