@@ -1,10 +1,14 @@
-"""MMMU (validation): college-level multiple-choice and open questions, MMMU's own parsing.
+"""MMMU: college-level multiple-choice and open questions, scored with MMMU's own parsing.
+
+Splits: validation (scored here) and test (answers not public: written for MMMU's EvalAI
+server as {id: answer}, the format of MMMU eval/README.md's `main_eval_only.py`: the
+parsed letter for multiple choice, the raw response for open questions).
 
 Layout (under --data_dir), either the official Hugging Face release MMMU/MMMU, one folder
-per subject with `validation-00000-of-00001.parquet` (columns id, question, options (a
+per subject with `<split>-00000-of-00001.parquet` (columns id, question, options (a
 Python list literal), answer, question_type ('multiple-choice' | 'open'), image_1..image_7
 ({bytes, path})), read with pyarrow; or the same rows as JSON lines in
-`mmmu_validation.jsonl`, image_k then a file path relative to data_dir. As LLaVA-1.5 is a
+`mmmu_<split>.jsonl`, image_k then a file path relative to data_dir. As LLaVA-1.5 is a
 single-image model, only image_1 is given (MMMU's eval/run_llava.py does the same); the
 "<image 1>" placeholders stay in the text.
 
@@ -35,6 +39,8 @@ import re
 from lvm import registry
 from lvm.eval.base import (OPTION_LETTER, SHORT_ANSWER, Benchmark, Example, Issues, mean,
                            read_jsonl)
+
+SPLITS = ('validation', 'test')
 
 
 def parse_multi_choice(response: str, all_choices, index2ans, rng) -> tuple[str, bool]:
@@ -133,36 +139,36 @@ def prompt(question: str, options: list[str]) -> str:
   return f'{question}\n\n{listed}\n\n{OPTION_LETTER}'
 
 
-def _rows(data_dir: str, issues: Issues) -> list[tuple[dict, object]]:
-  """(row, image_1 as bytes or a path) from the parquet files or mmmu_validation.jsonl."""
-  parquet = sorted(glob.glob(os.path.join(data_dir, '**', 'validation-*.parquet'),
+def _rows(data_dir: str, split: str, issues: Issues) -> list[tuple[dict, object]]:
+  """(row, image_1 as bytes or a path) from the parquet files or mmmu_<split>.jsonl."""
+  parquet = sorted(glob.glob(os.path.join(data_dir, '**', f'{split}-*.parquet'),
                              recursive=True))
   if parquet:
     try:
       import pyarrow.parquet as pq  # pylint: disable=g-import-not-at-top
     except ImportError:
       raise ValueError('MMMU parquet files need pyarrow (pip install pyarrow), or give '
-                       'mmmu_validation.jsonl instead') from None
+                       f'mmmu_{split}.jsonl instead') from None
     rows = []
     for path in parquet:
       for row in pq.read_table(path).to_pylist():
         image = row.get('image_1')
         rows.append((row, image.get('bytes') if isinstance(image, dict) else None))
     return rows
-  paths = sorted(glob.glob(os.path.join(data_dir, '**', 'mmmu_validation.jsonl'),
+  paths = sorted(glob.glob(os.path.join(data_dir, '**', f'mmmu_{split}.jsonl'),
                            recursive=True))
   if not paths:
-    raise FileNotFoundError(f'No MMMU validation-*.parquet or mmmu_validation.jsonl under '
+    raise FileNotFoundError(f'No MMMU {split}-*.parquet or mmmu_{split}.jsonl under '
                             f'{data_dir!r}')
   return [(r, os.path.join(data_dir, r['image_1']) if r.get('image_1') else None)
           for r in read_jsonl(paths[0], issues)]
 
 
 def load(data_dir: str, split: str | None = None, issues: Issues | None = None):
-  del split  # validation (test answers are not public)
+  split = split or SPLITS[0]
   issues = issues if issues is not None else Issues()
   examples = []
-  for row, image in _rows(data_dir, issues):
+  for row, image in _rows(data_dir, split, issues):
     try:
       options = row['options']
       options = ast.literal_eval(options) if isinstance(options, str) else list(options)
@@ -177,7 +183,8 @@ def load(data_dir: str, split: str | None = None, issues: Issues | None = None):
           question_id=row['id'], prompt=prompt(row['question'], options if kind != 'open'
                                                else []),
           image=image, target={'answer': answer, 'options': options, 'type': kind,
-                               'subject': subject}))
+                               'subject': subject},
+          answered=split != 'test'))  # the test answers are withheld ('?')
     except (KeyError, TypeError, ValueError, SyntaxError, IndexError) as e:
       issues.add('malformed_question', f'{json.dumps(row, default=str)[:150]}: {e!r}')
   return examples
@@ -213,6 +220,22 @@ def score(examples, predictions, config=None):
           'unparseable': unparseable, 'unparseable_examples': bad}
 
 
+def submission(examples, predictions, split, data_dir=None):
+  del data_dir
+  if all(e.answered for e in examples):
+    return None
+  rng, rows = random.Random(42), {}
+  for e in examples:
+    answer = predictions.get(e.question_id, '')
+    if e.target['type'] == 'multiple-choice':
+      letters = [chr(65 + i) for i in range(len(e.target['options']))]
+      answer = parse_multi_choice(answer, letters, dict(zip(letters, e.target['options'])),
+                                  rng)[0]
+    rows[e.question_id] = answer
+  return f'mmmu_{split}_submission.json', rows
+
+
 registry.BENCHMARK.register('mmmu', Benchmark(
     'mmmu', lambda d, c=None, split=None, issues=None: load(d, split, issues), score,
-    lambda s: ('accuracy', s['accuracy']), max_new_tokens=128, splits=('validation',)))
+    lambda s: ('accuracy', s['accuracy']), max_new_tokens=128, splits=SPLITS,
+    submission=submission))

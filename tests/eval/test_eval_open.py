@@ -153,3 +153,28 @@ def test_llava_bench_writes_review_answers_in_question_order(tmp_path):
       (0, 'About Describe 0.'), (1, ''), (2, 'About Describe 2.')]
   assert set(lines[0]) == {'question_id', 'prompt', 'text', 'answer_id', 'model_id',
                            'metadata'}
+
+
+class _ByQuestion:
+  def __init__(self, script):
+    self.script = script
+
+  def answer(self, conversations, images, max_new_tokens, sampling, min_batch=1):
+    return [Output([], 'stop', self.script[c[-1]['value'].split('\n')[1]]) for c in conversations]
+
+
+def test_mmmu_test_split_writes_evalai_dict(tmp_path):
+  rows = [
+      {'id': 'test_Math_1', 'question': 'Pick one', 'options': "['1', '2', '3']",
+       'answer': '?', 'question_type': 'multiple-choice', 'image_1': 'a.png'},
+      {'id': 'test_Math_2', 'question': 'How many?', 'options': '[]', 'answer': '?',
+       'question_type': 'open', 'image_1': 'a.png'},
+  ]
+  (tmp_path / 'mmmu_test.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in rows))
+  Image.new('RGB', (16, 16)).save(tmp_path / 'a.png')
+  out = tmp_path / 'out'
+  result = evaluate.run(_ByQuestion({'Pick one': 'It must be (C).', 'How many?': 'about 7'}),
+                        tiny.get_config(), 'mmmu', str(tmp_path), str(out), split='test')
+  assert (result['num_scored'], result['num_for_submission']) == (0, 2)
+  assert json.loads((out / 'mmmu_test_submission.json').read_text()) == {
+      'test_Math_1': 'C', 'test_Math_2': 'about 7'}
