@@ -35,7 +35,8 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     benchmark: a registered benchmark name (`lvm.eval.names()`).
     data_dir: the benchmark's files in their official layout.
     out_dir: where answers.jsonl, score.json and any submission file go.
-    limit: > 0 keeps the first `limit` questions.
+    limit: > 0 keeps the first `limit` readable questions (unreadable rows anywhere in
+      the files are still counted).
     batch_size: questions per generation batch.
     max_new_tokens: 0 = the benchmark's default.
     split: one of the benchmark's `splits` ('' = its first).
@@ -53,7 +54,11 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   split = split or (bench.splits[0] if bench.splits else '')
   start = time.time()
   issues = Issues()  # unreadable questions, then unusable images
-  examples = bench.load(data_dir, config, split=split, issues=issues)
+  try:
+    examples = bench.load(data_dir, config, split=split, issues=issues)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:  # a file of another shape
+    raise ValueError(f'{benchmark}: a benchmark file under {data_dir!r} is malformed '
+                     f'({type(e).__name__}: {e})') from e
   if limit > 0:
     examples = examples[:limit]
   if not examples:

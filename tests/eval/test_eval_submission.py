@@ -100,3 +100,9 @@ def test_malformed_file_is_a_clear_error(tmp_path):
   (tmp_path / 'v2_OpenEnded_mscoco_val2014_questions.json').write_text('{"questions": [')
   with pytest.raises(ValueError, match='not valid JSON'):
     evaluate.run(None, tiny.get_config(), 'vqav2', str(tmp_path), str(tmp_path / 'o'))
+
+
+def test_file_of_another_shape_is_a_clear_error(tmp_path):
+  (tmp_path / 'testdev_balanced_questions.json').write_text('[1, 2]')  # a list, not a dict
+  with pytest.raises(ValueError, match='gqa: a benchmark file .* is malformed'):
+    evaluate.run(None, tiny.get_config(), 'gqa', str(tmp_path), str(tmp_path / 'o'))
