@@ -65,12 +65,17 @@ def load(data_dir: str, split: str | None = None, issues: Issues | None = None,
   examples = []
   if ocr and llava:
     by_key = {(q['image_id'], q['question'].lower()): q for q in data}
+    seen = set()
     for row in read_jsonl(sorted(llava)[0], issues):
       try:
         q = by_key[(row['question_id'], question_of(row['text']))]
       except (KeyError, ValueError) as e:
         issues.add('malformed_question', f'{row!r:.150}: no annotation ({e!r:.80})')
         continue
+      if q['question_id'] in seen:  # two rows naming one annotated question
+        issues.add('duplicate_question', f'{row!r:.150}')
+        continue
+      seen.add(q['question_id'])
       examples.append(Example(q['question_id'], row['text'], _image(data_dir, q['image_id']),
                               {'answers': q['answers']}))
     return examples
