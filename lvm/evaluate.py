@@ -3,12 +3,14 @@
 Loads the run's model, asks every question of the benchmark (batched, jitted, greedy, with
 the run's template and LLaVA-1.5's prompts), writes `answers.jsonl` (question_id, prompt,
 answer) and `score.json` into `--out_dir` (default DIR/eval/NAME), and prints the score.
-Benchmarks and their layouts: `lvm/eval/` (vqav2, textvqa, gqa, scienceqa, pope, mme,
-shapes). Questions whose image is missing or unreadable are skipped, counted by reason in
-score.json, and scored as wrong.
+Benchmarks and their layouts: `lvm/eval/`. `--split` picks the benchmark's split: questions
+with public answers are scored locally, the others (VQAv2 / VizWiz test-dev, GQA's test
+splits) are answered and written in the official submission format beside score.json.
+Unreadable questions and images that are missing or fail to decode are skipped, counted by
+reason (with examples) in score.json, and scored as wrong; score.json says how many were
+scored and how many written for submission, of how many.
 """
 
-import collections
 import json
 import sys
 import time
@@ -19,36 +21,51 @@ from lvm import console
 from lvm import checkpoint
 from lvm import eval as benchmarks
 from lvm.data import images as images_lib
+from lvm.eval.base import Issues
 from lvm.sampling import SamplingParams
 
 
 def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: int = 0,
-        batch_size: int = 16, max_new_tokens: int = 0) -> dict:
-  """Answers and scores one benchmark.
+        batch_size: int = 16, max_new_tokens: int = 0, split: str = '') -> dict:
+  """Answers one benchmark split; scores the questions with answers, writes the others'.
 
   Args:
     text_gen: a `lvm.inference.TextGenerator` for the run.
     config: the run's config (template, image preprocessing).
     benchmark: a registered benchmark name (`lvm.eval.names()`).
     data_dir: the benchmark's files in their official layout.
-    out_dir: where answers.jsonl and score.json go.
-    limit: > 0 keeps the first `limit` questions.
+    out_dir: where answers.jsonl, score.json and any submission file go.
+    limit: > 0 keeps the first `limit` readable questions (unreadable rows anywhere in
+      the files are still counted).
     batch_size: questions per generation batch.
     max_new_tokens: 0 = the benchmark's default.
+    split: one of the benchmark's `splits` ('' = its first).
 
   Returns:
-    The score.json content: {'benchmark', 'scores', 'num_questions', 'num_scored',
-    'skipped', ...}; `num_scored` questions were answered (the others were skipped).
+    The score.json content: {'benchmark', 'split', 'scores', 'num_questions' (every
+    question in the files, unreadable ones included), 'num_answered' (generated),
+    'num_scored' (generated and scored locally), 'num_for_submission' (generated, no local
+    answer: written to 'submission_file' only), 'skipped' (reason -> count), 'problems'
+    (reason -> examples), ...}.
   """
   bench = benchmarks.get(benchmark)
+  if split and split not in bench.splits:
+    raise ValueError(f'{benchmark} has no split {split!r}; splits: {list(bench.splits)}')
+  split = split or (bench.splits[0] if bench.splits else '')
   start = time.time()
-  examples = bench.load(data_dir, config)
+  issues = Issues()  # unreadable questions, then unusable images
+  try:
+    examples = bench.load(data_dir, config, split=split, issues=issues)
+  except (KeyError, TypeError, AttributeError, IndexError) as e:  # a file of another shape
+    raise ValueError(f'{benchmark}: a benchmark file under {data_dir!r} is malformed '
+                     f'({type(e).__name__}: {e})') from e
   if limit > 0:
     examples = examples[:limit]
   if not examples:
-    raise ValueError(f'{benchmark}: no questions found under {data_dir!r}')
+    raise ValueError(f'{benchmark}: no questions found under {data_dir!r}'
+                     + (f' (problems: {dict(issues.counts)})' if issues.counts else ''))
+  num_unreadable = len(issues)
   max_new_tokens = max_new_tokens or bench.max_new_tokens
-  skipped = collections.Counter()
   predictions = {}
   prompts = {}
   ready = []  # (example, turns, image or None)
@@ -58,7 +75,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
       try:
         image = images_lib.load_image(e.image, config)
       except ValueError as err:  # ImageError: missing, corrupt, truncated, too large
-        skipped[getattr(err, 'reason', 'bad_image')] += 1
+        issues.add(getattr(err, 'reason', 'bad_image'), f'{e.question_id}: {err}')
         continue
     text = ('<image>\n' if image is not None else '') + e.prompt
     ready.append((e, [{'from': 'human', 'value': text}], image))
@@ -73,18 +90,31 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
                            min_batch=batch_size)
     for (e, _, _), out in zip(batch, outs):
       predictions[e.question_id] = out.text
-  scores = bench.score(examples, predictions, config)
+  graded = [e for e in examples if e.answered]
+  scores = bench.score(graded, predictions, config) if graded else {}
   out = epath.Path(out_dir)
   out.mkdir(parents=True, exist_ok=True)
   (out / 'answers.jsonl').write_text(''.join(
       json.dumps({'question_id': e.question_id, 'prompt': prompts[e.question_id],
                   'answer': predictions[e.question_id]}) + '\n'
       for e in examples if e.question_id in predictions))
-  label, value = bench.headline(scores)
-  result = {'benchmark': benchmark, 'headline': {label: value}, 'scores': scores,
-            'num_questions': len(examples), 'num_answered': len(predictions),
-            'num_scored': len(predictions),
-            'skipped': dict(skipped),
+  submission = bench.submission(examples, predictions, split, data_dir) if (
+      bench.submission) else None
+  if submission:
+    name, rows = submission
+    (out / name).write_text(''.join(json.dumps(r) + '\n' for r in rows)
+                            if name.endswith('.jsonl') else json.dumps(rows))
+  result = {'benchmark': benchmark, 'split': split,
+            'headline': dict([bench.headline(scores)]) if graded else {},
+            'scores': scores,
+            'num_questions': len(examples) + num_unreadable,
+            'num_answered': len(predictions),
+            'num_scored': sum(e.question_id in predictions for e in graded),
+            'num_for_submission': sum(e.question_id in predictions for e in examples
+                                      if not e.answered),
+            'submission_file': str(out / submission[0]) if submission else None,
+            'skipped': dict(issues.counts),
+            'problems': dict(issues.examples),
             'data_dir': str(checkpoint.as_path(data_dir)) if data_dir else '',
             'max_new_tokens': max_new_tokens, 'limit': limit,
             'seconds': round(time.time() - start, 2)}
@@ -106,6 +136,9 @@ def _define_flags():
   flags.DEFINE_string('checkpoint', None, 'A checkpoint step directory (instead of --workdir).')
   flags.DEFINE_string('benchmark', None, f'One of {list(benchmarks.names())}.')
   flags.DEFINE_string('data_dir', '', "The benchmark's files (unused by shapes).")
+  flags.DEFINE_string('split', '', "The benchmark's split (e.g. vqav2 test-dev2015, vizwiz "
+                      "test): questions with public answers are scored, the others written in "
+                      "the official submission format. '' = the benchmark's default.")
   flags.DEFINE_string('out_dir', None, 'Default: WORKDIR/eval/BENCHMARK (or BENCHMARK_stepN).')
   flags.DEFINE_integer('limit', 0, 'Only the first N questions (0: all).')
   flags.DEFINE_integer('batch_size', 16, 'Questions per batch.')
@@ -117,14 +150,32 @@ def _define_flags():
 
 
 def too_few_scored(result: dict, min_fraction: float) -> str | None:
-  """Why `result` is not a usable score (too few questions answered), or None."""
-  scored, total = result['num_scored'], result['num_questions']
+  """Why `result` is not usable (too few questions scored or written for submission)."""
+  scored = result['num_scored'] + result.get('num_for_submission', 0)
+  total = result['num_questions']
   if scored == 0 or scored < min_fraction * total:
     reasons = ', '.join(f'{n} {why}' for why, n in sorted(result['skipped'].items()))
     return (f"only {scored} of {total} questions could be scored (skipped: {reasons or 'none'}; "
             f'--min_scored_fraction={min_fraction}); check --data_dir '
             f"{result['data_dir']!r} and the benchmark's image folder")
   return None
+
+
+def summary(result: dict) -> str:
+  """The first line printed: the headline score and how many questions went where."""
+  skipped = sum(result['skipped'].values())
+  counts = (f"{result['num_scored']} of {result['num_questions']} questions scored, "
+            f"{skipped} skipped, {result['num_for_submission']} written for submission, "
+            f"{result['seconds']:.1f}s")
+  name = result['benchmark'] + (f" {result['split']}" if result['split'] else '')
+  if result['headline']:
+    (label, value), = result['headline'].items()
+    line = f'{name} {label}: {value:.2f}  ({counts})'
+  else:
+    line = f'{name}: no local answers to score  ({counts})'
+  if result['submission_file']:
+    line += f"\nsubmission file: {result['submission_file']}"
+  return line
 
 
 def main(argv):
@@ -145,14 +196,16 @@ def main(argv):
   except (FileNotFoundError, RuntimeError) as e:  # no checkpoint, or none restores
     cli.fail(str(e))
   out_dir = flags.out_dir or default_out_dir(path, flags.benchmark)
-  result = run(text_gen, config, flags.benchmark, flags.data_dir, out_dir, flags.limit,
-               flags.batch_size, flags.max_new_tokens)
-  (label, value), = result['headline'].items()
-  skipped = sum(result['skipped'].values())
-  print(f"{flags.benchmark} {label}: {value:.2f}  ({result['num_scored']} of "
-        f"{result['num_questions']} questions scored, {skipped} skipped, "
-        f"{result['seconds']:.1f}s)")
-  print(json.dumps(result['scores'], indent=1))
+  try:
+    result = run(text_gen, config, flags.benchmark, flags.data_dir, out_dir, flags.limit,
+                 flags.batch_size, flags.max_new_tokens, flags.split)
+  except (FileNotFoundError, ValueError) as e:  # missing or malformed benchmark files
+    cli.fail(str(e))
+  print(summary(result))
+  if result['scores']:
+    print(json.dumps(result['scores'], indent=1))
+  for why, examples in result['problems'].items():
+    print(f"{result['skipped'][why]} {why}, e.g. {examples[0]}")
   print(f'answers and score.json in {out_dir}')
   problem = too_few_scored(result, flags.min_scored_fraction)
   if problem:

@@ -164,8 +164,8 @@ class Answerer:
 
 
 def test_registered_benchmark_reaches_evaluate(tmp_path):
-  def load(data_dir, config):
-    del data_dir, config
+  def load(data_dir, config, split=None, issues=None):
+    del data_dir, config, split, issues
     return [Example(i, f'say {w}', None, {'answer': w}) for i, w in enumerate(('a', 'b', 'c'))]
 
   def score(examples, predictions, config):

@@ -1,49 +1,48 @@
 """Benchmarks: LLaVA-1.5's evaluation sets from local files, with their official scoring.
 
-A benchmark is `load(data_dir, config) -> [Example]` (the prompt, image path and target of
-each question, in the benchmark's official local layout) and `score(examples, predictions)
--> dict` (predictions: question_id -> raw answer text; a missing answer scores as wrong).
-`headline(scores)` is the one number `python -m lvm.evaluate` prints first.
+A benchmark (`base.Benchmark`) is `load(data_dir, config, split, issues) -> [Example]` (the
+prompt, image and target of each question, in the benchmark's official local layout) and
+`score(examples, predictions) -> dict` (predictions: question_id -> raw answer text; a
+missing answer scores as wrong), with an optional `submission` writer for questions whose
+answers are not public (test-dev). `headline(scores)` is the one number
+`python -m lvm.evaluate` prints first.
 
-Each benchmark is a `Benchmark` registered with `lvm.registry.BENCHMARK` under the name
-`--benchmark` takes; `get(name)` looks it up there.
+Each benchmark is registered with `lvm.registry.BENCHMARK` under the name `--benchmark`
+takes (the newer ones where they are implemented); `get(name)` looks it up there.
 """
-
-import dataclasses
-from typing import Callable
 
 from lvm import registry
 from lvm.eval import gqa, mme, pope, scienceqa, shapes, vqa
-from lvm.eval.base import Example
+from lvm.eval import llava_bench, mmbench, mmmu, seed, textvqa, vizwiz  # register themselves
+from lvm.eval.base import Benchmark, Example
 
-
-@dataclasses.dataclass(frozen=True)
-class Benchmark:
-  name: str
-  load: Callable  # (data_dir, config) -> list[Example]
-  score: Callable  # (examples, predictions, config) -> dict
-  headline: Callable  # scores -> (label, value)
-  max_new_tokens: int = 16  # short answers; a longer answer would be wrong anyway
+del llava_bench, mmbench, mmmu, seed, textvqa, vizwiz
 
 
 def _ignore_config(fn):
   return lambda first, second, config=None: fn(first, second)
 
 
+def _loader(fn):
+  """(data_dir, split, issues) -> examples as the harness calls it (config unused)."""
+  return lambda data_dir, config=None, split=None, issues=None: fn(data_dir, split, issues)
+
+
 for _benchmark in (
-    Benchmark('vqav2', lambda d, c: vqa.load_vqav2(d), _ignore_config(vqa.score_vqav2),
+    Benchmark('vqav2', _loader(vqa.load_vqav2), _ignore_config(vqa.score_vqav2),
+              lambda s: ('accuracy', s['accuracy']), splits=vqa.VQAV2_SPLITS,
+              submission=vqa.vqav2_submission),
+    Benchmark('gqa', _loader(gqa.load), _ignore_config(gqa.score),
+              lambda s: ('accuracy', s['accuracy']), splits=gqa.SPLITS,
+              submission=gqa.submission),
+    Benchmark('scienceqa', lambda d, c=None, split=None, issues=None: scienceqa.load(d),
+              _ignore_config(scienceqa.score), lambda s: ('accuracy', s['accuracy'])),
+    Benchmark('pope', lambda d, c=None, split=None, issues=None: pope.load(d),
+              _ignore_config(pope.score), lambda s: ('f1_mean', s['f1_mean'])),
+    Benchmark('mme', lambda d, c=None, split=None, issues=None: mme.load(d),
+              _ignore_config(mme.score), lambda s: ('perception', s['perception'])),
+    Benchmark('shapes', lambda d, c, split=None, issues=None: shapes.load(d, c), shapes.score,
               lambda s: ('accuracy', s['accuracy'])),
-    Benchmark('textvqa', lambda d, c: vqa.load_textvqa(d), _ignore_config(vqa.score_textvqa),
-              lambda s: ('accuracy', s['accuracy'])),
-    Benchmark('gqa', lambda d, c: gqa.load(d), _ignore_config(gqa.score),
-              lambda s: ('accuracy', s['accuracy'])),
-    Benchmark('scienceqa', lambda d, c: scienceqa.load(d), _ignore_config(scienceqa.score),
-              lambda s: ('accuracy', s['accuracy'])),
-    Benchmark('pope', lambda d, c: pope.load(d), _ignore_config(pope.score),
-              lambda s: ('f1_mean', s['f1_mean'])),
-    Benchmark('mme', lambda d, c: mme.load(d), _ignore_config(mme.score),
-              lambda s: ('perception', s['perception'])),
-    Benchmark('shapes', shapes.load, shapes.score, lambda s: ('accuracy', s['accuracy'])),
 ):
   registry.BENCHMARK.register(_benchmark.name, _benchmark)
 

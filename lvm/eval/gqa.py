@@ -1,15 +1,24 @@
-"""GQA test-dev balanced: exact match, as the official eval.py after LLaVA's answer cleanup.
+"""GQA: exact match, as the official eval.py after LLaVA's answer cleanup.
 
-Layout (under --data_dir): `testdev_balanced_questions.json` ({question_id: {imageId,
-question, answer, types: {structural, semantic, detailed}}}) and images
-`images/<imageId>.jpg` (or directly in data_dir).
+Layout (under --data_dir): `<split>_balanced_questions.json` (default split testdev, the
+one LLaVA-1.5 reports; or `<split>_all_questions.json`) ({question_id: {imageId, question,
+answer?, types: {structural, semantic, detailed}}}) and images `images/<imageId>.jpg` (or
+directly in data_dir). Questions without `answer` (the test / submission splits) are
+answered for submission only.
+
+Predictions file (always written, the input of GQA's eval.py and its server): a JSON list
+of {questionId, prediction}, the answers cleaned as LLaVA's scripts/convert_gqa_for_eval.py
+does (trailing periods dropped, lower case).
 """
 
 import collections
-import json
+import glob
 import os
 
-from lvm.eval.base import Example, find_file, image_path, mean, short_answer_prompt
+from lvm.eval.base import (Example, Issues, find_file, image_path, mean, read_json,
+                           short_answer_prompt)
+
+SPLITS = ('testdev', 'test', 'challenge', 'submission', 'val')
 
 
 def clean(prediction: str) -> str:
@@ -17,20 +26,34 @@ def clean(prediction: str) -> str:
   return prediction.strip().rstrip('.').lower()
 
 
-def load(data_dir: str) -> list[Example]:
-  path = find_file(data_dir, 'testdev_balanced_questions.json',
-                   what='GQA testdev_balanced_questions.json')
-  with open(path) as f:
-    questions = json.load(f)
+def load(data_dir: str, split: str | None = None, issues: Issues | None = None):
+  split = split or SPLITS[0]
+  name = f'{split}_balanced_questions.json'
+  if not glob.glob(os.path.join(data_dir, '**', name), recursive=True):
+    name = f'{split}_all_questions.json' if split != 'testdev' else name
+  questions = read_json(find_file(data_dir, name, what=f'GQA {name}'), 'GQA questions')
   examples = []
   for qid, q in questions.items():
-    name = f"{q['imageId']}.jpg"
-    examples.append(Example(
-        question_id=qid, prompt=short_answer_prompt(q['question']),
-        image=image_path(data_dir, os.path.join('images', name), name),
-        target={'answer': q['answer'],
-                'structural': q.get('types', {}).get('structural', 'unknown')}))
+    try:
+      image = f"{q['imageId']}.jpg"
+      examples.append(Example(
+          question_id=qid, prompt=short_answer_prompt(q['question']),
+          image=image_path(data_dir, os.path.join('images', image), image),
+          target={'answer': q.get('answer'),
+                  'structural': q.get('types', {}).get('structural', 'unknown')},
+          answered='answer' in q))
+    except (KeyError, TypeError, AttributeError) as e:
+      if issues is None:
+        raise
+      issues.add('malformed_question', f'{qid}: {e!r}')
   return examples
+
+
+def submission(examples, predictions, split, data_dir=None):
+  del data_dir
+  return f'gqa_{split}_predictions.json', [
+      {'questionId': e.question_id, 'prediction': clean(predictions.get(e.question_id, ''))}
+      for e in examples]
 
 
 def score(examples, predictions):

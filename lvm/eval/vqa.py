@@ -1,4 +1,5 @@
-"""VQAv2 and TextVQA: the official answer normalization and the 10-human soft accuracy.
+"""VQAv2: the official answer normalization and the 10-human soft accuracy (also TextVQA's,
+VizWiz's).
 
 `normalize` is the EvalAI answer processor (lower case, punctuation, number words to
 digits, articles dropped, contractions restored) that LLaVA applies to its answers before
@@ -7,21 +8,21 @@ official VQA evaluation on the normalized answer, `textvqa_accuracy` the M4C eva
 with ten human answers, an answer scores min(#matching humans / 3, 1) averaged over the
 ten subsets of nine humans (leave one out).
 
-Layouts (under --data_dir):
-  VQAv2: `*questions*.json` ({'questions': [{question_id, image_id, question}]}),
-    `*annotations*.json` ({'annotations': [{question_id, answers: [{answer}]x10, ...}]}),
-    images `<split>/COCO_<split>_<image_id:012d>.jpg` (split from the questions' file name,
-    e.g. val2014), or that file name directly in data_dir or data_dir/images.
-  TextVQA: `TextVQA_0.5.1_val.json` ({'data': [{question_id, image_id, question, answers,
-    ocr_tokens?}]}) and images `train_images/<image_id>.jpg` (the val split's folder; or
-    directly in data_dir or data_dir/images).
+Layout (under --data_dir, the official files; `--split` picks them, default val2014):
+  `v2_OpenEnded_mscoco_<split>_questions.json` ({'questions': [{question_id, image_id,
+  question}]}), `v2_mscoco_<split>_annotations.json` ({'annotations': [{question_id,
+  answers: [{answer}]x10}]}; none for test-dev2015 / test2015, whose answers are written for
+  EvalAI instead), images `<split>/COCO_<split>_<image_id:012d>.jpg` (test-dev uses
+  test2015/), or that file name directly in data_dir or data_dir/images.
+TextVQA (same accuracy): lvm/eval/textvqa.py.
 """
 
-import json
+import glob
 import os
 import re
 
-from lvm.eval.base import Example, find_file, image_path, mean, short_answer_prompt
+from lvm.eval.base import (Example, Issues, find_file, image_path, mean, read_json,
+                           short_answer_prompt)
 
 CONTRACTIONS = {
     "aint": "ain't", "arent": "aren't", "cant": "can't", "couldve": "could've",
@@ -121,30 +122,46 @@ def textvqa_accuracy(prediction: str, humans: list[str]) -> float:
   return leave_one_out_accuracy(normalize(prediction), [normalize(h) for h in humans])
 
 
+VQAV2_SPLITS = ('val2014', 'test-dev2015', 'test2015')
+
+
 def _coco_image(data_dir, split, image_id):
   name = f'COCO_{split}_{int(image_id):012d}.jpg'
   return image_path(data_dir, os.path.join(split, name), name, os.path.join('images', name))
 
 
-def load_vqav2(data_dir: str) -> list[Example]:
-  questions_path = find_file(data_dir, '*questions*.json', what='VQAv2 questions JSON')
-  annotations_path = find_file(data_dir, '*annotations*.json', what='VQAv2 annotations JSON')
-  with open(questions_path) as f:
-    questions = json.load(f)['questions']
-  with open(annotations_path) as f:
+def _questions(data_dir: str, split: str) -> list[dict]:
+  path = find_file(data_dir, f'*_{split}_questions.json', what=f'VQAv2 {split} questions JSON')
+  return read_json(path, 'VQAv2 questions')['questions']
+
+
+def load_vqav2(data_dir: str, split: str | None = None, issues: Issues | None = None):
+  """The questions of `split`; those without an annotation (test-dev) have answered=False.
+
+  Files: `v2_OpenEnded_mscoco_<split>_questions.json` and, for val2014,
+  `v2_mscoco_<split>_annotations.json` (a split without one is answered for submission).
+  """
+  split = split or VQAV2_SPLITS[0]
+  questions = _questions(data_dir, split)
+  answers = {}
+  if glob.glob(os.path.join(data_dir, '**', f'*_{split}_annotations.json'), recursive=True):
+    path = find_file(data_dir, f'*_{split}_annotations.json')
     answers = {a['question_id']: [x['answer'] for x in a['answers']]
-               for a in json.load(f)['annotations']}
-  match = re.search(r'(train|val|test-dev|test)(\d{4})', os.path.basename(questions_path))
-  split = f'{match.group(1)}{match.group(2)}' if match else 'val2014'
-  split = split.replace('test-dev', 'test')
+               for a in read_json(path, 'VQAv2 annotations')['annotations']}
+  image_split = split.replace('test-dev', 'test')  # test-dev images live in test2015/
   examples = []
   for q in questions:
-    if q['question_id'] not in answers:
-      continue  # no annotation (test-dev): nothing to score locally
-    examples.append(Example(
-        question_id=q['question_id'], prompt=short_answer_prompt(q['question']),
-        image=_coco_image(data_dir, split, q['image_id']),
-        target={'answers': answers[q['question_id']]}))
+    try:
+      qid, image = q['question_id'], _coco_image(data_dir, image_split, q['image_id'])
+      prompt = short_answer_prompt(q['question'])
+    except (KeyError, TypeError, ValueError) as e:
+      if issues is None:
+        raise
+      issues.add('malformed_question', f'{q!r:.150}: {e!r}')
+      continue
+    examples.append(Example(question_id=qid, prompt=prompt, image=image,
+                            target={'answers': answers.get(qid, [])},
+                            answered=qid in answers))
   return examples
 
 
@@ -154,25 +171,23 @@ def score_vqav2(examples, predictions):
   return {'accuracy': 100 * mean(accs), 'num_questions': len(examples)}
 
 
-def load_textvqa(data_dir: str) -> list[Example]:
-  path = find_file(data_dir, 'TextVQA_*val*.json', what='TextVQA val JSON')
-  with open(path) as f:
-    data = json.load(f)['data']
-  examples = []
-  for q in data:
-    question = q['question']
-    # LLaVA-1.5's TextVQA prompt (llava_textvqa_val_v051_ocr) lists the reference OCR tokens.
-    if q.get('ocr_tokens'):
-      question += '\nReference OCR token: ' + ', '.join(q['ocr_tokens'])
-    name = f"{q['image_id']}.jpg"
-    image = image_path(data_dir, os.path.join('train_images', name), name,
-                       os.path.join('images', name))
-    examples.append(Example(question_id=q['question_id'], prompt=short_answer_prompt(question),
-                            image=image, target={'answers': q['answers']}))
-  return examples
+def vqav2_submission(examples, predictions, split, data_dir):
+  """EvalAI's VQA results file: [{question_id: int, answer: str}] (visualqa.org/evaluation;
+  LLaVA's scripts/convert_vqav2_for_submission.py), answers EvalAI-normalized.
 
-
-def score_textvqa(examples, predictions):
-  accs = [textvqa_accuracy(predictions.get(e.question_id, ''), e.target['answers'])
+  Written for splits without local answers. For test-dev2015, as LLaVA does, every
+  question of test2015 is listed (the server expects the full set) and those outside
+  test-dev get '' when `v2_OpenEnded_mscoco_test2015_questions.json` is present.
+  """
+  if all(e.answered for e in examples):
+    return None
+  rows = [{'question_id': e.question_id, 'answer': normalize(predictions.get(e.question_id, ''))}
           for e in examples]
-  return {'accuracy': 100 * mean(accs), 'num_questions': len(examples)}
+  if split == 'test-dev2015':
+    try:
+      asked = {e.question_id for e in examples}
+      rows += [{'question_id': q['question_id'], 'answer': ''}
+               for q in _questions(data_dir, 'test2015') if q['question_id'] not in asked]
+    except FileNotFoundError:
+      pass  # test-dev questions only
+  return f'vqav2_{split}_submission.json', rows

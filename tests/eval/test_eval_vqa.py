@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from lvm.eval import vqa
+from lvm.eval import textvqa, vqa
 
 
 @pytest.mark.parametrize('raw, expected', [
@@ -63,7 +63,10 @@ def test_vqav2_fixture_scores(tmp_path):
   _write(tmp_path / 'v2_mscoco_val2014_annotations.json', {'annotations': [
       ann(1, ['2'] * 10), ann(2, ['yes'] * 3 + ['no'] * 7), ann(3, ['red'] * 10)]})
   examples = vqa.load_vqav2(str(tmp_path))
-  assert [e.question_id for e in examples] == [1, 2, 3]  # 4 has no annotation
+  # 4 has no annotation: asked, but for submission only (not scored).
+  assert [(e.question_id, e.answered) for e in examples] == [
+      (1, True), (2, True), (3, True), (4, False)]
+  examples = examples[:3]
   assert examples[0].prompt == 'How many dogs?\nAnswer the question using a single word or phrase.'
   assert examples[0].image == str(tmp_path / 'val2014' / 'COCO_val2014_000000000042.jpg')
   scores = vqa.score_vqav2(examples, {1: 'two', 2: 'Yes.'})  # 3 unanswered: 0
@@ -77,10 +80,10 @@ def test_textvqa_fixture_scores(tmp_path):
       {'question_id': 11, 'image_id': 'def', 'question': 'what drink?',
        'answers': ['coca cola'] + ['coke'] * 9},
   ]})
-  examples = vqa.load_textvqa(str(tmp_path))
+  examples = textvqa.load(str(tmp_path))
   assert examples[0].prompt == ('what brand?\nReference OCR token: nike, air\n'
                                 'Answer the question using a single word or phrase.')
   assert examples[1].image == str(tmp_path / 'train_images' / 'def.jpg')
   # 'NIKE' matches 4 normalized humans -> 1.0; 'Coca-Cola' -> 'coca cola' matches 1 -> 0.3.
-  scores = vqa.score_textvqa(examples, {10: 'NIKE', 11: 'Coca-Cola'})
+  scores = textvqa.score(examples, {10: 'NIKE', 11: 'Coca-Cola'})
   assert scores['accuracy'] == pytest.approx(65.0)
