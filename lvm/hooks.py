@@ -309,8 +309,9 @@ def eval_splits(config, available, log) -> dict[str, str]:
             f'evaluate no {name} split.')
       hint = (' (llava_json: config.data.llava_json.test_files names the test JSON files)'
               if name == 'test' else '')
-      log(f'data: dataset {config.data.dataset!r} has no {split!r} split (it has: {have}); '
-          f'skipping the {name} evaluation{hint}. Set config.data.{key}= to silence this.')
+      log(f'data: dataset {config.data.dataset!r} has no {split!r} split (it has: {have}), '
+          f'so config.data.{key}={split!r} (the default) is skipped{hint}. Set '
+          f'config.data.{key}= to silence this.')
       split = ''
     out[name] = split
   return out

@@ -68,6 +68,11 @@ def check_config(config, problems: registry.Problems):
   if not isinstance(frac, (int, float)) or not 0 <= frac < 1:
     problems.add('data.llava_json.validation_fraction', f'must be in [0, 1), got {frac!r}',
                  'hold out a small fraction such as 0.01, or 0 for none')
+  c = config.data.llava_json
+  both = {n for n in c.json_files.split(',') if n} & {n for n in c.test_files.split(',') if n}
+  if both:
+    problems.add('data.llava_json.test_files', f'{sorted(both)} are in json_files too',
+                 'a test file must not be trained on: leave it out of data.llava_json.json_files')
 
 
 def data_dir(config) -> str:

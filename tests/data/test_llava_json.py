@@ -192,6 +192,16 @@ def test_test_files_form_a_test_split_kept_out_of_train(tmp_path):
   assert report['skipped'] == {'missing_image': 1}
 
 
+def test_a_test_file_also_trained_on_is_a_config_error():
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config('/tmp', dataset='llava_json', manual_dir='/tmp',
+                              **{'llava_json.json_files': 'a.json,b.json',
+                                 'llava_json.test_files': 'b.json'})
+  with pytest.raises(ValueError, match=r"config.data.llava_json.test_files: \['b.json'\] are "
+                     'in json_files too'):
+    validate.validate_config(config, 8)
+
+
 def test_broken_json_file_is_fatal_naming_file_line_col(tmp_path):
   _small_folder(tmp_path / 'manual')
   # Line 3, column 12: the missing comma.

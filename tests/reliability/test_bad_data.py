@@ -72,9 +72,9 @@ def test_llava_folder_with_broken_samples(shared, tmp_path):
     assert report['fixed'].get(note, 0) >= 1, report['fixed']
   for reason in expected:
     assert reason in out, f'prepare log does not name {reason}'
-  for split, which in (('validation', 'eval'), ('test', 'test')):
-    assert (f"data: dataset 'llava_json' has no '{split}' split (it has: train); skipping "
-            f'the {which} evaluation') in out
+  for split, key in (('validation', 'eval_split'), ('test', 'test_split')):
+    assert (f"data: dataset 'llava_json' has no '{split}' split (it has: train), so "
+            f"config.data.{key}='{split}' (the default) is skipped") in out
 
   # It trained on the valid samples: finite losses at every step.
   metrics = h.read_metrics(workdir)

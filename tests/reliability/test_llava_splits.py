@@ -36,8 +36,9 @@ def test_default_splits_absent_are_skipped_with_one_line_each():
   splits = hooks.eval_splits(_config(), ['train'], lines.append)
   assert splits == {'eval': '', 'test': ''}
   assert len(lines) == 2
-  assert lines[0].startswith("data: dataset 'llava_json' has no 'validation' split (it has: "
-                             'train); skipping the eval evaluation.')
+  assert lines[0] == ("data: dataset 'llava_json' has no 'validation' split (it has: train), "
+                      "so config.data.eval_split='validation' (the default) is skipped. Set "
+                      'config.data.eval_split= to silence this.')
   assert 'config.data.llava_json.test_files' in lines[1]
   lines.clear()
   assert hooks.eval_splits(_config(), ['train', 'validation', 'test'], lines.append) == {
