@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm import config as config_lib
 from lvm import console
 from lvm import flops as flops_lib
 
@@ -295,7 +296,6 @@ def eval_splits(config, available, log) -> dict[str, str]:
   Raises:
     ValueError: a split named explicitly that the dataset lacks.
   """
-  from lvm import config as config_lib  # pylint: disable=import-outside-toplevel
   defaults = config_lib.get_config().data
   out = {}
   for name, key in (('eval', 'eval_split'), ('test', 'test_split')):
