@@ -2,6 +2,8 @@
 
   --config=configs/llava15.py:size=7b,stage=pretrain     projector alignment (LCS-558K)
   --config=configs/llava15.py:size=13b,stage=finetune    instruction tuning (mix665k)
+  --config=configs/llava15.py:size=tiny,stage=pretrain   the same recipe on a model that runs
+                                                         in seconds on a CPU (tests)
 
 Point `config.data.manual_dir` at the LLaVA-format data, `config.data.tokenizer` at the
 decoder's tokenizer, and `config.init` at transformers checkpoints (see README).
@@ -13,7 +15,13 @@ SIZES = {
     # Vicuna v1.5 = LLaMA-2 shapes.
     '7b': dict(width=4096, depth=32, heads=32, kv_heads=32, mlp_dim=11008),
     '13b': dict(width=5120, depth=40, heads=40, kv_heads=40, mlp_dim=13824),
+    # A CPU-sized stand-in (tests/reliability/test_readme_llava15.py): a 256-token LLaMA
+    # vocabulary, llava-hf style image/pad ids after it.
+    'tiny': dict(width=64, depth=2, heads=4, kv_heads=4, mlp_dim=128, vocab_size=320),
 }
+# The tiny size's CLIP tower, image/pad ids, and batch and sequence length.
+TINY_VISION = dict(image_size=32, patch_size=8, width=32, depth=2, heads=4, mlp_dim=64)
+TINY_RUN = dict(image_token_id=256, pad_token_id=257, batch_size=8, seq_len=128)
 
 
 def get_config(arg=None):
@@ -50,5 +58,13 @@ def get_config(arg=None):
     config.train.batch_size = 128
     config.optimizer.lr = 2e-5
     config.init.kind = 'checkpoint'  # the stage-1 run's workdir
+  if arg.size == 'tiny':  # float32: bfloat16 matmuls are slow on a CPU
+    config.model.vision = base.vision_config('clip', **TINY_VISION)
+    config.model.image_token_id = TINY_RUN['image_token_id']
+    config.model.pad_token_id = TINY_RUN['pad_token_id']
+    config.model.dtype = 'float32'
+    config.model.remat_policy = 'none'
+    config.data.seq_len = TINY_RUN['seq_len']
+    config.train.batch_size = TINY_RUN['batch_size']
   config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

@@ -22,6 +22,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm import config as config_lib
 from lvm import console
 from lvm import flops as flops_lib
 
@@ -276,26 +277,70 @@ def evaluate(config, params, split: str, eval_step, make_iterator) -> dict[str, 
           'num_answers': int(s['answers']), 'num_examples': int(s['examples'])}
 
 
+def eval_splits(config, available, log) -> dict[str, str]:
+  """What the run evaluates: {'eval': data.eval_split, 'test': data.test_split}, checked
+  against the dataset's splits before anything is compiled.
+
+  '' turns a split off. A name left at its schema default ('validation', 'test') is
+  optional: when the dataset has no such split, one line says so and it is skipped (a small
+  `llava_json` set may have no validation sample, and has a test split only from its
+  `test_files`). Any other name was asked for, and must exist.
+
+  Args:
+    config: the run config.
+    available: the dataset's split names, or None to take the config's as they are (an
+      injected iterator whose splits are unknown).
+    log: prints a line.
+
+  Returns:
+    {'eval': name or '', 'test': name or ''}.
+
+  Raises:
+    ValueError: a split named explicitly that the dataset lacks.
+  """
+  defaults = config_lib.get_config().data
+  out = {}
+  for name, key in (('eval', 'eval_split'), ('test', 'test_split')):
+    split = config.data[key]
+    if split and available is not None and split not in available:
+      have = ', '.join(available)
+      if split != defaults[key]:
+        raise ValueError(
+            f'config.data.{key}={split!r} is not a split of dataset {config.data.dataset!r} '
+            f'(it has: {have}). Fix: name one of those, or set config.data.{key}= (empty) to '
+            f'evaluate no {name} split.')
+      hint = (' (llava_json: config.data.llava_json.test_files names the test JSON files)'
+              if name == 'test' else '')
+      log(f'data: dataset {config.data.dataset!r} has no {split!r} split (it has: {have}), '
+          f'so config.data.{key}={split!r} (the default) is skipped{hint}. Set '
+          f'config.data.{key}= to silence this.')
+      split = ''
+    out[name] = split
+  return out
+
+
 class Evaluate(Hook):
-  """Teacher-forced evaluation of `data.eval_split` every `train.eval_every` steps.
+  """Teacher-forced evaluation of the eval split every `train.eval_every` steps.
 
   `run(step, params)` after the loop scores the eval split and, at the last step, the
-  test split (scored once, at the end).
+  test split (scored once, at the end). `splits` is `eval_splits(...)`: '' skips one.
   """
 
   def __init__(self, config, writer, eval_step, make_iterator, steps: int,
-               progress: ReportProgress):
+               progress: ReportProgress, splits: dict[str, str]):
     self.config, self.writer, self.eval_step = config, writer, eval_step
     self.make_iterator, self.steps, self.progress = make_iterator, steps, progress
+    self.splits = splits
     self.results = {}  # the last record by split name
 
   def due(self, step):
     every_n = self.config.train.eval_every
-    return every_n > 0 and step % every_n == 0 and step < self.steps
+    return (every_n > 0 and step % every_n == 0 and step < self.steps
+            and bool(self.splits['eval']))
 
   def run(self, step: int, params) -> dict[str, dict]:
-    data = self.config.data
-    for name, split in (('eval', data.eval_split), ('test', data.test_split)):
+    for name in ('eval', 'test'):
+      split = self.splits[name]
       if not split or (name == 'test' and step < self.steps):
         continue
       m = evaluate(self.config, params, split, self.eval_step, self.make_iterator)

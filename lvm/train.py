@@ -43,11 +43,14 @@ def default_num_examples(config, split) -> int:
   return pipeline.num_examples(config, split)
 
 
-def prepare_data(config) -> None:
-  """Builds the config's dataset if it is not built yet (TFDS's bars on a terminal only)."""
+def prepare_data(config) -> list[str]:
+  """Builds the config's dataset if it is not built yet (TFDS's bars on a terminal only);
+  returns its split names."""
   from lvm import data  # pylint: disable=import-outside-toplevel
+  from lvm.data import pipeline  # pylint: disable=import-outside-toplevel
   with console.tfds_progress(console.interactive()):
     data.prepare(config)
+  return pipeline.splits(config)
 
 
 def train_loop(state, step: int, steps: int, train_iter, make_step, hooks):
@@ -114,12 +117,14 @@ def train_and_evaluate(config, workdir, *, make_iterator=None, num_examples=None
 def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   start_time = time.time()
   validate.validate_config(config, jax.device_count(), jax.process_count())
-  if make_iterator is None:
-    prepare_data(config)
+  # An injected iterator's splits are unknown: its eval/test splits are taken as named.
+  available = prepare_data(config) if make_iterator is None else None
   make_iterator = make_iterator or default_make_iterator
   num_examples = num_examples or default_num_examples
   writer = metrics_lib.MetricWriter(workdir, start_time)
   writer.write_config(config)
+  # Absent eval/test splits are known (skipped, or an error) before anything is compiled.
+  eval_splits = hooks_lib.eval_splits(config, available, writer.log)
 
   # The model, its sharded state and the optimizer.
   mesh = sharding.make_mesh(config.mesh)
@@ -151,7 +156,7 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   checkpoint = hooks_lib.Checkpoint(checkpointer, train_iter, config, steps, writer)
   progress = hooks_lib.ReportProgress(writer, config, steps, step, lr_schedule)
   evaluator = hooks_lib.Evaluate(config, writer, step_lib.jit_eval_step(factory),
-                                 make_iterator, steps, progress)
+                                 make_iterator, steps, progress, eval_splits)
   preemption = hooks_lib.Preemption(checkpoint, writer.log)
   hooks = [
       preemption,

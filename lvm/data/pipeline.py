@@ -50,6 +50,17 @@ def data_source(config, split):
   return b.as_data_source(split)
 
 
+def splits(config) -> list[str]:
+  """The splits of the prepared `config.data.dataset` (raises if `prepare` was not run)."""
+  from lvm import data  # pylint: disable=g-import-not-at-top
+  b = data.builder(config)
+  if not b.is_prepared():
+    raise FileNotFoundError(
+        f'Dataset {config.data.dataset!r} is not prepared in {b.data_dir}; run '
+        'lvm.data.prepare(config) first.')
+  return list(b.info.splits.keys())
+
+
 def num_examples(config, split) -> int:
   """Records in `split` (before any sample is dropped by the pipeline)."""
   return len(data_source(config, split))

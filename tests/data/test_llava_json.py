@@ -142,3 +142,125 @@ def test_validation_split_by_id_hash():
   frac = np.mean([llava_json.split_of(i, 0.1) == 'validation' for i in ids])
   assert 0.07 < frac < 0.13
   assert llava_json.split_of('x', 0.0) == 'train'
+
+
+# --- Splits, broken files, images outside the folder, changed images (issue 27) ----------
+
+def _small_folder(root, n=6, test=2):
+  """A manual dir: `train.json` (n samples), `held_out.json` (test samples), images/."""
+  (root / 'images').mkdir(parents=True)
+  describe = '<image>\nDescribe image'
+  for i in range(n + test):
+    (root / 'images' / f'{i}.png').write_bytes(_png(rgb(seed=i)))
+  train = [{'id': f's{i}', 'image': f'{i}.png', 'conversations': conv(describe, 'red')}
+           for i in range(n)]
+  held_out = [{'id': f't{i}', 'image': f'{i}.png', 'conversations': conv(describe, 'blue')}
+              for i in range(n, n + test)]
+  (root / 'train.json').write_text(json.dumps(train))
+  (root / 'held_out.json').write_text(json.dumps(held_out))
+  return train, held_out
+
+
+def _config(tmp_path, **llava):
+  return tiny_shapes_config(
+      tmp_path / 'tfds', dataset='llava_json', manual_dir=str(tmp_path / 'manual'),
+      tokenizer=word_tokenizer(tmp_path),
+      **{'llava_json.validation_fraction': 0.0,
+         **{f'llava_json.{k}': v for k, v in llava.items()}})
+
+
+def _ids(config, split):
+  return sorted(r['id'].decode() for r in pipeline.data_source(config, split))
+
+
+def test_test_files_form_a_test_split_kept_out_of_train(tmp_path):
+  _small_folder(tmp_path / 'manual')
+  # A broken sample in the test file is counted like one in train.
+  held = json.loads((tmp_path / 'manual' / 'held_out.json').read_text())
+  held.append({'id': 'bad', 'image': 'nope.png', 'conversations': conv('<image> x', 'y')})
+  (tmp_path / 'manual' / 'held_out.json').write_text(json.dumps(held))
+  config = _config(tmp_path)
+  assert llava_json.splits(config) == ['train']
+  config = _config(tmp_path, test_files='held_out.json')
+  assert llava_json.splits(config) == ['train', 'test']
+  report = llava_json.prepare(config)
+  # json_files='' takes every *.json but the test files.
+  assert _ids(config, 'train') == [f's{i}' for i in range(6)]
+  assert _ids(config, 'test') == ['t6', 't7']
+  assert sorted(pipeline.splits(config)) == ['test', 'train']
+  assert report['splits'] == {'train': {'kept': 6}, 'test': {'kept': 2, 'missing_image': 1}}
+  assert report['skipped'] == {'missing_image': 1}
+
+
+def test_a_test_file_also_trained_on_is_a_config_error():
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config('/tmp', dataset='llava_json', manual_dir='/tmp',
+                              **{'llava_json.json_files': 'a.json,b.json',
+                                 'llava_json.test_files': 'b.json'})
+  with pytest.raises(ValueError, match=r"config.data.llava_json.test_files: \['b.json'\] are "
+                     'in json_files too'):
+    validate.validate_config(config, 8)
+
+
+def test_broken_json_file_is_fatal_naming_file_line_col(tmp_path):
+  _small_folder(tmp_path / 'manual')
+  # Line 3, column 12: the missing comma.
+  (tmp_path / 'manual' / 'broken.json').write_text('[\n {"id": "a",\n  "image" "x.png"}\n]\n')
+  config = _config(tmp_path)
+  with pytest.raises(ValueError) as e:
+    data.prepare(config)
+  message = str(e.value)
+  assert message.startswith(f'{tmp_path / "manual" / "broken.json"}:3:11: invalid JSON'), message
+  assert 'skip_broken_files=True' in message
+
+
+def test_broken_json_file_skipped_and_listed_when_asked(tmp_path):
+  _small_folder(tmp_path / 'manual')
+  (tmp_path / 'manual' / 'broken.json').write_text('[{"id": "a"')
+  (tmp_path / 'manual' / 'not_a_list.json').write_text('{"id": "a"}')
+  config = _config(tmp_path, skip_broken_files=True)
+  report = llava_json.prepare(config)
+  assert report['kept'] == 8  # train.json and held_out.json (no test_files here)
+  assert report['broken_files'] == [str(tmp_path / 'manual' / 'broken.json'),
+                                    str(tmp_path / 'manual' / 'not_a_list.json')]
+
+
+def test_images_outside_the_folder_are_refused_unless_allowed(tmp_path):
+  train, _ = _small_folder(tmp_path / 'manual')
+  outside = tmp_path / 'outside.png'
+  outside.write_bytes(_png(rgb(seed=9)))
+  describe = '<image>\nDescribe image'
+  train += [{'id': 'dotdot', 'image': '../outside.png', 'conversations': conv(describe, 'red')},
+            {'id': 'abs', 'image': str(outside), 'conversations': conv(describe, 'red')},
+            {'id': 'inner_dotdot', 'image': 'images/../images/0.png',
+             'conversations': conv(describe, 'red')}]
+  (tmp_path / 'manual' / 'train.json').write_text(json.dumps(train))
+  config = _config(tmp_path, test_files='held_out.json')
+  report = llava_json.prepare(config)
+  assert report['splits']['train'] == {'kept': 7, 'image_outside_folder': 2}
+  assert _ids(config, 'train') == sorted([f's{i}' for i in range(6)] + ['inner_dotdot'])
+  assert any('../outside.png' in e for e in report['examples']['image_outside_folder'])
+  config = _config(tmp_path, test_files='held_out.json', allow_outside_images=True)
+  report = llava_json.prepare(config)
+  assert report['splits']['train'] == {'kept': 9}
+
+
+def test_changed_image_rebuilds_with_new_content_and_counts(tmp_path):
+  _small_folder(tmp_path / 'manual')
+  config = _config(tmp_path, test_files='held_out.json')
+  report = llava_json.prepare(config)
+  assert report['splits']['train'] == {'kept': 6}
+  before = {r['id'].decode(): bytes(r['images'][0])
+            for r in pipeline.data_source(config, 'train')}
+  # Same names, other contents: one image replaced by a bigger one, one broken.
+  new = _png(rgb(80, 60, seed=42))
+  (tmp_path / 'manual' / 'images' / '0.png').write_bytes(new)
+  (tmp_path / 'manual' / 'images' / '1.png').write_bytes(b'not a png')
+  report = llava_json.prepare(config)
+  assert report['splits']['train'] == {'kept': 5, 'corrupt_image': 1}
+  after = {r['id'].decode(): bytes(r['images'][0])
+           for r in pipeline.data_source(config, 'train')}
+  assert before['s0'] != new and after['s0'] == new
+  assert after['s2'] == before['s2'] and 's1' not in after
+  # Unchanged images: the prepared dataset is reused as is.
+  assert llava_json.prepare(config) == report

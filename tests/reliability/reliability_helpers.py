@@ -174,11 +174,14 @@ def make_llava_folder(root: str, num_good: int = 24, seed: int = 0) -> dict:
 NUM_STEPS = 8
 # Every fault run: the tiny model on a small `shapes` set, a checkpoint every 2 steps
 # (all kept), asynchronous saves, no evaluation (the faults concern training).
+TRAIN_OVERRIDES = (
+    f'--config.train.num_steps={NUM_STEPS}', '--config.train.log_every=1',
+    '--config.checkpoint.interval=2', '--config.checkpoint.keep=4',
+    '--config.checkpoint.async_save=True',
+)
 BASE_OVERRIDES = (
     '--config.data.shapes.train=256', '--config.data.shapes.validation=32',
-    '--config.data.shapes.test=32', f'--config.train.num_steps={NUM_STEPS}',
-    '--config.train.log_every=1', '--config.checkpoint.interval=2', '--config.checkpoint.keep=4',
-    '--config.checkpoint.async_save=True', '--config.data.eval_split=',
+    '--config.data.shapes.test=32', *TRAIN_OVERRIDES, '--config.data.eval_split=',
     '--config.data.test_split=',
 )
 SINGLE_MESH = ('--config.mesh.data=-1', '--config.mesh.fsdp=1', '--config.mesh.tensor=1')
@@ -224,10 +227,10 @@ DRIVER = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'driver.py')
 
 
 def main_cmd(shared: Shared, workdir: str, *overrides: str, entry=('-m', 'lvm.main'),
-             config='configs/tiny.py') -> list[str]:
-  """`python -m lvm.main` (or `entry=(DRIVER,)`) with the suite's base overrides."""
+             config='configs/tiny.py', base=BASE_OVERRIDES) -> list[str]:
+  """`python -m lvm.main` (or `entry=(DRIVER,)`) with the suite's `base` overrides."""
   return [sys.executable, *entry, f'--config={config}', f'--workdir={workdir}',
-          f'--config.data.data_dir={shared.tfds_dir}', *BASE_OVERRIDES, *overrides]
+          f'--config.data.data_dir={shared.tfds_dir}', *base, *overrides]
 
 
 def run_main(shared, workdir, *overrides, num_devices=8, timeout=600, check=True, **kw):

@@ -45,11 +45,14 @@ def test_llava_folder_with_broken_samples(shared, tmp_path):
   workdir = str(tmp_path / 'run')
   # 32 samples reach the dataset (31 good + the over-long one): 4 steps of 8 are one epoch,
   # so the over-long sample is drawn (and dropped) exactly once.
+  # The default eval/test splits (neither exists here: no validation fraction, no test
+  # files) are skipped with a line each, and the run exits 0 (issue 27).
   proc = h.run_main(
       shared, workdir, *h.SINGLE_MESH, '--config.data.dataset=llava_json',
       f'--config.data.manual_dir={manual}', f'--config.data.tokenizer={tokenizer}',
       f'--config.data.data_dir={data_dir}', '--config.data.llava_json.validation_fraction=0.0',
-      '--config.train.num_steps=4', '--config.data.shuffle_seed=1', '--config.data.seq_len=128')
+      '--config.train.num_steps=4', '--config.data.shuffle_seed=1', '--config.data.seq_len=128',
+      base=h.TRAIN_OVERRIDES)
   out = proc.stdout + proc.stderr
 
   expected = {}
@@ -69,6 +72,9 @@ def test_llava_folder_with_broken_samples(shared, tmp_path):
     assert report['fixed'].get(note, 0) >= 1, report['fixed']
   for reason in expected:
     assert reason in out, f'prepare log does not name {reason}'
+  for split, key in (('validation', 'eval_split'), ('test', 'test_split')):
+    assert (f"data: dataset 'llava_json' has no '{split}' split (it has: train), so "
+            f"config.data.{key}='{split}' (the default) is skipped") in out
 
   # It trained on the valid samples: finite losses at every step.
   metrics = h.read_metrics(workdir)
