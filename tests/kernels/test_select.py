@@ -146,3 +146,40 @@ def test_a_kernel_registered_in_a_test_is_validated_and_used():
   with pytest.raises(ValueError, match=r"config\.model\.attention_impl: 'counting' is not a "
                                        'registered attention kernel'):
     validate.validate_config(config, 1)
+
+
+def test_a_matmul_kernel_registered_in_a_test_is_validated_and_used():
+  """A new matmul kernel (dot_general that records its shapes): every Dense of the three
+  parts uses it, and the logits equal the 'xla' kernel's."""
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvm import validate  # pylint: disable=g-import-not-at-top
+  shapes = []
+  xla_matmul = registry.MATMUL.get('xla').obj
+
+  def recording(x, kernel, n_in):
+    shapes.append(kernel.shape)
+    return xla_matmul(x, kernel, n_in)
+
+  registry.MATMUL.register('recording', recording)
+  try:
+    config = tiny.get_config()
+    config.model.matmul_impl = 'recording'
+    validate.validate_config(config, 1)
+    model = lvm.models.build(config)
+    assert model.decoder.matmul_impl == model.vision.matmul_impl == 'recording'
+    assert model.projector.matmul_impl == 'recording'
+    images = jnp.ones((1, 1, 32, 32, 3), jnp.float32)
+    ids = jnp.arange(20, dtype=jnp.int32)[None]
+    params = model.init(jax.random.PRNGKey(0), images, ids)['params']
+    shapes.clear()
+    logits = model.apply({'params': params}, images, ids)
+    width = config.model.decoder.width
+    assert (width, config.model.decoder.vocab_size) in shapes  # the LM head went through it
+    assert any(s[0] == config.model.vision.width for s in shapes)  # so did the tower
+    config.model.matmul_impl = 'xla'
+    want = lvm.models.build(config).apply({'params': params}, images, ids)
+    np.testing.assert_allclose(logits, want, rtol=1e-6, atol=1e-6)
+  finally:
+    registry.MATMUL.unregister('recording')
