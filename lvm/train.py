@@ -121,10 +121,6 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   available = prepare_data(config) if make_iterator is None else None
   make_iterator = make_iterator or default_make_iterator
   num_examples = num_examples or default_num_examples
-  writer = metrics_lib.MetricWriter(workdir, start_time)
-  writer.write_config(config)
-  # Absent eval/test splits are known (skipped, or an error) before anything is compiled.
-  eval_splits = hooks_lib.eval_splits(config, available, writer.log)
 
   # The model, its sharded state and the optimizer.
   mesh = sharding.make_mesh(config.mesh)
@@ -136,6 +132,12 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
                      f'config.train.batch_size={config.train.batch_size}.')
   tx, lr_schedule = optim.make(config.optimizer, steps)
   factory = state_lib.StateFactory(config, model, tx, mesh, sharding.rules(config))
+  # Only now, with the config, the data and the trainable pattern checked (the factory's
+  # abstract init), does the run write anything: a config error leaves the workdir empty.
+  writer = metrics_lib.MetricWriter(workdir, start_time)
+  writer.write_config(config)
+  # Absent eval/test splits are known (skipped, or an error) before anything is compiled.
+  eval_splits = hooks_lib.eval_splits(config, available, writer.log)
   checkpointer = ckpt_lib.Checkpointer(str(workdir), config.checkpoint)
 
   # Resume from the newest whole checkpoint (a corrupt or partial newest one is reported

@@ -115,9 +115,9 @@ def test_sharded_dims_must_divide(overrides, key, value, split):
 
 
 @pytest.mark.parametrize('key, value, expect', [
-    ('model__vision__kind', 'vit', "config.model.vision.kind: unknown value 'vit'"),
+    ('model__vision__kind', 'vit', "config.model.vision.kind: 'vit' is not a registered vision"),
     ('model__projector__kind', 'mlp2x_relu6', 'config.model.projector.kind'),
-    ('model__projector__kind', 'conv', "Unknown projector kind 'conv'"),
+    ('model__projector__kind', 'conv', "config.model.projector.kind: 'conv' is not a registered"),
     ('model__dtype', 'bf16', "config.model.dtype: unknown value 'bf16'"),
     ('model__param_dtype', 'fp32', "config.model.param_dtype: unknown value 'fp32'"),
     ('data__template', 'vicuna', "config.data.template: 'vicuna' is not a registered template"),
