@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lvm import kernels
 from lvm import registry
+from lvm.models import anyres_model
 from lvm.models import decoder as _decoder  # noqa: F401  (registers 'llama')
 from lvm.models import projector as _projector  # noqa: F401  (registers the projectors)
 from lvm.models import vision as _vision  # noqa: F401  (registers 'clip', 'siglip')
@@ -60,11 +61,26 @@ def build(config, backend: str | None = None) -> LLaVA:
   config = _model(config)
   impls = kernels.resolve_impls(config, backend)
   return LLaVA(vision=build_vision(config, impls), projector=build_projector(config, impls),
-               decoder=build_decoder(config, impls), image_token_id=config.image_token_id)
+               decoder=build_decoder(config, impls), image_token_id=config.image_token_id,
+               anyres=anyres_model.layout(config))
 
 
-def num_image_tokens(config) -> int:
-  """Visual tokens per image for `config.model` (what the data pipeline must expand to)."""
+def num_image_tokens(config, image_size=None) -> int:
+  """Visual tokens of an image for `config.model` (what the data pipeline must expand to).
+
+  Args:
+    config: the model config (or a full config).
+    image_size: the image's original (height, width); required by an anyres model
+      (`model.anyres.pinpoints` set), whose count depends on it (transformers' processor
+      count); a fixed-size model resizes every image and ignores it.
+  """
+  config = _model(config)
+  layout = anyres_model.layout(config)
+  if layout is not None:
+    if image_size is None:
+      raise ValueError('an anyres model (model.anyres.pinpoints set) gives each image a number '
+                       'of tokens that depends on its size: pass image_size=(height, width)')
+    return layout.num_image_tokens(image_size)
   impls = kernels.Impls(matmul='xla', attention='xla')  # the count depends on no kernel
   return build_projector(config, impls).tokens_out(build_vision(config, impls).num_tokens)
 
@@ -79,9 +95,12 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
     config.scan_layers = scan_layers
   model = build(config)
   v = config.vision
-  images = jax.ShapeDtypeStruct((1, 1, v.image_size, v.image_size, 3), jnp.float32)
+  tiles = (anyres_model.num_tiles(config),) if model.anyres is not None else ()
+  images = jax.ShapeDtypeStruct((1, 1, *tiles, v.image_size, v.image_size, 3), jnp.float32)
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), i, t), images, ids)
+  sizes = jnp.zeros((1, 1, 2), jnp.int32) if tiles else None  # an absent image: no tokens
+  shapes = jax.eval_shape(
+      lambda i, t: model.init(jax.random.PRNGKey(0), i, t, image_sizes=sizes), images, ids)
   return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 

@@ -270,8 +270,15 @@ def check_tower(config, problems: registry.Problems):
                  f'use one of {list(SELECTS)}')
 
 
+def check_vision(config, problems: registry.Problems):
+  """The tower's own checks, and the anyres tiling it is run on (`model.anyres`)."""
+  from lvm.models import anyres_model  # pylint: disable=g-import-not-at-top  (imports llava)
+  check_tower(config, problems)
+  anyres_model.check_anyres(config, problems)
+
+
 # The fields where the kinds differ (the rest of `model.vision` is shared).
-registry.VISION.register('clip', build_tower, check=check_tower,
+registry.VISION.register('clip', build_tower, check=check_vision,
                          defaults=lambda: {'norm_eps': 1e-5})
-registry.VISION.register('siglip', build_tower, check=check_tower,
+registry.VISION.register('siglip', build_tower, check=check_vision,
                          defaults=lambda: {'norm_eps': 1e-6})
