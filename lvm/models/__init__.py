@@ -85,6 +85,14 @@ def num_image_tokens(config, image_size=None) -> int:
   return build_projector(config, impls).tokens_out(build_vision(config, impls).num_tokens)
 
 
+def max_image_tokens(config) -> int:
+  """The most visual tokens any one image takes: `num_image_tokens` for a fixed-size model,
+  the static packed length over all image sizes for an anyres one."""
+  config = _model(config)
+  layout = anyres_model.layout(config)
+  return num_image_tokens(config) if layout is None else layout.max_len
+
+
 def abstract_params(config, scan_layers: bool | None = None) -> dict:
   """'/'-joined path -> jax.ShapeDtypeStruct of every parameter; allocates nothing.
 
@@ -122,5 +130,5 @@ def random_params(config, rng, images, input_ids) -> dict:
 
 
 __all__ = ['abstract_params', 'build', 'build_decoder', 'build_projector', 'build_vision',
-           'dtype', 'feature_layers', 'num_image_tokens', 'random_params', 'stack_layers',
-           'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+           'dtype', 'feature_layers', 'max_image_tokens', 'num_image_tokens', 'random_params',
+           'stack_layers', 'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']

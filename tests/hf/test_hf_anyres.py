@@ -194,15 +194,24 @@ def test_token_count_mismatch_names_row_and_image(tmp_path_factory):
 
 def test_config_check_names_bad_pinpoints():
   from lvm import config as lvm_config  # pylint: disable=g-import-not-at-top
-  from lvm import registry  # pylint: disable=g-import-not-at-top
+  from lvm import validate  # pylint: disable=g-import-not-at-top
   config = lvm_config.get_config()
+  config.data.manual_dir, config.data.seq_len = '/tmp', 4096
+  config.model.anyres.pinpoints = [[336, 672], [672, 672]]
+  validate.validate_config(config, 1)  # a LLaVA-NeXT-shaped config passes
   config.model.anyres.pinpoints = [[336, 672], [500, 336]]
   config.model.anyres.vision_aspect_ratio = 'anyres_max_x'
-  problems = registry.Problems()
-  anyres_model.check_anyres(config, problems)
-  text = str(problems.__dict__)
-  assert 'model.anyres.pinpoints' in text and '[500, 336]' in text
-  assert 'model.anyres.vision_aspect_ratio' in text
+  with pytest.raises(ValueError) as e:
+    validate.validate_config(config, 1)
+  assert 'config.model.anyres.pinpoints: image_grid_pinpoints entry [500, 336]' in str(e.value)
+  assert 'config.model.anyres.vision_aspect_ratio' in str(e.value)
+  config.model.anyres.pinpoints, config.model.anyres.vision_aspect_ratio = [[672, 672]], 'anyres'
+  config.model.anyres.max_tiles = 3
+  with pytest.raises(ValueError, match=r'max_tiles: 3 is fewer than the 4 tiles'):
+    validate.validate_config(config, 1)
+  config.model.anyres.max_tiles, config.data.seq_len = 0, 2048  # a 2x2 image needs 2928
+  with pytest.raises(ValueError, match=r'data.seq_len: 2048 .* 2928 tokens'):
+    validate.validate_config(config, 1)
 
 
 def _cli(*args):
