@@ -24,6 +24,7 @@ slots, rows without images).
 """
 
 import dataclasses
+import functools
 from typing import Sequence
 
 import jax
@@ -61,7 +62,7 @@ class Layout:
   def n(self) -> int:
     return anyres.patches_per_side(self.tile_size, self.patch_size)
 
-  @property
+  @functools.cached_property
   def max_len(self) -> int:
     return anyres.max_image_tokens(self.pinpoints, self.tile_size, self.patch_size,
                                    self.max_num_patches)
@@ -138,6 +139,7 @@ def _select(layout: Layout, h, w):
   return jnp.argmax(best, -1)
 
 
+@functools.lru_cache(maxsize=16)
 def _downscale_table(layout: Layout) -> np.ndarray:
   """int32[R + 1, C + 1, 2]: `anyres.downscaled_shape` of every unpadded map size."""
   n = layout.n
