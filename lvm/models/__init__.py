@@ -112,19 +112,23 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
   return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 
-def random_params(config, rng, images, input_ids) -> dict:
+def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
   """Random params of `build(config)`, unboxed; traced, so call it under `jax.jit`.
+
+  An anyres model takes tiles `images float[B, N, T, H, W, 3]` with `image_sizes int[B, N, 2]`
+  (all (0, 0) is fine: the parameters do not depend on the sizes).
 
   An unrolled model (`scan_layers` False) is initialized as its scanned twin, then split
   by layer: the same weights for a seed in either layout, and one vectorized init for XLA
   to compile instead of one per layer (for the 2.4B LLaVA of benchmarks/configs/
   gpu_llava15.py, unrolled, 11 s of compiling on the CPU instead of 54 s).
   """
+  kw = {} if image_sizes is None else {'image_sizes': image_sizes}
   if config.scan_layers:
-    return nn.unbox(build(config).init(rng, images, input_ids)['params'])
+    return nn.unbox(build(config).init(rng, images, input_ids, **kw)['params'])
   twin = copy.deepcopy(config)
   twin.scan_layers = True
-  stacked = nn.unbox(build(twin).init(rng, images, input_ids)['params'])
+  stacked = nn.unbox(build(twin).init(rng, images, input_ids, **kw)['params'])
   flat = unstack_layers(traverse_util.flatten_dict(stacked, sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')
 

@@ -214,6 +214,17 @@ def test_config_check_names_bad_pinpoints():
     validate.validate_config(config, 1)
 
 
+@pytest.mark.parametrize('scan', [True, False])
+def test_random_params_of_an_anyres_model(scan, tmp_path_factory):
+  _, folder, inputs, _ = case('onevision', tmp_path_factory)
+  config, loaded = lvm.hf.load(folder, scan_layers=scan)
+  params = jax.jit(lambda rng: lvm.models.random_params(
+      config, rng, inputs['images'][:1, :1], np.ones((1, 8), np.int32),
+      image_sizes=np.zeros((1, 1, 2), np.int32)))(jax.random.PRNGKey(0))
+  shapes = lambda tree: jax.tree.map(np.shape, tree)
+  assert shapes(params) == shapes(loaded) and params['image_newline'].shape == (64,)
+
+
 def _cli(*args):
   env = dict(os.environ, PYTHONPATH=REPO, JAX_PLATFORMS='cpu')
   result = subprocess.run([sys.executable, '-m', 'lvm.hf', *args], env=env, cwd=REPO,
