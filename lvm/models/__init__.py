@@ -135,4 +135,5 @@ def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
 
 __all__ = ['abstract_params', 'build', 'build_decoder', 'build_projector', 'build_vision',
            'dtype', 'feature_layers', 'max_image_tokens', 'num_image_tokens', 'random_params',
-           'stack_layers', 'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+           'stack_layers', 'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector',
+           'Decoder']
