@@ -141,6 +141,15 @@ def get_config(arg=None):
   config.model.vision = vision_config()
   config.model.projector = projector_config()
   config.model.decoder = decoder_config()
+  # High resolution (LLaVA-NeXT / OneVision, lvm.models.anyres_model): images tiled on the
+  # grids `pinpoints` ([height, width] pairs in pixels, multiples of vision.image_size; empty:
+  # a fixed-size model); 'anyres' (LLaVA-NeXT) or 'anyres_max_N' (OneVision: features
+  # downscaled past N tiles' worth); max_tiles: grid tiles per image slot besides the base
+  # tile (0: the most any pinpoint grid needs).
+  config.model.anyres = ml_collections.ConfigDict()
+  config.model.anyres.pinpoints = []
+  config.model.anyres.vision_aspect_ratio = 'anyres'
+  config.model.anyres.max_tiles = 0
   config.model.image_token_id = 32000
   config.model.pad_token_id = 32001
   config.model.dtype = 'bfloat16'  # compute

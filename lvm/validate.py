@@ -233,7 +233,7 @@ def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
     # A bad dtype name is reported on its own; it does not change the token count.
     model_config = copy.deepcopy(config.model)
     model_config.dtype = model_config.param_dtype = 'float32'
-    per_image = models.num_image_tokens(model_config)
+    per_image = models.max_image_tokens(model_config)  # anyres: the largest image's count
   except (ValueError, KeyError) as e:
     p.add('model.projector.kind', f'cannot count the visual tokens per image ({e})',
           "use model.vision.select='patch' or another projector")

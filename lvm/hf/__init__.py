@@ -1,6 +1,7 @@
 """transformers interop: import and export LLaVA checkpoints, assemble a new LLaVA.
 
-  model_config, params = lvm.hf.load(HF_DIR)          # a LlavaForConditionalGeneration folder
+  model_config, params = lvm.hf.load(HF_DIR)          # a Llava / LlavaNext / LlavaOnevision
+                                                       # ...ForConditionalGeneration folder
   model_config, params = lvm.hf.assemble(CLIP_DIR, LLAMA_DIR)  # fresh projector (stage 1)
   lvm.hf.save(model_config, params, HF_DIR)            # loads with from_pretrained
 
@@ -54,7 +55,7 @@ def params_from_tensors(tensors: dict, model_config, canonical, parts=None) -> d
   Raises:
     ValueError: a missing parameter, an unexpected tensor, or a shape mismatch.
   """
-  parts = set(parts or ('vision', 'projector', 'decoder'))
+  parts = set(parts or ('vision', 'projector', 'decoder', 'image_newline'))
   by_name = {}
   for key, value in tensors.items():
     c = canonical(key)
@@ -100,14 +101,19 @@ def load(hf_dir: str, **overrides):
   """A transformers LLaVA folder (config.json + *.safetensors) -> (model_config, params).
 
   Args:
-    hf_dir: folder written by `LlavaForConditionalGeneration.save_pretrained` (any of the
-      key layouts in `lvm.hf.keymap`).
+    hf_dir: folder written by `save_pretrained` of `LlavaForConditionalGeneration`,
+      `LlavaNextForConditionalGeneration` or `LlavaOnevisionForConditionalGeneration` (any
+      of the key layouts in `lvm.hf.keymap`); the last two give an anyres model.
     **overrides: `config.model` keys to set, e.g. dtype='bfloat16', scan_layers=False.
 
   Returns:
     (lvm `config.model` ConfigDict, nested dict of numpy params).
   """
-  model_config = hf_configs.llava_from_hf(read_config(hf_dir), **overrides)
+  cfg = read_config(hf_dir)
+  if cfg.get('model_type') in hf_configs.ANYRES_ARCHITECTURES:
+    model_config = hf_configs.anyres_from_hf(cfg, **overrides)
+  else:
+    model_config = hf_configs.llava_from_hf(cfg, **overrides)
   flat = params_from_tensors(io.read_folder(hf_dir), model_config, keymap.canonical_llava)
   return model_config, _finish(flat, model_config)
 
@@ -119,7 +125,8 @@ def to_tensors(model_config, params) -> dict[str, np.ndarray]:
   if any('/layers/' in k for k in flat):
     flat = unstack_layers(flat)
   prefix = {'vision': 'vision_tower.vision_model.', 'projector': 'multi_modal_projector.',
-            'decoder': 'language_model.model.', 'lm_head': 'language_model.'}
+            'decoder': 'language_model.model.', 'lm_head': 'language_model.',
+            'image_newline': ''}
   tensors = {}
   for path, value in flat.items():
     part, name, transform, n_in = keymap.hf_name(path)
@@ -147,7 +154,9 @@ def _model_files(folder: epath.Path) -> list[epath.Path]:
 
 
 def save(model_config, params, hf_dir: str, overwrite: bool = False):
-  """Writes a folder that `LlavaForConditionalGeneration.from_pretrained` loads.
+  """Writes a folder that `LlavaForConditionalGeneration.from_pretrained` loads (anyres
+  models: `LlavaNextForConditionalGeneration`, or `LlavaOnevisionForConditionalGeneration`
+  for 'anyres_max_N').
 
   Args:
     model_config: the lvm `config.model`.
@@ -165,8 +174,11 @@ def save(model_config, params, hf_dir: str, overwrite: bool = False):
   if hf_dir.exists() and any(hf_dir.iterdir()) and not overwrite:
     raise FileExistsError(f'{hf_dir} is not empty; pass --overwrite (overwrite=True) to replace '
                           'its model files, or choose an empty or new folder.')
-  hf_config = hf_configs.llava_to_hf(model_config)
-  hf_config['image_seq_length'] = lvm.models.num_image_tokens(model_config)
+  if model_config.anyres.pinpoints:
+    hf_config = hf_configs.anyres_to_hf(model_config)
+  else:
+    hf_config = hf_configs.llava_to_hf(model_config)
+    hf_config['image_seq_length'] = lvm.models.num_image_tokens(model_config)
   # Written beside the target first, so a failed export leaves the old model whole.
   staging = hf_dir.parent / f'.{hf_dir.name}.export-tmp'
   if staging.exists():

@@ -1,6 +1,7 @@
 """Command line for transformers interop.
 
-  python -m lvm.hf import HF_DIR OUT_DIR         transformers LLaVA folder -> lvm checkpoint
+  python -m lvm.hf import HF_DIR OUT_DIR         transformers LLaVA / LLaVA-NeXT / OneVision
+                                                 folder -> lvm checkpoint
   python -m lvm.hf export CKPT_DIR HF_DIR        lvm checkpoint / run workdir -> transformers
   python -m lvm.hf assemble VISION_DIR LLAMA_DIR OUT_DIR   CLIP/SigLIP + LLaMA, new projector
 
@@ -33,7 +34,9 @@ def _count(params) -> int:
 
 def _describe(model_config) -> str:
   v, d = model_config.vision, model_config.decoder
-  return (f'vision {v.kind} {v.depth}x{v.width} @{v.image_size}px/{v.patch_size}, '
+  a = model_config.anyres
+  tiles = (f' {a.vision_aspect_ratio} on {len(a.pinpoints)} grids' if a.pinpoints else '')
+  return (f'vision {v.kind} {v.depth}x{v.width} @{v.image_size}px/{v.patch_size}{tiles}, '
           f'projector {model_config.projector.kind}, decoder llama {d.depth}x{d.width} '
           f'(heads {d.heads}, kv {d.kv_heads}, vocab {d.vocab_size})')
 

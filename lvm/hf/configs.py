@@ -222,3 +222,47 @@ def llava_to_hf(config) -> dict:
       projector_hidden_act=_ACT_TO_HF[act], multimodal_projector_bias=bool(config.projector.bias),
       vision_feature_layer=layer, vision_feature_select_strategy=strategy,
       image_seq_length=None, tie_word_embeddings=text['tie_word_embeddings'], dtype='float32')
+
+
+# model_type -> the transformers architecture of an anyres LLaVA.
+ANYRES_ARCHITECTURES = {'llava_next': 'LlavaNextForConditionalGeneration',
+                        'llava_onevision': 'LlavaOnevisionForConditionalGeneration'}
+# LlavaOnevisionConfig's defaults where they differ from LlavaNextConfig's.
+_ONEVISION_DEFAULTS = dict(vision_feature_layer=-1, vision_feature_select_strategy='full',
+                           vision_aspect_ratio='anyres_max_9')
+
+
+def anyres_from_hf(cfg: dict, **overrides):
+  """A LlavaNextConfig / LlavaOnevisionConfig dict -> lvm `config.model` with `anyres` set.
+
+  The tower, projector and decoder translate as `llava_from_hf`; `image_grid_pinpoints`,
+  OneVision's `vision_aspect_ratio` and `image_newline` make it anyres.
+  """
+  model_type = cfg.get('model_type')
+  if model_type not in ANYRES_ARCHITECTURES:
+    raise ValueError(f'Expected a LLaVA-NeXT or OneVision config, got {model_type!r}')
+  if model_type == 'llava_onevision':
+    cfg = {**_ONEVISION_DEFAULTS, **cfg}
+    if 'vision_config' not in cfg:
+      raise ValueError('a OneVision config.json without vision_config is not supported')
+  pinpoints = cfg.get('image_grid_pinpoints') or [[336, 672], [672, 336], [672, 672],
+                                                  [1008, 336], [336, 1008]]
+  model_config = llava_from_hf({**cfg, 'model_type': 'llava'}, **overrides)
+  model_config.anyres.pinpoints = [[int(h), int(w)] for h, w in pinpoints]
+  model_config.anyres.vision_aspect_ratio = (cfg['vision_aspect_ratio']
+                                             if model_type == 'llava_onevision' else 'anyres')
+  return model_config
+
+
+def anyres_to_hf(config) -> dict:
+  """lvm `config.model` with `anyres` set -> a LlavaNext ('anyres') or LlavaOnevision
+  ('anyres_max_N') config dict that transformers loads."""
+  out = llava_to_hf(config)
+  onevision = config.anyres.vision_aspect_ratio != 'anyres'
+  model_type = 'llava_onevision' if onevision else 'llava_next'
+  out.update(architectures=[ANYRES_ARCHITECTURES[model_type]], model_type=model_type,
+             image_grid_pinpoints=[[int(h), int(w)] for h, w in config.anyres.pinpoints])
+  if onevision:
+    out['vision_aspect_ratio'] = config.anyres.vision_aspect_ratio
+  out.pop('image_seq_length', None)
+  return out

@@ -1,8 +1,9 @@
 """Parameter names and layouts: transformers (LLaVA, CLIP, SigLIP, LLaMA) <-> lvm.
 
 Checkpoint keys are first reduced to a canonical `(part, name)`, where part is one of
-'vision', 'projector', 'decoder', 'lm_head' and name is the key inside that module as
-transformers' CLIPVisionTransformer / LlamaModel / LlavaMultiModalProjector spell it.
+'vision', 'projector', 'decoder', 'lm_head', 'image_newline' (LLaVA-NeXT / OneVision) and
+name is the key inside that module as transformers' CLIPVisionTransformer / LlamaModel /
+LlavaMultiModalProjector spell it.
 That absorbs every key layout in use:
 
   llava-hf (transformers < 4.52)   language_model.model.layers.0...
@@ -35,6 +36,8 @@ def canonical_llava(key: str) -> tuple[str, str] | None:
   """A LLaVA checkpoint key -> (part, name), or None for keys outside the model."""
   if key in ('lm_head.weight', 'language_model.lm_head.weight'):
     return 'lm_head', 'weight'
+  if key in ('image_newline', 'model.image_newline'):  # LLaVA-NeXT / OneVision
+    return 'image_newline', 'image_newline'
   for pattern, part in ((r'^(?:model\.)?language_model\.(?:model\.)?(.+)$', 'decoder'),
                         (r'^(?:model\.)?vision_tower\.(?:vision_model\.)?(.+)$', 'vision'),
                         (r'^(?:model\.)?multi_modal_projector\.(.+)$', 'projector')):
@@ -70,6 +73,8 @@ def hf_name(path: str) -> tuple[str, str, str, int]:
   'conv' (OIHW <-> HWIO), 'vector' (1-D in torch; lvm may split a heads axis) or 'copy'.
   """
   part, *rest = path.split('/')
+  if part == 'image_newline':
+    return part, part, 'copy', 0
   if part == 'decoder' and rest == ['lm_head', 'kernel']:
     return 'lm_head', 'weight', 'linear', 1
   special = {

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 
 from lvm import kernels
 from lvm import registry
+from lvm.models import anyres_model
 from lvm.models import decoder as _decoder  # noqa: F401  (registers 'llama')
 from lvm.models import projector as _projector  # noqa: F401  (registers the projectors)
 from lvm.models import vision as _vision  # noqa: F401  (registers 'clip', 'siglip')
@@ -60,13 +61,36 @@ def build(config, backend: str | None = None) -> LLaVA:
   config = _model(config)
   impls = kernels.resolve_impls(config, backend)
   return LLaVA(vision=build_vision(config, impls), projector=build_projector(config, impls),
-               decoder=build_decoder(config, impls), image_token_id=config.image_token_id)
+               decoder=build_decoder(config, impls), image_token_id=config.image_token_id,
+               anyres=anyres_model.layout(config))
 
 
-def num_image_tokens(config) -> int:
-  """Visual tokens per image for `config.model` (what the data pipeline must expand to)."""
+def num_image_tokens(config, image_size=None) -> int:
+  """Visual tokens of an image for `config.model` (what the data pipeline must expand to).
+
+  Args:
+    config: the model config (or a full config).
+    image_size: the image's original (height, width); required by an anyres model
+      (`model.anyres.pinpoints` set), whose count depends on it (transformers' processor
+      count); a fixed-size model resizes every image and ignores it.
+  """
+  config = _model(config)
+  layout = anyres_model.layout(config)
+  if layout is not None:
+    if image_size is None:
+      raise ValueError('an anyres model (model.anyres.pinpoints set) gives each image a number '
+                       'of tokens that depends on its size: pass image_size=(height, width)')
+    return layout.num_image_tokens(image_size)
   impls = kernels.Impls(matmul='xla', attention='xla')  # the count depends on no kernel
   return build_projector(config, impls).tokens_out(build_vision(config, impls).num_tokens)
+
+
+def max_image_tokens(config) -> int:
+  """The most visual tokens any one image takes: `num_image_tokens` for a fixed-size model,
+  the static packed length over all image sizes for an anyres one."""
+  config = _model(config)
+  layout = anyres_model.layout(config)
+  return num_image_tokens(config) if layout is None else layout.max_len
 
 
 def abstract_params(config, scan_layers: bool | None = None) -> dict:
@@ -79,29 +103,37 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
     config.scan_layers = scan_layers
   model = build(config)
   v = config.vision
-  images = jax.ShapeDtypeStruct((1, 1, v.image_size, v.image_size, 3), jnp.float32)
+  tiles = (anyres_model.num_tiles(config),) if model.anyres is not None else ()
+  images = jax.ShapeDtypeStruct((1, 1, *tiles, v.image_size, v.image_size, 3), jnp.float32)
   ids = jax.ShapeDtypeStruct((1, 1), jnp.int32)
-  shapes = jax.eval_shape(lambda i, t: model.init(jax.random.PRNGKey(0), i, t), images, ids)
+  sizes = jnp.zeros((1, 1, 2), jnp.int32) if tiles else None  # an absent image: no tokens
+  shapes = jax.eval_shape(
+      lambda i, t: model.init(jax.random.PRNGKey(0), i, t, image_sizes=sizes), images, ids)
   return traverse_util.flatten_dict(nn.unbox(shapes['params']), sep='/')
 
 
-def random_params(config, rng, images, input_ids) -> dict:
+def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
   """Random params of `build(config)`, unboxed; traced, so call it under `jax.jit`.
+
+  An anyres model takes tiles `images float[B, N, T, H, W, 3]` with `image_sizes int[B, N, 2]`
+  (all (0, 0) is fine: the parameters do not depend on the sizes).
 
   An unrolled model (`scan_layers` False) is initialized as its scanned twin, then split
   by layer: the same weights for a seed in either layout, and one vectorized init for XLA
   to compile instead of one per layer (for the 2.4B LLaVA of benchmarks/configs/
   gpu_llava15.py, unrolled, 11 s of compiling on the CPU instead of 54 s).
   """
+  kw = {} if image_sizes is None else {'image_sizes': image_sizes}
   if config.scan_layers:
-    return nn.unbox(build(config).init(rng, images, input_ids)['params'])
+    return nn.unbox(build(config).init(rng, images, input_ids, **kw)['params'])
   twin = copy.deepcopy(config)
   twin.scan_layers = True
-  stacked = nn.unbox(build(twin).init(rng, images, input_ids)['params'])
+  stacked = nn.unbox(build(twin).init(rng, images, input_ids, **kw)['params'])
   flat = unstack_layers(traverse_util.flatten_dict(stacked, sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
 __all__ = ['abstract_params', 'build', 'build_decoder', 'build_projector', 'build_vision',
-           'dtype', 'feature_layers', 'num_image_tokens', 'random_params', 'stack_layers',
-           'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector', 'Decoder']
+           'dtype', 'feature_layers', 'max_image_tokens', 'num_image_tokens', 'random_params',
+           'stack_layers', 'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector',
+           'Decoder']

@@ -1,7 +1,10 @@
 """LLaVA: vision tower -> projector -> visual tokens spliced into the text -> decoder.
 
-Letters: B batch, N images per sample, P visual tokens per image (after the
-projector), L sequence length, D decoder width, V vocabulary.
+Letters: B batch, N images per sample, T tiles per image (anyres), P visual tokens per image
+(per tile for anyres, after the projector), L sequence length, D decoder width, V vocabulary.
+A fixed-size model takes `images float[B, N, H, W, 3]`; an anyres one (LLaVA-NeXT,
+OneVision; `anyres` set) `images float[B, N, T, H, W, 3]` with `image_sizes int[B, N, 2]`
+(see `lvm.models.anyres_model`).
 """
 
 import flax.linen as nn
@@ -9,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm.models import anyres_model
+from lvm.models import anyres_tables
 
 
 def check_image_tokens(input_ids, image_token_id: int, tokens_per_image: int, num_images: int):
@@ -63,9 +68,16 @@ class LLaVA(nn.Module):
   projector: nn.Module
   decoder: nn.Module
   image_token_id: int
+  anyres: anyres_tables.Layout | None = None  # None: a fixed-size model
+
+  def setup(self):
+    if self.anyres is not None:
+      self.image_newline = anyres_model.newline_param(self, self.decoder.width,
+                                                      self.decoder.param_dtype)
 
   @property
   def tokens_per_image(self) -> int:
+    """Visual tokens per image (fixed-size) or per tile (anyres)."""
     return self.projector.tokens_out(self.vision.num_tokens)
 
   def embed_image(self, images):
@@ -75,24 +87,56 @@ class LLaVA(nn.Module):
     tokens = self.projector(feats)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
+  def embed_tiles(self, images):
+    """Anyres tiles float[B, N, T, H, W, 3] -> projected features float[B, N, T, P, D].
+
+    Every tile goes through the tower, zero ones included (see `anyres_model`).
+    """
+    b, n, t = images.shape[:3]
+    feats = self.vision(images.reshape(b * n * t, *images.shape[3:]))
+    tokens = self.projector(feats)
+    return tokens.reshape(b, n, t, *tokens.shape[1:])
+
+  def embed_anyres(self, images, input_ids, image_sizes):
+    """The visual-token stream float[B, L, D] of an anyres batch, in image-token order."""
+    if image_sizes is None:
+      raise ValueError('an anyres model (model.anyres.pinpoints set) needs image_sizes '
+                       'int[B, N, 2] with its images float[B, N, T, H, W, 3]')
+    if images.ndim != 6 or tuple(image_sizes.shape) != (*images.shape[:2], 2):
+      raise ValueError(f'anyres images must be [B, N, T, H, W, 3] with image_sizes [B, N, 2]; '
+                       f'got {images.shape} and {tuple(image_sizes.shape)}')
+    if self.tokens_per_image != self.anyres.n ** 2:
+      raise ValueError(f'anyres packs {self.anyres.n}x{self.anyres.n} features per tile, but '
+                       f'the tower and projector give {self.tokens_per_image} (use the '
+                       "'default' feature selection that drops CLIP's class token)")
+    anyres_model.check_image_tokens(input_ids, image_sizes, self.image_token_id, self.anyres)
+    return anyres_model.pack_images(self.embed_tiles(images), image_sizes, self.image_newline,
+                                    self.anyres, input_ids.shape[1])
+
   def embed_text(self, input_ids):
     """int[B, L] -> float[B, L, D]; image-token ids embed as token 0 (overwritten later)."""
     return self.decoder.embed(jnp.where(input_ids == self.image_token_id, 0, input_ids))
 
-  def embed(self, images, input_ids):
+  def embed(self, images, input_ids, image_sizes=None):
     """The decoder's input embeddings float[B, L, D] with the visual tokens in place."""
     is_image = input_ids == self.image_token_id
     num_images = 0 if images is None else images.shape[1]
-    check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
     x = self.embed_text(input_ids)
+    if self.anyres is not None:
+      if num_images:
+        x = merge_visual_tokens(x, self.embed_anyres(images, input_ids, image_sizes), is_image)
+      elif self.is_initializing():
+        self.image_newline  # pylint: disable=pointless-statement  (created for text-only init)
+      return x
+    check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
     if num_images:
       x = merge_visual_tokens(x, self.embed_image(images), is_image)
     return x
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
-              cache_index=None, logit_positions=None):
+              cache_index=None, logit_positions=None, image_sizes=None):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
-    x = self.embed(images, input_ids)
+    x = self.embed(images, input_ids, image_sizes)
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
                         cache_index=cache_index, logit_positions=logit_positions)
 
@@ -103,19 +147,22 @@ class LLaVA(nn.Module):
                         cache_index=cache_index)
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
-               logit_positions=None):
+               logit_positions=None, image_sizes=None):
     """Logits for a batch.
 
     Args:
-      images: float[B, N, H, W, 3], normalized, or None for text only. Rows with fewer
-        images than N carry padding images whose tokens never appear.
-      input_ids: int[B, L], with `tokens_per_image` image-token ids per real image.
+      images: float[B, N, H, W, 3] (anyres: float[B, N, T, H, W, 3] tiles), normalized, or
+        None for text only. Rows with fewer images than N carry padding images whose tokens
+        never appear (anyres: their image_sizes (0, 0)).
+      input_ids: int[B, L], with `tokens_per_image` image-token ids per real image (anyres:
+        `lvm.models.num_image_tokens(config, image_size=...)` per image, one run each).
       attention_mask: optional bool[B, L] (False: padding key).
       positions: optional int[B, L] RoPE positions.
       logit_positions: optional int[B, P]: logits only at these positions.
+      image_sizes: int[B, N, 2] original (height, width) of each image; anyres only.
 
     Returns:
       logits float[B, L, V] (or [B, P, V]) in the compute dtype.
     """
     return self.forward(images, input_ids, attention_mask, positions,
-                        logit_positions=logit_positions)[0]
+                        logit_positions=logit_positions, image_sizes=image_sizes)[0]

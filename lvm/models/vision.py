@@ -15,6 +15,7 @@ from lvm import kernels
 from lvm import registry
 from lvm.models import checks
 from lvm.models import layers
+from lvm.models import pos_embed
 from lvm.models.layers import Dense, LayerNorm
 
 SELECTS = ('patch', 'all', 'drop_first')
@@ -139,6 +140,12 @@ class VisionTower(nn.Module):
     return resolved
 
   def embed(self, images):
+    """images float[B, H, W, 3] -> embeddings float[B, P, D] (before the encoder).
+
+    At another size than `image_size` the learned position table (made for the config's
+    square grid) is resized bicubically to the `H // patch x W // patch` grid, as
+    transformers' `interpolate_pos_encoding=True` (`lvm.models.pos_embed`).
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     kernel = layers.param_with_axes(
         self, 'patch_embedding', layers.default_kernel_init,
@@ -152,14 +159,17 @@ class VisionTower(nn.Module):
       bias = layers.param_with_axes(self, 'patch_bias', nn.initializers.zeros, (self.width,),
                                     ('embed',), self.param_dtype)
       x = x + bias.astype(self.dtype)
-    b = x.shape[0]
-    x = x.reshape(b, -1, self.width)
+    b, gh, gw = x.shape[:3]
+    x = x.reshape(b, gh * gw, self.width)
     if self.has_class_token:
       cls = layers.param_with_axes(self, 'class_embedding', layers.default_kernel_init,
                                    (self.width,), ('embed',), self.param_dtype)
       x = jnp.concatenate([jnp.broadcast_to(cls.astype(self.dtype), (b, 1, self.width)), x], 1)
-    pos = layers.param_with_axes(self, 'position_embedding', layers.default_kernel_init,
-                                 (x.shape[1], self.width), (None, 'embed'), self.param_dtype)
+    pos = layers.param_with_axes(
+        self, 'position_embedding', layers.default_kernel_init,
+        (self.num_patches + int(self.has_class_token), self.width), (None, 'embed'),
+        self.param_dtype)
+    pos = pos_embed.interpolate(pos, (gh, gw), has_cls=self.has_class_token)
     x = x + pos.astype(self.dtype)[None]
     if self.kind == 'clip':
       x = LayerNorm(self.norm_eps, name='pre_layrnorm', **kw)(x)
@@ -167,10 +177,16 @@ class VisionTower(nn.Module):
 
   @nn.compact
   def __call__(self, images):
-    """images float[B, H, W, 3] (normalized) -> features float[B, P, len(feature_layers) * D]."""
-    if images.shape[1:] != (self.image_size, self.image_size, 3):
-      raise ValueError(f'vision tower expects images [B, {self.image_size}, {self.image_size}, 3]'
-                       f', got {images.shape}')
+    """images float[B, H, W, 3] (normalized) -> features float[B, P, len(feature_layers) * D].
+
+    H, W: any sizes of at least one patch (`image_size` for the config's own grid; others
+    interpolate the position embeddings, see `embed`); P follows the `H // patch x W // patch`
+    grid (trailing pixels that fill no patch are dropped, as the convolution does).
+    """
+    if (images.ndim != 4 or images.shape[-1] != 3 or images.shape[1] < self.patch_size
+        or images.shape[2] < self.patch_size):
+      raise ValueError(f'vision tower expects images [B, H, W, 3] of at least one '
+                       f'{self.patch_size} px patch, got {images.shape}')
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     act = 'quick_gelu' if self.kind == 'clip' else 'gelu_tanh'
     block_kw = dict(heads=self.heads, mlp_dim=self.mlp_dim, act=act, norm_eps=self.norm_eps,
@@ -254,8 +270,15 @@ def check_tower(config, problems: registry.Problems):
                  f'use one of {list(SELECTS)}')
 
 
+def check_vision(config, problems: registry.Problems):
+  """The tower's own checks, and the anyres tiling it is run on (`model.anyres`)."""
+  from lvm.models import anyres_model  # pylint: disable=g-import-not-at-top  (imports llava)
+  check_tower(config, problems)
+  anyres_model.check_anyres(config, problems)
+
+
 # The fields where the kinds differ (the rest of `model.vision` is shared).
-registry.VISION.register('clip', build_tower, check=check_tower,
+registry.VISION.register('clip', build_tower, check=check_vision,
                          defaults=lambda: {'norm_eps': 1e-5})
-registry.VISION.register('siglip', build_tower, check=check_tower,
+registry.VISION.register('siglip', build_tower, check=check_vision,
                          defaults=lambda: {'norm_eps': 1e-6})

@@ -1,4 +1,4 @@
-"""lvm/models/vision.py: feature selection, and scanned vs unrolled towers."""
+"""lvm/models/vision.py: feature selection, scanned vs unrolled towers, other resolutions."""
 
 import flax.linen as nn
 import jax
@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 
 import lvm.hf
+from lvm.hf import keymap
 from lvm.models import vision as vision_lib
 
 
@@ -52,4 +53,48 @@ def test_bad_feature_layer_and_image_size():
   with pytest.raises(ValueError, match='out of range'):
     _tower(feature_layers=(4,)).init(jax.random.PRNGKey(0), images)
   with pytest.raises(ValueError, match='expects images'):
-    _tower().init(jax.random.PRNGKey(0), jnp.zeros((1, 8, 8, 3)))
+    _tower().init(jax.random.PRNGKey(0), jnp.zeros((1, 4, 4, 3)))  # smaller than a patch
+
+
+def _hf_tower(kind, seed=0):
+  """A random transformers CLIP/SigLIP vision model (28 px, 7 px patches) and its lvm twin."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  kw = dict(hidden_size=16, intermediate_size=32, num_hidden_layers=2, num_attention_heads=2,
+            image_size=28, patch_size=7)
+  if kind == 'clip':
+    model = transformers.CLIPVisionModel(transformers.CLIPVisionConfig(**kw))
+  else:
+    model = transformers.SiglipVisionModel(transformers.SiglipVisionConfig(
+        vision_use_head=False, **kw))
+  torch.manual_seed(seed)
+  with torch.no_grad():
+    for p in model.parameters():
+      p.add_(torch.randn_like(p) * 0.1)
+  model.eval()
+  tower = vision_lib.VisionTower(kind=kind, image_size=28, patch_size=7, width=16, depth=2,
+                                 heads=2, mlp_dim=32, norm_eps=1e-5 if kind == 'clip' else 1e-6,
+                                 feature_layers=(-1,), select='all')
+  shapes = jax.eval_shape(tower.init, jax.random.PRNGKey(0), jnp.zeros((1, 28, 28, 3)))
+  state = {k.replace('vision_model.', ''): v.numpy() for k, v in model.state_dict().items()}
+  flat = {}
+  for path, leaf in lvm.hf.traverse_util.flatten_dict(nn.unbox(shapes['params']),
+                                                      sep='/').items():
+    _, name, transform, n_in = keymap.hf_name(f'vision/{path}')
+    flat[path] = keymap.to_lvm(state[name], transform, n_in, leaf.shape)
+  return model, tower, lvm.hf.traverse_util.unflatten_dict(flat, sep='/')
+
+
+@pytest.mark.parametrize('kind', ['clip', 'siglip'])
+@pytest.mark.parametrize('height,width', [(28, 28), (42, 42), (35, 56), (14, 70), (30, 50)])
+def test_other_resolution_equals_transformers_interpolate_pos_encoding(kind, height, width):
+  import torch  # pylint: disable=g-import-not-at-top
+  model, tower, params = _hf_tower(kind)
+  images = np.random.default_rng(1).normal(size=(2, height, width, 3)).astype(np.float32)
+  with torch.no_grad():
+    ref = model(torch.from_numpy(images.transpose(0, 3, 1, 2).copy()),
+                interpolate_pos_encoding=True, output_hidden_states=True).hidden_states[-1]
+  ours = jax.jit(tower.apply)({'params': params}, images)
+  grid = (height // 7) * (width // 7)
+  assert ours.shape == (2, grid + (kind == 'clip'), 16)
+  np.testing.assert_allclose(np.asarray(ours), ref.numpy(), atol=1e-5, rtol=1e-5)
