@@ -9,6 +9,7 @@ import pytest
 
 from lvm.models import decoder as decoder_lib
 from lvm.models import layers
+from lvm.models import rope as rope_lib
 import lvm.hf
 
 SCALINGS = [
@@ -32,10 +33,10 @@ def test_rope_inv_freq_matches_transformers(scaling):
     ref, _ = rope_utils.ROPE_INIT_FUNCTIONS[scaling['type']](config, 'cpu')
   else:
     ref = 1.0 / (10000.0 ** (np.arange(0, 128, 2) / 128))
-  ours = decoder_lib.rope_inv_freq(128, 10000.0, scaling)
+  ours = rope_lib.inv_freq(128, 10000.0, scaling)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6)
   if scaling:  # the scaling really changed something
-    assert not np.allclose(ours, decoder_lib.rope_inv_freq(128, 10000.0, None))
+    assert not np.allclose(ours, rope_lib.inv_freq(128, 10000.0, None))
 
 
 def _decoder(kv_heads, scan=True, remat_policy='none'):
