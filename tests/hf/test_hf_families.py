@@ -179,8 +179,9 @@ def test_family_switches_change_the_logits(family, key, value, tmp_path_factory)
                    inputs['attention_mask']) > 1e-3
 
 
-def _greedy(model, folder, prompt_len, new_tokens):
-  """(lvm tokens, transformers tokens) of a greedy continuation of one prompt with an image."""
+def _greedy(model, folder, prompt_len, new_tokens, **decoder_overrides):
+  """(lvm tokens, transformers tokens) of a greedy continuation of one prompt with an image;
+  `decoder_overrides` change lvm's `model.decoder` only."""
   rng = np.random.default_rng(5)
   p = F.tokens_per_image(model)
   ids = rng.integers(1, F.IMAGE_TOKEN, size=prompt_len).astype(np.int32)
@@ -196,6 +197,7 @@ def _greedy(model, folder, prompt_len, new_tokens):
         pad_token_id=0)
   theirs = out[0, prompt_len:].tolist()
   model_config, params = lvm.hf.load(folder)
+  model_config.decoder.update(decoder_overrides)
   gen = Generator(model_config, params)
   ours = gen.generate([ids.tolist()], images=[image[None]], max_new_tokens=new_tokens)[0]
   return ours.tokens, theirs
@@ -207,6 +209,8 @@ def test_greedy_generation_matches_transformers(family, tmp_path_factory):
   model, folder, _, _ = case(family, tmp_path_factory)
   ours, theirs = _greedy(model, folder, prompt_len=24, new_tokens=12)
   assert len(theirs) == 12 and ours == theirs
+  if family in ('mistral', 'gemma2'):  # the window decides these tokens
+    assert _greedy(model, folder, 24, 12, sliding_window=0)[0] != theirs
 
 
 def test_unsupported_transformers_fields_fail_clearly():

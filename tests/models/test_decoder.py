@@ -17,10 +17,11 @@ SCALINGS = [
     {'type': 'linear', 'factor': 4.0},
     {'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
      'original_max_position_embeddings': 64},
+    {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 64, 'beta_fast': 16.0},
 ]
 
 
-@pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3'])
+@pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3', 'yarn'])
 def test_rope_inv_freq_matches_transformers(scaling):
   transformers = pytest.importorskip('transformers')
   rope_utils = pytest.importorskip('transformers.modeling_rope_utils')
