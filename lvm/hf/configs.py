@@ -315,7 +315,8 @@ def decoder_to_hf(d) -> dict:
   elif family == 'mistral':
     out.update(sliding_window=window)
   elif family == 'gemma2':
-    out.update(hidden_activation=out['hidden_act'], query_pre_attn_scalar=_int_if_whole(d.query_scale),
+    out.update(hidden_activation=out['hidden_act'],
+               query_pre_attn_scalar=_int_if_whole(d.query_scale),
                attn_logit_softcapping=d.attn_softcap or None,
                final_logit_softcapping=d.final_softcap or None, sliding_window=window,
                layer_types=['sliding_attention' if slides else 'full_attention'

@@ -215,7 +215,8 @@ class DecoderBlock(nn.Module):
 
 
 class Decoder(nn.Module):
-  """LLaMA-style causal decoder with `embed` and `__call__` methods."""
+  """The causal decoder of every family (`embed` and `__call__`); the fields after
+  `matmul_impl` are where the families differ (lvm.models.families)."""
   vocab_size: int
   width: int
   depth: int

@@ -3,12 +3,14 @@ for LLaMA-style decoders, and the rotation.
 
 Types (`model.decoder.rope_scaling['type']`; None is the plain RoPE of `rope_theta`):
 
-| type    | keys                                                             | transformers      |
-|---------|------------------------------------------------------------------|-------------------|
-| linear  | factor                                                           | positions / factor |
-| dynamic | factor, original_max_position_embeddings (its max_position_embeddings) | NTK base grown with the sequence |
-| yarn    | factor, original_max_position_embeddings, beta_fast, beta_slow, attention_factor, mscale, mscale_all_dim, truncate | ramp between interpolation and extrapolation; cos/sin x attention_factor |
-| llama3  | factor, low_freq_factor, high_freq_factor, original_max_position_embeddings | Llama 3.1 smoothing |
+- linear (factor): positions / factor.
+- dynamic (factor, original_max_position_embeddings = transformers' max_position_embeddings):
+  NTK, the base grown with max(position) + 1 past the trained length.
+- yarn (factor, original_max_position_embeddings; beta_fast, beta_slow, attention_factor,
+  mscale, mscale_all_dim, truncate): a ramp between interpolated and extrapolated
+  frequencies; cos and sin multiplied by the attention factor.
+- llama3 (factor, low_freq_factor, high_freq_factor, original_max_position_embeddings):
+  Llama 3.1's smoothing.
 
 The formulas are those of transformers' `modeling_rope_utils.py`, in float32.
 """
