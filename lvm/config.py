@@ -102,10 +102,11 @@ def vision_config(kind='clip', **overrides):
   return c
 
 
-def decoder_config(**overrides):
-  """A LLaMA decoder config; defaults are Vicuna-7B v1.5 with the llava-hf vocabulary."""
+def decoder_config(kind='llama', **overrides):
+  """A decoder config; defaults are Vicuna-7B v1.5 (LLaMA) with the llava-hf vocabulary, and
+  what the family `kind` sets otherwise (registered with `lvm.registry.DECODER`)."""
   c = ml_collections.ConfigDict()
-  c.kind = 'llama'
+  c.kind = kind  # a registered decoder family: llama | qwen2 | qwen3 | mistral | gemma | gemma2
   c.vocab_size = 32064
   c.width = 4096
   c.depth = 32
@@ -114,12 +115,25 @@ def decoder_config(**overrides):
   c.head_dim = 0  # 0: width // heads
   c.mlp_dim = 11008
   c.rope_theta = 10000.0
-  # None, or {'type': 'linear', 'factor': f} or {'type': 'llama3', 'factor', 'low_freq_factor',
-  # 'high_freq_factor', 'original_max_position_embeddings'}.
+  # None, or {'type': 'linear' | 'dynamic' | 'yarn' | 'llama3', ...its keys}: see
+  # lvm/models/rope.py for each type's keys.
   c.rope_scaling = ml_collections.config_dict.placeholder(dict)
   c.norm_eps = 1e-5
   c.tie_embeddings = False
   c.qk_norm = False  # RMSNorm on each head's query and key (Qwen3-style); LLaMA has none
+  c.attention_bias = False  # biases on the q/k/v projections (Qwen2)
+  c.norm_offset = 0.0  # RMSNorm scale (offset + w): Gemma's (1 + w) is 1.0
+  c.mlp_act = 'silu'  # the gate's activation: silu (SwiGLU) | gelu_tanh (GeGLU, Gemma)
+  c.embed_scale = False  # token embeddings x sqrt(width) (Gemma)
+  c.query_scale = 0.0  # attention logits / sqrt(query_scale); 0: head_dim (Gemma 2: 256)
+  c.attn_softcap = 0.0  # attention logits c * tanh(logits / c); 0: off (Gemma 2: 50)
+  c.final_softcap = 0.0  # output logits c * tanh(logits / c); 0: off (Gemma 2: 30)
+  c.sliding_window = 0  # attend to at most this many latest tokens (itself included); 0: off
+  # With a window: layer i attends globally iff (i + 1) % global_every == 0 (Gemma 2: 2);
+  # 0: every layer slides (Mistral).
+  c.global_every = 0
+  c.post_norms = False  # RMSNorm on the attention and MLP outputs too (Gemma 2)
+  c.update((registry.DECODER.get(kind).defaults or dict)())  # what the family sets otherwise
   c.update(overrides)
   return c
 

@@ -217,7 +217,8 @@ def assemble(vision_dir: str, llama_dir: str, *, projector: str = 'mlp2x_gelu',
 
   Args:
     vision_dir: CLIPVisionModel / CLIPModel / SiglipVisionModel / SiglipModel folder.
-    llama_dir: LlamaForCausalLM folder.
+    llama_dir: a decoder folder of any family `lvm.hf.configs.decoder_from_hf` reads
+      (LlamaForCausalLM, Qwen2/Qwen3/Mistral/Gemma/Gemma2ForCausalLM).
     projector: projector kind (lvm.models.projector).
     feature_layer: vision hidden state(s) to use, as in transformers.
     select: 'patch' | 'all' | 'drop_first' (default: 'patch').

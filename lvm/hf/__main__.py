@@ -3,7 +3,7 @@
   python -m lvm.hf import HF_DIR OUT_DIR         transformers LLaVA / LLaVA-NeXT / OneVision
                                                  folder -> lvm checkpoint
   python -m lvm.hf export CKPT_DIR HF_DIR        lvm checkpoint / run workdir -> transformers
-  python -m lvm.hf assemble VISION_DIR LLAMA_DIR OUT_DIR   CLIP/SigLIP + LLaMA, new projector
+  python -m lvm.hf assemble VISION_DIR LLAMA_DIR OUT_DIR   CLIP/SigLIP + a decoder, new projector
 
 `export` refuses a non-empty HF_DIR unless --overwrite (which replaces its model files as a
 whole: old shards and index go; a tokenizer beside them stays).
@@ -37,7 +37,7 @@ def _describe(model_config) -> str:
   a = model_config.anyres
   tiles = (f' {a.vision_aspect_ratio} on {len(a.pinpoints)} grids' if a.pinpoints else '')
   return (f'vision {v.kind} {v.depth}x{v.width} @{v.image_size}px/{v.patch_size}{tiles}, '
-          f'projector {model_config.projector.kind}, decoder llama {d.depth}x{d.width} '
+          f'projector {model_config.projector.kind}, decoder {d.kind} {d.depth}x{d.width} '
           f'(heads {d.heads}, kv {d.kv_heads}, vocab {d.vocab_size})')
 
 

@@ -1,4 +1,5 @@
-"""transformers config.json (LLaVA, CLIP, SigLIP, LLaMA) <-> lvm model configs.
+"""transformers config.json (LLaVA, CLIP, SigLIP; LLaMA, Mistral, Qwen2/3, Gemma 1/2) <->
+lvm model configs.
 
 Values missing from a config.json take transformers' defaults for that class, as
 `from_pretrained` would (llava-hf's own files rely on them).
@@ -30,14 +31,6 @@ _VISION_DEFAULTS = {
 _LLAVA_DEFAULT_VISION = dict(model_type='clip_vision_model', hidden_size=1024,
                              intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
                              image_size=336, patch_size=14)
-_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
-                       num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
-                       rope_theta=10000.0, tie_word_embeddings=False, hidden_act='silu')
-# Qwen3 is LLaMA plus an RMSNorm on each head's query and key (lvm's `qk_norm`).
-_QWEN3_DEFAULTS = dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
-                       head_dim=128)
-
-
 def vision_kind(vision_cfg: dict) -> str:
   model_type = vision_cfg.get('model_type', 'clip_vision_model')
   for kind in ('siglip', 'clip'):
@@ -77,59 +70,158 @@ def set_feature_layer(vision_config, feature_layer):
     vision_config.feature_layer = int(feature_layer)
 
 
-def _rope_from_hf(text_cfg: dict):
+# transformers' config defaults of each decoder class (for keys a config.json leaves out),
+# where they matter to lvm.
+_LLAMA_DEFAULTS = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008,
+                       num_hidden_layers=32, num_attention_heads=32, rms_norm_eps=1e-6,
+                       rope_theta=10000.0, tie_word_embeddings=False, hidden_act='silu',
+                       max_position_embeddings=2048)
+_HF_DEFAULTS = {
+    'llama': _LLAMA_DEFAULTS,
+    'mistral': dict(_LLAMA_DEFAULTS, intermediate_size=14336, num_key_value_heads=8,
+                    sliding_window=4096, max_position_embeddings=131072),
+    'qwen2': dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  max_position_embeddings=32768),
+    'qwen3': dict(_LLAMA_DEFAULTS, vocab_size=151936, intermediate_size=22016, head_dim=128,
+                  use_sliding_window=False, sliding_window=4096, max_window_layers=28,
+                  max_position_embeddings=32768),
+    'gemma': dict(_LLAMA_DEFAULTS, vocab_size=256000, hidden_size=3072, intermediate_size=24576,
+                  num_hidden_layers=28, num_attention_heads=16, head_dim=256,
+                  tie_word_embeddings=True, hidden_act='gelu_pytorch_tanh',
+                  max_position_embeddings=8192),
+    'gemma2': dict(_LLAMA_DEFAULTS, vocab_size=256000, hidden_size=2304, intermediate_size=9216,
+                   num_hidden_layers=26, num_attention_heads=8, num_key_value_heads=4,
+                   head_dim=256, tie_word_embeddings=True, hidden_activation='gelu_pytorch_tanh',
+                   query_pre_attn_scalar=256, attn_logit_softcapping=50.0,
+                   final_logit_softcapping=30.0, sliding_window=4096,
+                   max_position_embeddings=8192),
+}
+# transformers model_type -> lvm decoder family.
+_FAMILIES = {'llama': 'llama', 'vicuna': 'llama', 'mistral': 'mistral', 'qwen2': 'qwen2',
+             'qwen3': 'qwen3', 'gemma': 'gemma', 'gemma2': 'gemma2'}
+# transformers keys that change the computation, with the value lvm supports where a family
+# does not read them (a config setting another value is refused, naming the key).
+_NEUTRAL = {'attention_bias': False, 'mlp_bias': False, 'partial_rotary_factor': 1.0,
+            'pretraining_tp': 1, 'attn_logit_softcapping': None,
+            'final_logit_softcapping': None, 'use_bidirectional_attention': None,
+            'use_qk_norm': None, 'attention_chunk_size': None, 'no_rope_layers': None}
+# Keys each family reads itself (so they are not held to `_NEUTRAL`).
+_READS = {'qwen2': ('attention_bias',),
+          'gemma2': ('attn_logit_softcapping', 'final_logit_softcapping')}
+_ROPE_KEYS = {'linear': ('factor',),
+              'dynamic': ('factor',),
+              'yarn': ('factor', 'original_max_position_embeddings', 'beta_fast', 'beta_slow',
+                       'attention_factor', 'mscale', 'mscale_all_dim', 'truncate'),
+              'llama3': ('factor', 'low_freq_factor', 'high_freq_factor',
+                         'original_max_position_embeddings')}
+
+
+def _rope_from_hf(t: dict):
   """(theta, lvm rope_scaling or None) from transformers 5 `rope_parameters` or 4.x keys."""
-  params = text_cfg.get('rope_parameters')
+  params = t.get('rope_parameters')
   if params:
-    theta = params.get('rope_theta', text_cfg.get('rope_theta', 10000.0))
+    theta = params.get('rope_theta', t.get('rope_theta', 10000.0))
     scaling = params
   else:
-    theta = text_cfg.get('rope_theta', 10000.0)
-    scaling = text_cfg.get('rope_scaling')
+    theta = t.get('rope_theta', 10000.0)
+    scaling = t.get('rope_scaling')
   if not scaling:
     return float(theta), None
   kind = scaling.get('rope_type', scaling.get('type', 'default'))
   if kind == 'default':
     return float(theta), None
-  if kind == 'linear':
-    return float(theta), {'type': 'linear', 'factor': float(scaling['factor'])}
-  if kind == 'llama3':
-    return float(theta), {
-        'type': 'llama3', 'factor': float(scaling['factor']),
-        'low_freq_factor': float(scaling['low_freq_factor']),
-        'high_freq_factor': float(scaling['high_freq_factor']),
-        'original_max_position_embeddings': int(scaling['original_max_position_embeddings'])}
-  raise ValueError(f"Unsupported rope scaling {kind!r}: lvm has 'linear' and 'llama3'")
+  if kind not in _ROPE_KEYS:
+    raise ValueError(f'text_config.rope_parameters.rope_type={kind!r} is not supported by lvm; '
+                     f"supported: 'default', {', '.join(repr(k) for k in _ROPE_KEYS)}")
+  if scaling.get('partial_rotary_factor', 1.0) != 1.0:
+    raise ValueError('text_config.rope_parameters.partial_rotary_factor='
+                     f"{scaling['partial_rotary_factor']} is not supported by lvm (only 1.0)")
+  out = {'type': kind, **{k: scaling[k] for k in _ROPE_KEYS[kind]
+                          if scaling.get(k) is not None}}
+  if kind == 'dynamic':  # NTK grows the base past the trained length, max_position_embeddings
+    out['original_max_position_embeddings'] = int(t['max_position_embeddings'])
+  return float(theta), out
+
+
+def _sliding_from_hf(t: dict, family: str) -> tuple[int, int]:
+  """(sliding_window, global_every) from `layer_types` or the family's own keys."""
+  depth = t['num_hidden_layers']
+  types = t.get('layer_types')
+  if not types:
+    if family == 'mistral':
+      slides = [bool(t.get('sliding_window'))] * depth
+    elif family == 'gemma2':
+      slides = [bool((i + 1) % 2) for i in range(depth)]
+    elif family in ('qwen2', 'qwen3') and t.get('use_sliding_window'):
+      slides = [i >= t['max_window_layers'] for i in range(depth)]
+    else:
+      slides = [False] * depth
+  else:
+    unknown = sorted(set(types) - {'full_attention', 'sliding_attention'})
+    if unknown or len(types) != depth:
+      raise ValueError(f'text_config.layer_types={types} is not supported by lvm: it takes '
+                       f"{depth} of 'full_attention' | 'sliding_attention'")
+    slides = [x == 'sliding_attention' for x in types]
+  if not any(slides):
+    return 0, 0
+  if not t.get('sliding_window'):
+    raise ValueError('text_config.layer_types has sliding layers but sliding_window is '
+                     f"{t.get('sliding_window')!r}")
+  for every in [0] + list(range(2, depth + 1)):
+    if slides == [not every or bool((i + 1) % every) for i in range(depth)]:
+      return int(t['sliding_window']), every
+  raise ValueError(f'text_config.layer_types={t.get("layer_types")} (sliding layers {slides}) is '
+                   'not supported by lvm: every layer sliding, or every N-th layer global '
+                   '(layer i global iff (i + 1) % N == 0)')
 
 
 def decoder_from_hf(text_cfg: dict, tie_default=False):
-  """A LLaMA (or Qwen3) config dict -> lvm `model.decoder` ConfigDict."""
+  """A decoder config dict (llama, mistral, qwen2, qwen3, gemma, gemma2) -> lvm
+  `model.decoder` ConfigDict.
+
+  Raises:
+    ValueError: an unsupported model_type, or a key whose value lvm does not compute,
+      named with what lvm supports.
+  """
   model_type = text_cfg.get('model_type', 'llama')
-  if model_type not in ('llama', 'mistral', 'vicuna', 'qwen3'):
-    raise ValueError(f'Unsupported decoder model_type {model_type!r}: lvm has LLaMA and Qwen3')
-  qwen3 = model_type == 'qwen3'
-  defaults = _QWEN3_DEFAULTS if qwen3 else _LLAMA_DEFAULTS
-  t = {**defaults, 'tie_word_embeddings': tie_default, **text_cfg}
-  if t['hidden_act'] != 'silu':
-    raise ValueError(f"LLaMA hidden_act must be 'silu', got {t['hidden_act']!r}")
-  for key in ('attention_bias', 'mlp_bias'):
-    if t.get(key):
-      raise ValueError(f'LLaMA {key}=True is not supported by lvm')
-  if qwen3:  # Qwen configs name a window even when it is off; these two say it is on
-    sliding = t.get('use_sliding_window') or 'sliding_attention' in (t.get('layer_types') or ())
+  if model_type not in _FAMILIES:
+    raise ValueError(f'Unsupported decoder model_type {model_type!r}; lvm has '
+                     f'{sorted(_FAMILIES)}')
+  family = _FAMILIES[model_type]
+  t = {**_HF_DEFAULTS[model_type if model_type in _HF_DEFAULTS else family],
+       'tie_word_embeddings': tie_default, **text_cfg}
+  if family == 'gemma2':
+    act = t.get('hidden_activation') or t.get('hidden_act')
   else:
-    sliding = t.get('sliding_window')
-  if sliding:
-    raise ValueError('sliding-window attention is not supported by lvm')
+    act = t['hidden_act']
+  want_act = 'gelu_pytorch_tanh' if family.startswith('gemma') else 'silu'
+  if act != want_act:
+    raise ValueError(f'text_config.hidden_act={act!r} is not supported for {model_type}: lvm '
+                     f'runs {want_act!r}')
+  for key, neutral in _NEUTRAL.items():
+    if key not in _READS.get(family, ()) and t.get(key, neutral) not in (neutral, None):
+      raise ValueError(f'text_config.{key}={t[key]!r} is not supported by lvm for {model_type}'
+                       f' (supported: {neutral!r})')
+  if family == 'qwen2' and t.get('attention_bias') is False:
+    raise ValueError('text_config.attention_bias=False is not supported for qwen2 (its q/k/v '
+                     'always carry biases in transformers)')
   heads = t['num_attention_heads']
   head_dim = t.get('head_dim') or t['hidden_size'] // heads
   theta, scaling = _rope_from_hf(t)
-  return lvm_config.decoder_config(
+  window, every = _sliding_from_hf(t, family)
+  fields = dict(
       vocab_size=t['vocab_size'], width=t['hidden_size'], depth=t['num_hidden_layers'],
       heads=heads, kv_heads=t.get('num_key_value_heads') or heads,
       head_dim=0 if head_dim * heads == t['hidden_size'] else head_dim,
       mlp_dim=t['intermediate_size'], rope_theta=theta, rope_scaling=scaling,
-      norm_eps=t['rms_norm_eps'], tie_embeddings=bool(t['tie_word_embeddings']), qk_norm=qwen3)
+      norm_eps=t['rms_norm_eps'], tie_embeddings=bool(t['tie_word_embeddings']),
+      sliding_window=window, global_every=every)
+  if family == 'gemma2':
+    fields.update(query_scale=float(t['query_pre_attn_scalar']),
+                  attn_softcap=float(t.get('attn_logit_softcapping') or 0.0),
+                  final_softcap=float(t.get('final_logit_softcapping') or 0.0))
+  return lvm_config.decoder_config(family, **fields)
 
 
 def model_config(vision, projector, decoder, image_token_id, pad_token_id, **overrides):
@@ -160,6 +252,9 @@ def llava_from_hf(cfg: dict, **overrides):
   projector = lvm_config.projector_config(f'mlp2x_{_ACT_FROM_HF[act]}',
                                       bias=bool(cfg.get('multimodal_projector_bias', True)))
   decoder = decoder_from_hf(text_cfg, tie_default=cfg.get('tie_word_embeddings', False))
+  # transformers' LLaVA computes the logits with its own head and caps none of them, whatever
+  # the text config says (Gemma2ForCausalLM and PaliGemma do cap them).
+  decoder.final_softcap = 0.0
   image_token_id = cfg.get('image_token_id', cfg.get('image_token_index', 32000))
   pad = cfg.get('pad_token_id', text_cfg.get('pad_token_id'))
   # LLaVA pads with <unk> (id 0) when the tokenizer has no pad token.
@@ -179,23 +274,70 @@ def vision_to_hf(v) -> dict:
   return out
 
 
+# The lvm decoder fields a family's transformers class fixes (so an lvm config that sets
+# them otherwise has no transformers class to go to).
+_SWITCHES = ('qk_norm', 'attention_bias', 'norm_offset', 'mlp_act', 'embed_scale',
+             'query_scale', 'attn_softcap', 'final_softcap', 'sliding_window', 'global_every',
+             'post_norms')
+
+
 def decoder_to_hf(d) -> dict:
+  """lvm `model.decoder` -> the transformers text config dict of its family.
+
+  Raises:
+    ValueError: a field the family's transformers class cannot express (e.g. a sliding
+      window on a LLaMA), named with its value.
+  """
+  family = d.kind
+  if family == 'llama' and d.qk_norm:
+    family = 'qwen3'  # LLaMA with qk_norm is exactly Qwen3 in transformers
   head_dim = d.head_dim or d.width // d.heads
   rope = {'rope_type': 'default', 'rope_theta': float(d.rope_theta)}
   scaling = dict(d.rope_scaling) if d.rope_scaling else None
+  max_len = 4096
   if scaling:
     scaling['rope_type'] = scaling.pop('type')
+    if scaling['rope_type'] == 'dynamic':  # transformers reads the trained length here
+      max_len = int(scaling.pop('original_max_position_embeddings'))
     rope.update(scaling)
-  extra = dict(model_type='qwen3', use_sliding_window=False) if d.get('qk_norm') else dict(
-      model_type='llama', mlp_bias=False)
-  return dict(
-      **extra, vocab_size=d.vocab_size, hidden_size=d.width,
-      intermediate_size=d.mlp_dim, num_hidden_layers=d.depth, num_attention_heads=d.heads,
-      num_key_value_heads=d.kv_heads, head_dim=head_dim, hidden_act='silu',
-      rms_norm_eps=d.norm_eps, rope_parameters=rope, rope_theta=float(d.rope_theta),
-      rope_scaling=scaling, attention_bias=False,
-      tie_word_embeddings=bool(d.tie_embeddings), max_position_embeddings=4096,
-      bos_token_id=1, eos_token_id=2)
+  window = d.sliding_window or None
+  out = dict(model_type=family, vocab_size=d.vocab_size, hidden_size=d.width,
+             intermediate_size=d.mlp_dim, num_hidden_layers=d.depth,
+             num_attention_heads=d.heads, num_key_value_heads=d.kv_heads, head_dim=head_dim,
+             hidden_act=_ACT_TO_HF.get(d.mlp_act, d.mlp_act), rms_norm_eps=d.norm_eps,
+             rope_parameters=rope, rope_theta=float(d.rope_theta), rope_scaling=scaling,
+             tie_word_embeddings=bool(d.tie_embeddings), max_position_embeddings=max_len,
+             bos_token_id=1, eos_token_id=2)
+  if family == 'llama':
+    out.update(attention_bias=False, mlp_bias=False)
+  elif family in ('qwen2', 'qwen3'):
+    out.update(use_sliding_window=False, sliding_window=None)
+  elif family == 'mistral':
+    out.update(sliding_window=window)
+  elif family == 'gemma2':
+    out.update(hidden_activation=out['hidden_act'],
+               query_pre_attn_scalar=_int_if_whole(d.query_scale),
+               attn_logit_softcapping=d.attn_softcap or None,
+               final_logit_softcapping=d.final_softcap or None, sliding_window=window,
+               layer_types=['sliding_attention' if slides else 'full_attention'
+                            for slides in _sliding_layers(d)])
+  back = decoder_from_hf(out)
+  for key in _SWITCHES:
+    if back[key] != d[key]:
+      raise ValueError(f'model.decoder.{key}={d[key]!r} cannot be exported: transformers\' '
+                       f'{family} has {key}={back[key]!r} (set model.decoder.kind to the '
+                       'family that has it)')
+  return out
+
+
+def _int_if_whole(x):
+  return int(x) if float(x).is_integer() else float(x)  # transformers types some ints
+
+
+def _sliding_layers(d) -> list[bool]:
+  if not d.sliding_window:
+    return [False] * d.depth
+  return [not d.global_every or bool((i + 1) % d.global_every) for i in range(d.depth)]
 
 
 def llava_to_hf(config) -> dict:
@@ -214,6 +356,10 @@ def llava_to_hf(config) -> dict:
     strategy = 'full'
   layer = v.feature_layer
   layer = [int(i) for i in layer] if isinstance(layer, (list, tuple)) else int(layer)
+  if config.decoder.final_softcap:
+    raise ValueError(f'model.decoder.final_softcap={config.decoder.final_softcap} cannot be '
+                     "exported: transformers' LlavaForConditionalGeneration caps no logits. Set "
+                     'it to 0 to export (the greedy argmax is the same; the logits are not)')
   text = decoder_to_hf(config.decoder)
   return dict(
       architectures=['LlavaForConditionalGeneration'], model_type='llava',

@@ -16,7 +16,7 @@ That absorbs every key layout in use:
   transformers 5 save_pretrained   language_model.model.layers.0...  vision_tower.embeddings...
   CLIP/SigLIP dual encoders       vision_model.embeddings...          (text_model.* ignored)
   CLIP/SigLIP vision (5.x)        embeddings...  encoder.layers.0...
-  LLaMA folders                   model.layers.0...                   lm_head.weight
+  decoder folders (every family)  model.layers.0...                   lm_head.weight
 
 lvm paths are '/'-joined in the unscanned layout (`decoder/layers_3/mlp/up_proj/kernel`);
 the scanned layout stacks `layers_i` on axis 0 of `layers` (see `stack_layers`).

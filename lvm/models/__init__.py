@@ -15,7 +15,7 @@ import jax.numpy as jnp
 from lvm import kernels
 from lvm import registry
 from lvm.models import anyres_model
-from lvm.models import decoder as _decoder  # noqa: F401  (registers 'llama')
+from lvm.models import families as _families  # noqa: F401  (registers the decoder families)
 from lvm.models import projector as _projector  # noqa: F401  (registers the projectors)
 from lvm.models import vision as _vision  # noqa: F401  (registers 'clip', 'siglip')
 from lvm.models.decoder import Decoder

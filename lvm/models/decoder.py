@@ -1,15 +1,16 @@
-"""LLaMA decoder: RMSNorm, RoPE (plain / linear / llama3 scaling), GQA attention, SwiGLU.
+"""The decoder of every family: LLaMA blocks (RMSNorm, RoPE, GQA attention, gated MLP) with
+the few switches the families differ by (`Decoder`'s fields: q/k/v biases, Gemma's norms,
+GeGLU, embedding scale and soft-capping, sliding windows, post-norms, qk-norm).
 
 Layout follows transformers' LlamaForCausalLM so checkpoints map one to one.
 Letters: B batch, T query length, S key (cache) length, D width, H heads, K kv heads,
 Dh head width, F mlp width, V vocabulary, L layers.
 
 The KV cache is a plain pytree `{'k': float[L, B, S, K, Dh], 'v': ...}` passed in and
-returned, so generation stays a pure function of (params, cache). The family registers
-here as 'llama' (`lvm.registry.DECODER`).
+returned, so generation stays a pure function of (params, cache); a sliding window only
+masks it (the cache keeps every slot). The families register in `lvm.models.families`.
 """
 
-import math
 from typing import Any
 
 import flax.linen as nn
@@ -19,65 +20,62 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lvm import kernels
-from lvm import registry
-from lvm.models import checks
 from lvm.models import layers
+from lvm.models import rope as rope_lib
 from lvm.models.layers import Dense, RMSNorm
 
 
-def rope_inv_freq(head_dim: int, theta: float, scaling: dict | None = None) -> np.ndarray:
-  """Inverse frequencies float32[Dh/2], with transformers' 'linear' and 'llama3' scaling.
+NEG_INF = -0.7 * float(np.finfo(np.float32).max)  # as jax.nn's masked logits
 
-  numpy: they depend only on the config, so the RoPE tables of a forward without a cache
-  are constants of the compiled program (`rope_tables`).
+
+class OffsetRMSNorm(nn.Module):
+  """Gemma's RMSNorm: scale (offset + w), applied in float32 before the cast back (as
+  transformers' GemmaRMSNorm); w starts at zero. Its parameter is named as RMSNorm's."""
+  eps: float = 1e-6
+  offset: float = 1.0
+  dtype: layers.Dtype = jnp.float32
+  param_dtype: layers.Dtype = jnp.float32
+  axes: layers.Axes = ('embed',)
+
+  @nn.compact
+  def __call__(self, x):
+    w = layers.param_with_axes(self, 'scale', nn.initializers.zeros, (x.shape[-1],), self.axes,
+                               self.param_dtype)
+    x32 = x.astype(jnp.float32)
+    x32 = x32 * jax.lax.rsqrt(jnp.mean(jnp.square(x32), axis=-1, keepdims=True) + self.eps)
+    return (x32 * (self.offset + w.astype(jnp.float32))).astype(self.dtype)
+
+
+def rms_norm(eps: float, offset: float, **kw) -> nn.Module:
+  """LLaMA's RMSNorm (offset 0), or Gemma's (1 + w) one."""
+  return OffsetRMSNorm(eps, offset, **kw) if offset else RMSNorm(eps, **kw)
+
+
+def softcapped_attention(q, k, v, mask, scale: float, softcap: float):
+  """Attention with `softcap * tanh(logits / softcap)` logits (Gemma 2), in XLA math.
+
+  No registered kernel caps the logits, so this path computes them itself: float32
+  logits and softmax, GQA by grouping the query heads of each kv head.
+
+  Args:
+    q: float[B, T, H, Dh]; k, v: float[B, S, K, Dh]; mask: bool broadcastable to
+      [B, 1, T, S] (True keeps a key); scale: the logit scale; softcap: > 0.
+
+  Returns:
+    float[B, T, H, Dh].
   """
-  inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.float32) / head_dim)))
-  inv_freq = inv_freq.astype(np.float32)
-  if not scaling:
-    return inv_freq
-  kind = scaling.get('type', scaling.get('rope_type'))
-  factor = np.float32(scaling['factor'])
-  if kind == 'linear':
-    return inv_freq / factor
-  if kind == 'llama3':
-    low, high = np.float32(scaling['low_freq_factor']), np.float32(scaling['high_freq_factor'])
-    old_len = np.float32(scaling['original_max_position_embeddings'])
-    wavelen = np.float32(2 * math.pi) / inv_freq
-    scaled = np.where(wavelen > old_len / low, inv_freq / factor, inv_freq)
-    smooth = (old_len / wavelen - low) / (high - low)
-    smoothed = (1 - smooth) * scaled / factor + smooth * scaled
-    medium = (wavelen >= old_len / high) & (wavelen <= old_len / low)
-    return np.where(medium, smoothed, scaled).astype(np.float32)
-  raise ValueError(f"Unknown rope_scaling type {kind!r}; supported: 'linear', 'llama3'")
-
-
-def rope_tables(positions, inv_freq):
-  """(cos, sin) float32[B, T, Dh/2] of positions int[B, T], once for every layer.
-
-  With numpy positions (a forward without a cache) the tables are computed in numpy,
-  constants of the compiled program. Computed in the graph, XLA fused them into the rotation and
-  its CPU loops evaluated cos and sin again for every element of q and k, in every layer
-  (docs/performance.md, "Third round").
-  """
-  xp = np if isinstance(positions, np.ndarray) else jnp
-  freqs = positions[..., None].astype(xp.float32) * inv_freq
-  return jnp.asarray(xp.cos(freqs)), jnp.asarray(xp.sin(freqs))
-
-
-def apply_rope(x, cos, sin):
-  """Rotates x[B, T, H, Dh] by `rope_tables` (the rotate-half convention)."""
-  b, t, h, dh = x.shape
-  cos = cos[:, :, None, None, :]
-  sin = sin[:, :, None, None, :]
-  sin = jnp.concatenate([-sin, sin], axis=3)  # [B, T, 1, 2, Dh/2]
-  # The halves as an axis of 2 and rotate-half as its reversal: the same products and
-  # sums as concatenate([-x2, x1]), without a concatenate inside the elementwise loop.
-  x32 = x.astype(jnp.float32).reshape(b, t, h, 2, dh // 2)
-  out = x32 * cos + x32[..., ::-1, :] * sin
-  return out.reshape(b, t, h, dh).astype(x.dtype)
+  b, t, h, dh = q.shape
+  kv = k.shape[2]
+  qg = q.reshape(b, t, kv, h // kv, dh)
+  logits = jnp.einsum('btkgd,bskd->bkgts', qg, k, preferred_element_type=jnp.float32) * scale
+  logits = jnp.tanh(logits / softcap) * softcap
+  logits = jnp.where(mask[:, :, None], logits, NEG_INF)  # [B, 1, 1, T, S]
+  probs = jax.nn.softmax(logits, axis=-1).astype(v.dtype)
+  return jnp.einsum('bkgts,bskd->btkgd', probs, v).reshape(b, t, h, dh)
 
 
 class Attention(nn.Module):
+  """GQA self-attention with RoPE; options for the families (see `Decoder`)."""
   heads: int
   kv_heads: int
   head_dim: int
@@ -88,27 +86,32 @@ class Attention(nn.Module):
   qk_norm: bool = False
   norm_eps: float = 1e-5
   matmul_impl: str = 'xla'
+  attention_bias: bool = False
+  norm_offset: float = 0.0
+  query_scale: float = 0.0
+  attn_softcap: float = 0.0
 
   @nn.compact
   def __call__(self, x, rope, mask, cache, cache_index):
     """x float[B, T, D], rope (cos, sin) -> (float[B, T, D], updated layer cache or None)."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
+    bias = dict(use_bias=True) if self.attention_bias else {}
     projections = [
         Dense((self.heads, self.head_dim), ('embed',), ('heads', 'head_dim'), name='q_proj',
-              **kw),
+              **bias, **kw),
         Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-              name='k_proj', **kw),
+              name='k_proj', **bias, **kw),
         Dense((self.kv_heads, self.head_dim), ('embed',), ('kv_heads', 'head_dim'),
-              name='v_proj', **kw)]
-    if self.fuse_projections:
+              name='v_proj', **bias, **kw)]
+    if self.fuse_projections and not self.attention_bias:  # fused kernels carry no bias
       q, k, v = layers.fused_dense(x, projections, split_axis=1)  # on the heads axis
     else:
       q, k, v = (p(x) for p in projections)
     if self.qk_norm:  # per head, before RoPE (as Qwen3's q_norm / k_norm)
-      norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-      q = RMSNorm(self.norm_eps, axes=('head_dim',), name='q_norm', **norm_kw)(q)
-      k = RMSNorm(self.norm_eps, axes=('head_dim',), name='k_norm', **norm_kw)(k)
-    q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+      norm_kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, axes=('head_dim',))
+      q = rms_norm(self.norm_eps, self.norm_offset, name='q_norm', **norm_kw)(q)
+      k = rms_norm(self.norm_eps, self.norm_offset, name='k_norm', **norm_kw)(k)
+    q, k = rope_lib.apply(q, *rope), rope_lib.apply(k, *rope)
     q = nn.with_logical_constraint(q, ('batch', 'length', 'act_heads', None))
     q, k, v = checkpoint_name(q, 'query'), checkpoint_name(k, 'key'), checkpoint_name(v, 'value')
     new_cache = None
@@ -119,18 +122,28 @@ class Attention(nn.Module):
                                               cache_index, axis=1)
       new_cache = {'k': k, 'v': v}
       k, v = k.astype(self.dtype), v.astype(self.dtype)
-    out = kernels.attention(self.attention_impl)(q, k, v, mask=mask, is_causal=mask is None)
+    scale = (self.query_scale or self.head_dim) ** -0.5
+    if self.attn_softcap:
+      if mask is None:
+        mask = jnp.tril(jnp.ones((q.shape[1], k.shape[1]), bool))[None, None]
+      out = softcapped_attention(q, k, v, mask, scale, self.attn_softcap)
+    else:
+      if self.query_scale:  # the kernels scale by 1/sqrt(Dh): fold the difference into q
+        q = (q.astype(jnp.float32) * (scale * self.head_dim ** 0.5)).astype(q.dtype)
+      out = kernels.attention(self.attention_impl)(q, k, v, mask=mask, is_causal=mask is None)
     out = checkpoint_name(out, 'attn_out')
     out = Dense(x.shape[-1], ('heads', 'head_dim'), ('embed',), name='o_proj', **kw)(out)
     return out, new_cache
 
 
 class MLP(nn.Module):
+  """Gated MLP: down(act(gate(x)) * up(x)); SwiGLU (silu) or GeGLU (gelu_tanh)."""
   mlp_dim: int
   dtype: layers.Dtype = jnp.float32
   param_dtype: layers.Dtype = jnp.float32
   fuse_projections: bool = False
   matmul_impl: str = 'xla'
+  act: str = 'silu'
 
   @nn.compact
   def __call__(self, x):
@@ -141,15 +154,18 @@ class MLP(nn.Module):
       gate, up = layers.fused_dense(x, projections, split_axis=1)
     else:
       gate, up = (p(x) for p in projections)
-    # SiLU in float32, rounded once to the compute dtype, as torch's bfloat16 kernel does
-    # (not once per neg / exp / add / divide); the product stays in the compute dtype.
-    act = jax.nn.silu(gate.astype(jnp.float32)).astype(gate.dtype)
+    # The activation in float32, rounded once to the compute dtype, as torch's bfloat16
+    # kernel does (not once per neg / exp / add / divide); the product stays in that dtype.
+    act = layers.activation(self.act)(gate.astype(jnp.float32)).astype(gate.dtype)
     h = nn.with_logical_constraint(act * up, ('batch', 'length', 'act_mlp'))
     h = checkpoint_name(h, 'mlp_hidden')
     return Dense(x.shape[-1], ('mlp',), ('embed',), name='down_proj', **kw)(h)
 
 
 class DecoderBlock(nn.Module):
+  """Pre-norm block; with `post_norms` (Gemma 2) the attention and MLP outputs are normed
+  too, before their residual adds (transformers' names: input_layernorm,
+  post_attention_layernorm, pre_feedforward_layernorm, post_feedforward_layernorm)."""
   heads: int
   kv_heads: int
   head_dim: int
@@ -161,27 +177,46 @@ class DecoderBlock(nn.Module):
   fuse_projections: bool = False
   qk_norm: bool = False
   matmul_impl: str = 'xla'
+  attention_bias: bool = False
+  norm_offset: float = 0.0
+  mlp_act: str = 'silu'
+  query_scale: float = 0.0
+  attn_softcap: float = 0.0
+  post_norms: bool = False
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache, cache_index):
+  def __call__(self, x, rope, mask, cache, cache_index, sliding=None):
+    """`mask` is one mask, or with `sliding` (a bool, per layer under scan) the pair
+    (global, sliding-window) of which this layer takes one."""
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
-    h = checkpoint_name(RMSNorm(self.norm_eps, name='input_layernorm', **kw)(x), 'normed')
+    norm = lambda name: rms_norm(self.norm_eps, self.norm_offset, name=name, **kw)
+    if sliding is not None:
+      mask = jnp.where(sliding, mask[1], mask[0])
+    h = checkpoint_name(norm('input_layernorm')(x), 'normed')
     h, new_cache = Attention(self.heads, self.kv_heads, self.head_dim,
                              attention_impl=self.attention_impl, matmul_impl=self.matmul_impl,
                              fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
-                             norm_eps=self.norm_eps, name='self_attn',
+                             norm_eps=self.norm_eps, attention_bias=self.attention_bias,
+                             norm_offset=self.norm_offset, query_scale=self.query_scale,
+                             attn_softcap=self.attn_softcap, name='self_attn',
                              **kw)(h, rope, mask, cache, cache_index)
-    x = x + h
-    h = checkpoint_name(RMSNorm(self.norm_eps, name='post_attention_layernorm', **kw)(x),
-                        'normed')
-    x = x + MLP(self.mlp_dim, fuse_projections=self.fuse_projections,
-                matmul_impl=self.matmul_impl, name='mlp', **kw)(h)
-    x = nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
+    if self.post_norms:
+      x = x + norm('post_attention_layernorm')(h)
+      h = checkpoint_name(norm('pre_feedforward_layernorm')(x), 'normed')
+    else:
+      x = x + h
+      h = checkpoint_name(norm('post_attention_layernorm')(x), 'normed')
+    h = MLP(self.mlp_dim, fuse_projections=self.fuse_projections, matmul_impl=self.matmul_impl,
+            act=self.mlp_act, name='mlp', **kw)(h)
+    if self.post_norms:
+      h = norm('post_feedforward_layernorm')(h)
+    x = nn.with_logical_constraint(x + h, ('batch', 'length', 'act_embed'))
     return x, new_cache
 
 
 class Decoder(nn.Module):
-  """LLaMA-style causal decoder with `embed` and `__call__` methods."""
+  """The causal decoder of every family (`embed` and `__call__`); the fields after
+  `matmul_impl` are where the families differ (lvm.models.families)."""
   vocab_size: int
   width: int
   depth: int
@@ -204,6 +239,17 @@ class Decoder(nn.Module):
   # RMSNorm of each head's query and key before RoPE (Qwen3, OLMo-2, Gemma 3); not in LLaMA.
   qk_norm: bool = False
   matmul_impl: str = 'xla'  # attention_impl and matmul_impl: resolved kernels (lvm.kernels)
+  # The families' differences (lvm.models.families sets them from `config.model.decoder`):
+  attention_bias: bool = False  # biases on q/k/v (Qwen2)
+  norm_offset: float = 0.0  # RMSNorm scale (offset + w): 1 for Gemma's (1 + w)
+  mlp_act: str = 'silu'  # gate activation (layers.ACTIVATIONS): silu | gelu_tanh (GeGLU)
+  embed_scale: bool = False  # token embeddings x sqrt(width), in the compute dtype (Gemma)
+  query_scale: float = 0.0  # attention logits / sqrt(query_scale); 0: head_dim (Gemma 2)
+  attn_softcap: float = 0.0  # logits -> c * tanh(logits / c) in attention (Gemma 2); 0: off
+  final_softcap: float = 0.0  # the same on the output logits (Gemma 2); 0: off
+  sliding_window: int = 0  # keys at most this many slots back, incl. itself; 0: off
+  global_every: int = 0  # with a window, layer i is global iff (i + 1) % global_every == 0
+  post_norms: bool = False  # norms after attention and MLP too (Gemma 2)
 
   @property
   def resolved_head_dim(self) -> int:
@@ -221,10 +267,13 @@ class Decoder(nn.Module):
                     mlp_dim=self.mlp_dim, norm_eps=self.norm_eps, dtype=self.dtype,
                     param_dtype=self.param_dtype, attention_impl=self.attention_impl,
                     fuse_projections=self.fuse_projections, qk_norm=self.qk_norm,
-                    matmul_impl=self.matmul_impl)
+                    matmul_impl=self.matmul_impl, attention_bias=self.attention_bias,
+                    norm_offset=self.norm_offset, mlp_act=self.mlp_act,
+                    query_scale=self.query_scale, attn_softcap=self.attn_softcap,
+                    post_norms=self.post_norms)
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast))
+        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0))
     if self.precast_weights and not self.is_initializing():
       # A block uses each of its parameters only cast to `dtype`. Casting the layers' weights
       # once, before the layer loop, replaces a cast per layer in the forward pass and another
@@ -235,7 +284,8 @@ class Decoder(nn.Module):
       self.layers = block(**block_kw)
     else:
       self.layers = [block(**block_kw) for _ in range(self.depth)]
-    self.norm = RMSNorm(self.norm_eps, dtype=self.dtype, param_dtype=self.param_dtype)
+    self.norm = rms_norm(self.norm_eps, self.norm_offset, dtype=self.dtype,
+                         param_dtype=self.param_dtype)
     if not self.tie_embeddings:
       self.lm_head = Dense(self.vocab_size, ('embed',), ('vocab',), dtype=self.dtype,
                            param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
@@ -246,6 +296,8 @@ class Decoder(nn.Module):
   def embed(self, input_ids):
     """int[B, T] -> float[B, T, D]."""
     x = jnp.take(self.embed_tokens, input_ids, axis=0).astype(self.dtype)
+    if self.embed_scale:  # the scale rounded to the compute dtype, as transformers' Gemma
+      x = x * jnp.asarray(self.width ** 0.5, self.dtype)
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
   def __call__(self, x, positions=None, attention_mask=None, cache=None, cache_index=None,
@@ -274,23 +326,18 @@ class Decoder(nn.Module):
         positions = np.arange(t, dtype=np.int32)[None]
       else:
         positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
-    rope = rope_tables(positions, rope_inv_freq(
-        self.resolved_head_dim, self.rope_theta,
-        dict(self.rope_scaling) if self.rope_scaling else None))
-    mask = None
-    if cache is not None or attention_mask is not None:
-      s = t if cache is None else cache['k'].shape[2]
-      query_slot = start + jnp.arange(t)[:, None]
-      mask = (jnp.arange(s)[None, :] <= query_slot)[None, None]  # [1, 1, T, S]
-      if attention_mask is not None:
-        mask = mask & attention_mask[:, None, None, :].astype(bool)
+    rope = rope_lib.tables(positions, self.resolved_head_dim, self.rope_theta,
+                           dict(self.rope_scaling) if self.rope_scaling else None)
+    mask, sliding = self._masks(t, start, attention_mask, cache), self.sliding_layers()
     if self.scan_layers:
-      x, new_cache = self.layers(x, rope, mask, cache, cache_index)
+      x, new_cache = self.layers(x, rope, mask, cache, cache_index,
+                                 None if sliding is None else jnp.asarray(sliding))
     else:
       new_layers = []
       for i, block in enumerate(self.layers):
         layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, layer_cache = block(x, rope, mask, layer_cache, cache_index)
+        x, layer_cache = block(x, rope, mask, layer_cache, cache_index,
+                               None if sliding is None else sliding[i])
         new_layers.append(layer_cache)
       new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
     if logit_positions is not None:
@@ -300,55 +347,40 @@ class Decoder(nn.Module):
       logits = jnp.einsum('btd,vd->btv', x, self.embed_tokens.astype(self.dtype))
     else:
       logits = self.lm_head(x)
+    if self.final_softcap:
+      cap = jnp.float32(self.final_softcap)
+      logits = (jnp.tanh(logits.astype(jnp.float32) / cap) * cap).astype(logits.dtype)
     logits = nn.with_logical_constraint(logits, ('batch', 'length', 'act_vocab'))
     return logits, new_cache
+
+  def sliding_layers(self) -> np.ndarray | None:
+    """bool[L]: which layers attend within the window (None: no window)."""
+    if not self.sliding_window:
+      return None
+    i = np.arange(self.depth)
+    return (i + 1) % self.global_every != 0 if self.global_every else np.ones(self.depth, bool)
+
+  def _masks(self, t, start, attention_mask, cache):
+    """The attention mask bool[B|1, 1, T, S] (None: causal, for the kernels' own mask),
+    or with a window the pair (causal, causal within the window).
+
+    Slots, not RoPE positions, measure the window (as transformers' cache positions): a
+    row's real tokens sit in consecutive slots, so the two differ only on padding.
+    """
+    if cache is None and attention_mask is None and not self.sliding_window:
+      return None
+    s = t if cache is None else cache['k'].shape[2]
+    query_slot = start + jnp.arange(t)[:, None]
+    key_slot = jnp.arange(s)[None, :]
+    mask = (key_slot <= query_slot)[None, None]  # [1, 1, T, S]
+    if attention_mask is not None:
+      mask = mask & attention_mask[:, None, None, :].astype(bool)
+    if not self.sliding_window:
+      return mask
+    return mask, mask & (key_slot > query_slot - self.sliding_window)[None, None]
 
   def init_cache(self, batch_size: int, max_len: int, dtype=None) -> dict:
     """Zeros {'k','v': [L, B, S, K, Dh]} (callable unbound: it reads only fields)."""
     shape = (self.depth, batch_size, max_len, self.kv_heads, self.resolved_head_dim)
     dtype = dtype or self.dtype
     return {'k': jnp.zeros(shape, dtype), 'v': jnp.zeros(shape, dtype)}
-
-
-def build_llama(model_config, impls: kernels.Impls) -> Decoder:
-  """The decoder of `model_config` (the full `config.model`), with the resolved kernels."""
-  d = model_config.decoder
-  scaling = d.rope_scaling
-  scaling = tuple(sorted(dict(scaling).items())) if scaling else None
-  return Decoder(
-      vocab_size=d.vocab_size, width=d.width, depth=d.depth, heads=d.heads,
-      kv_heads=d.kv_heads, mlp_dim=d.mlp_dim, head_dim=d.head_dim, rope_theta=d.rope_theta,
-      rope_scaling=scaling, norm_eps=d.norm_eps, tie_embeddings=d.tie_embeddings,
-      dtype=layers.dtype(model_config.dtype), param_dtype=layers.dtype(model_config.param_dtype),
-      scan_layers=model_config.scan_layers, remat_policy=model_config.remat_policy,
-      attention_impl=impls.attention, matmul_impl=impls.matmul,
-      precast_weights=model_config.precast_weights,
-      fuse_projections=model_config.fuse_projections, qk_norm=d.qk_norm)
-
-
-def check_llama(config, problems: registry.Problems):
-  """`model.decoder`'s own faults: sizes, grouped-query heads, the head width, and the
-  image and padding token ids against the vocabulary."""
-  d = config.model.decoder
-  checks.positive_ints(problems, d, 'model.decoder',
-                       ('vocab_size', 'width', 'depth', 'heads', 'kv_heads', 'mlp_dim'))
-  if checks.all_positive(d, ('heads', 'kv_heads')) and d.heads % d.kv_heads:
-    problems.add('model.decoder.kv_heads', f'heads {d.heads} is not a multiple of kv_heads '
-                 f'{d.kv_heads} (grouped-query attention)',
-                 'pick kv_heads dividing model.decoder.heads')
-  if checks.all_positive(d, ('width', 'heads')) and not d.get('head_dim') and d.width % d.heads:
-    problems.add('model.decoder.heads', f'width {d.width} is not divisible by heads {d.heads} '
-                 'and head_dim is 0 (derived)', 'pick heads dividing the width, or set '
-                 'model.decoder.head_dim')
-  vocab = d.get('vocab_size')
-  if isinstance(vocab, int):
-    ids = {key: config.model.get(key) for key in ('image_token_id', 'pad_token_id')}
-    for key, tid in ids.items():
-      if not isinstance(tid, int) or not 0 <= tid < vocab:
-        problems.add(f'model.{key}', f'{tid!r} is outside the vocabulary [0, {vocab})',
-                     f'use an id below model.decoder.vocab_size={vocab}, or grow the vocabulary')
-    if ids['image_token_id'] == ids['pad_token_id']:
-      problems.add('model.pad_token_id', 'equals model.image_token_id', 'give padding its own id')
-
-
-registry.DECODER.register('llama', build_llama, check=check_llama)

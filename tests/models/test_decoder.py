@@ -9,6 +9,7 @@ import pytest
 
 from lvm.models import decoder as decoder_lib
 from lvm.models import layers
+from lvm.models import rope as rope_lib
 import lvm.hf
 
 SCALINGS = [
@@ -16,10 +17,11 @@ SCALINGS = [
     {'type': 'linear', 'factor': 4.0},
     {'type': 'llama3', 'factor': 8.0, 'low_freq_factor': 1.0, 'high_freq_factor': 4.0,
      'original_max_position_embeddings': 64},
+    {'type': 'yarn', 'factor': 4.0, 'original_max_position_embeddings': 64, 'beta_fast': 16.0},
 ]
 
 
-@pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3'])
+@pytest.mark.parametrize('scaling', SCALINGS, ids=['none', 'linear', 'llama3', 'yarn'])
 def test_rope_inv_freq_matches_transformers(scaling):
   transformers = pytest.importorskip('transformers')
   rope_utils = pytest.importorskip('transformers.modeling_rope_utils')
@@ -32,10 +34,10 @@ def test_rope_inv_freq_matches_transformers(scaling):
     ref, _ = rope_utils.ROPE_INIT_FUNCTIONS[scaling['type']](config, 'cpu')
   else:
     ref = 1.0 / (10000.0 ** (np.arange(0, 128, 2) / 128))
-  ours = decoder_lib.rope_inv_freq(128, 10000.0, scaling)
+  ours = rope_lib.inv_freq(128, 10000.0, scaling)
   np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-6)
   if scaling:  # the scaling really changed something
-    assert not np.allclose(ours, decoder_lib.rope_inv_freq(128, 10000.0, None))
+    assert not np.allclose(ours, rope_lib.inv_freq(128, 10000.0, None))
 
 
 def _decoder(kv_heads, scan=True, remat_policy='none'):
@@ -181,3 +183,41 @@ def test_fused_projections_keep_the_parameters_logits_and_gradients(scan, remat)
     b = got[path]
     np.testing.assert_allclose(b, a, rtol=1e-4, atol=1e-6 * float(np.abs(a).max()),
                                err_msg=path)
+
+
+GEMMA2_LIKE = dict(vocab_size=64, width=32, depth=3, heads=4, kv_heads=2, mlp_dim=48,
+                   head_dim=16, norm_offset=1.0, mlp_act='gelu_tanh', embed_scale=True,
+                   tie_embeddings=True, sliding_window=4, global_every=2, post_norms=True,
+                   query_scale=12.0, attn_softcap=1.0, final_softcap=2.0)
+
+
+@pytest.mark.parametrize('softcap', [1.0, 0.0], ids=['softcapped', 'kernel'])
+def test_windowed_cache_decode_equals_the_full_forward(softcap):
+  """Token-by-token decoding through the KV cache (what lvm.generate runs) gives the logits
+  of one forward over the sequence, with windowed and global layers, scanned or not."""
+  kw = dict(GEMMA2_LIKE, attn_softcap=softcap)
+  rng = np.random.default_rng(0)
+  ids = jnp.asarray(rng.integers(0, 64, (2, 12)), jnp.int32)
+  scanned = decoder_lib.Decoder(**kw)
+  params = nn.unbox(scanned.init(jax.random.PRNGKey(0), jnp.zeros((2, 12, 32)))['params'])
+  params = jax.tree.map(lambda p: p + 0.3 * jax.random.normal(jax.random.PRNGKey(1), p.shape),
+                        params)
+  forward = lambda m, p, x: m.apply({'params': p}, x)[0]
+  x = scanned.apply({'params': params}, ids, method='embed')
+  full = forward(scanned, params, x)
+  # The window matters here: without it the logits differ.
+  no_window = decoder_lib.Decoder(**dict(kw, sliding_window=0))
+  assert np.abs(forward(no_window, params, x) - full).max() > 1e-3
+  cache = scanned.init_cache(2, 16)
+  steps = []
+  for i in range(12):
+    logits, cache = scanned.apply({'params': params}, x[:, i:i + 1], cache=cache,
+                                  cache_index=jnp.int32(i))
+    steps.append(logits)
+  np.testing.assert_allclose(jnp.concatenate(steps, 1), full, rtol=1e-5, atol=1e-5)
+  # Unrolled layers with the same weights: the per-layer window pattern is the same.
+  unrolled = decoder_lib.Decoder(**dict(kw, scan_layers=False))
+  flat = {f'decoder/{k}': np.asarray(v) for k, v in
+          lvm.hf.traverse_util.flatten_dict(params, sep='/').items()}
+  split = lvm.hf.traverse_util.unflatten_dict(lvm.hf.unstack_layers(flat), sep='/')['decoder']
+  np.testing.assert_allclose(forward(unrolled, split, x), full, rtol=1e-5, atol=1e-5)

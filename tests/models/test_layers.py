@@ -5,7 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvm import losses
-from lvm.models import decoder as decoder_lib
+from lvm.models import rope as rope_lib
 
 
 def test_rope_is_rotate_half():
@@ -13,14 +13,14 @@ def test_rope_is_rotate_half():
   rng = np.random.default_rng(2)
   x = rng.standard_normal((2, 7, 3, 8)).astype(np.float32)
   positions = rng.integers(0, 100, (2, 7))
-  inv_freq = np.asarray(decoder_lib.rope_inv_freq(8, 10000.0))
+  inv_freq = np.asarray(rope_lib.inv_freq(8, 10000.0))
   freqs = positions[..., None].astype(np.float32) * inv_freq
   freqs = np.concatenate([freqs, freqs], -1)[:, :, None]
   rotated = np.concatenate([-x[..., 4:], x[..., :4]], -1)
   want = x * np.cos(freqs) + rotated * np.sin(freqs)
   for xp in (np, jnp):  # numpy tables (constants) and traced ones
-    tables = decoder_lib.rope_tables(xp.asarray(positions), inv_freq)
-    got = decoder_lib.apply_rope(jnp.asarray(x), *tables)
+    tables = rope_lib.tables(xp.asarray(positions), 8, 10000.0)
+    got = rope_lib.apply(jnp.asarray(x), *tables)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
