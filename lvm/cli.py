@@ -87,13 +87,27 @@ def _load_configs(flag_values) -> str | None:
   return None
 
 
+def _summary(error: BaseException) -> str:
+  """One line: the error's first line and, when it wraps another (a config file's own
+  ValueError inside absl's flag error), the root error's first line."""
+  def first_line(e):
+    lines = [line.strip() for line in str(e).splitlines() if line.strip()]
+    return lines[0] if lines else type(e).__name__
+  root = error
+  while root.__cause__ is not None or root.__context__ is not None:
+    root = root.__cause__ or root.__context__
+  head = first_line(error)
+  if root is error or first_line(root) in head:
+    return head
+  return f'{head} {type(root).__name__}: {first_line(root)}'
+
+
 def parse_flags(argv, flag_values=flags.FLAGS):
   """Parses `argv`; exits with status 2 and one line on a bad flag, config key or file."""
   try:
     rest = flag_values(argv)
   except Exception as e:  # pylint: disable=broad-except
-    message = unknown_config_key(argv, flag_values) or (
-        str(e).splitlines()[0] if str(e) else type(e).__name__)
+    message = unknown_config_key(argv, flag_values) or _summary(e)
     print(f'Error: {message}', file=sys.stderr)
     sys.exit(USAGE_ERROR)
   message = _load_configs(flag_values)
