@@ -126,10 +126,6 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   mesh = sharding.make_mesh(config.mesh)
   model = models.build(config)
   steps = total_steps(config, lambda: num_examples(config, config.data.train_split))
-  accum = int(config.train.grad_accum_steps)
-  if accum < 1 or config.train.batch_size % accum:
-    raise ValueError(f'config.train.grad_accum_steps={accum} must be >= 1 and divide '
-                     f'config.train.batch_size={config.train.batch_size}.')
   tx, lr_schedule = optim.make(config.optimizer, steps)
   factory = state_lib.StateFactory(config, model, tx, mesh, sharding.rules(config))
   # Only now, with the config, the data and the trainable pattern checked (the factory's
