@@ -225,6 +225,8 @@ def get_config(arg=None):
   # stops. 0: logits at every position.
   config.train.max_scored_tokens = 0
   config.train.profile_steps = ()  # e.g. (10, 12): jax.profiler trace of those steps
+  # Frozen Dense kernels stored as 'int8' or 'int4' (absmax per channel; lvm.quantize).
+  config.train.frozen_quantization = 'none'  # none | int8 | int4
 
   config.optimizer = ml_collections.ConfigDict()
   config.optimizer.name = 'adamw'

@@ -6,6 +6,7 @@ optimizer state with those shardings out, so no full copy ever lands on one devi
 `initial_params` starts them as `config.init` says (random, a checkpoint, transformers).
 """
 
+import functools
 import math
 from typing import Callable
 
@@ -16,6 +17,7 @@ import jax.numpy as jnp
 from lvm import checkpoint as ckpt_lib
 from lvm import models
 from lvm import optim
+from lvm import quantize
 from lvm import sharding
 from lvm import validate
 
@@ -55,6 +57,11 @@ def opt_state_shardings(abstract_opt, params, param_shardings, replicated):
   return jax.tree_util.tree_map_with_path(sharding_of, abstract_opt)
 
 
+def _with_shardings(abstract, shardings):
+  return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                      abstract, shardings)
+
+
 class StateFactory:
   """Abstract-first sharded train state for one config, mesh and optimizer.
 
@@ -80,6 +87,14 @@ class StateFactory:
     abstract_params = nn.unbox(boxed)
     # A stage that trains nothing fails here, before any compile, naming the key and fix.
     validate.validate_trainable(config, abstract_params)
+    # Frozen Dense kernels may be stored in int8/int4 (config.train.frozen_quantization).
+    self._float_abstract = _with_shardings(abstract_params, self.param_shardings)
+    self._float_shardings, mode = self.param_shardings, config.train.frozen_quantization
+    self._quantize = functools.partial(quantize.quantize_params, mode=mode,
+                                       axes=quantize.axes_tree(boxed, self.trainable, mode))
+    abstract_params = jax.eval_shape(self._quantize, abstract_params)
+    self.param_shardings = quantize.quantized_shardings(self.param_shardings,
+                                                        self._quantize.keywords['axes'])
     trainable, _ = optim.split(abstract_params, self.trainable)
     trainable_shardings, _ = optim.split(self.param_shardings, self.trainable)
     abstract_opt = jax.eval_shape(tx.init, trainable)
@@ -88,26 +103,25 @@ class StateFactory:
     self.shardings = {'step': rep, 'params': self.param_shardings, 'opt_state': opt_shardings}
     abstract = {'step': jax.ShapeDtypeStruct((), jnp.int32), 'params': abstract_params,
                 'opt_state': abstract_opt}
-    self.abstract = jax.tree.map(
-        lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract,
-        self.shardings)
+    self.abstract = _with_shardings(abstract, self.shardings)
 
   @property
   def abstract_params(self):
-    return self.abstract['params']
+    """The model's (float) params, as `random_params` makes and checkpoints load them."""
+    return self._float_abstract
 
   def random_params(self, rng):
     """Randomly initialized params, created directly in their shardings."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       return jax.jit(lambda r: models.random_params(self.config.model, r, *self._init_inputs),
-                     out_shardings=self.param_shardings)(rng)
+                     out_shardings=self._float_shardings)(rng)
 
   def from_params(self, params):
     """A fresh state (step 0, new optimizer state) around the given params."""
     def make(p):
-      return {'step': jnp.zeros((), jnp.int32), 'params': p,
+      return {'step': jnp.zeros((), jnp.int32), 'params': self._quantize(p),
               'opt_state': self.tx.init(optim.split(p, self.trainable)[0])}
-    return jax.jit(make, in_shardings=(self.param_shardings,), out_shardings=self.shardings,
+    return jax.jit(make, in_shardings=(self._float_shardings,), out_shardings=self.shardings,
                    donate_argnums=(0,))(params)
 
 

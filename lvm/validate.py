@@ -23,6 +23,7 @@ import ml_collections
 from lvm import config as config_lib
 from lvm import models
 from lvm import optim
+from lvm import quantize
 from lvm import registry
 from lvm import sharding
 from lvm.data import images
@@ -260,6 +261,11 @@ def _check_train(p: registry.Problems, config, mesh, num_processes: int):
       re.compile(pattern)
     except re.error as e:
       p.add('train.trainable', f'{pattern!r} is not a valid regex ({e})', 'fix the regex')
+  _choice(p, config, 'train.frozen_quantization', quantize.MODES)
+  if _get(config, 'train.frozen_quantization') in ('int8', 'int4') and (
+      _get(config, 'train.stage') == 'full'):
+    p.add('train.frozen_quantization', "quantizes frozen weights but train.stage='full' "
+          'freezes none', "set it to 'none', or pick a stage that freezes a module")
 
   batch = _get(config, 'train.batch_size')
   accum = _get(config, 'train.grad_accum_steps')

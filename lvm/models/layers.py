@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm import kernels
+from lvm import quantize
 
 Dtype = Any
 Axes = tuple[str | None, ...]
@@ -56,7 +57,8 @@ class Dense(nn.Module):
     in_shape = x.shape[-n_in:]
     kernel = param_with_axes(self, 'kernel', self.kernel_init, (*in_shape, *features),
                              (*self.in_axes, *self.out_axes), self.param_dtype)
-    kernel = kernel.astype(self.dtype)
+    # A frozen kernel may be stored quantized (lvm.quantize): dequantized here, per layer.
+    kernel = quantize.dequantize(kernel, self.dtype).astype(self.dtype)
     if kernel_only:
       if self.use_bias:
         raise ValueError('Dense(kernel_only=True) has no place for the bias')
