@@ -63,11 +63,15 @@ def test_bad_frozen_quantization_is_an_error_naming_the_key():
 
 
 def test_quantized_frozen_tower_gives_the_float_models_outputs():
-  """Stage 2 freezes the vision tower: its int8 kernels change the projected image tokens
-  by < 1% and the logits by < 1e-3 of their scale (int4: 6%, 1e-2; measured 0.4% / 0.06%
-  and 3% / 0.3% on this tiny random model)."""
+  """Stage 2 freezes the vision tower. Measured here: int8 kernels change the projected
+  image tokens by 0.78% (relative L2) and the logits by 0.92% of their largest magnitude;
+  int4 (per-channel, no groups) by 15% and 17%. Tolerances are about 2x those."""
   config, float_factory = _factory('none', 'finetune')
-  host = jax.device_get(float_factory.random_params(jax.random.key(0)))
+  host = optim.flatten(jax.device_get(float_factory.random_params(jax.random.key(0))))
+  # Kernels 10x the init scale (std 0.2), so the tower's blocks, not its residual stream,
+  # make its output and the quantization error shows in it.
+  host = optim.unflatten({k: v * 10 if k.startswith('vision/') and k.endswith('/kernel') else v
+                          for k, v in host.items()})
   batch = synthetic_data.global_batch(config, 'train', 0)
   model = float_factory.model
 
@@ -77,7 +81,7 @@ def test_quantized_frozen_tower_gives_the_float_models_outputs():
     return tokens, model.apply({'params': params}, batch['images'], batch['input_ids'])
 
   ref_tokens, ref_logits = map(np.asarray, outputs(host))
-  for mode, token_tol, logit_tol in (('int8', 1e-2, 1e-3), ('int4', 6e-2, 1e-2)):
+  for mode, token_tol, logit_tol in (('int8', 2e-2, 2e-2), ('int4', 0.3, 0.35)):
     _, factory = _factory(mode, 'finetune')
     params = _state(factory, host)['params']
     quantized = [k for k, v in optim.flatten(params).items() if isinstance(v, quantize.QArray)]
@@ -90,13 +94,14 @@ def test_quantized_frozen_tower_gives_the_float_models_outputs():
 
 def _train(factory, config, host_params, steps):
   state = _state(factory, host_params)
+  initial = jax.device_get(state['params'])  # before the step donates it
   batch = next(synthetic_data.SyntheticIterator(config, 'train', factory.mesh))
   step = step_lib.jit_train_step(factory, batch)
   losses = []
   for _ in range(steps):  # one batch, again and again: the projector must fit it
     state, metrics = step(state, batch)
     losses.append(float(metrics['loss']))
-  return losses, state
+  return losses, initial, state
 
 
 def test_training_with_an_int8_frozen_decoder_on_1_and_8_devices_and_checkpoints(tmp_path):
@@ -106,10 +111,9 @@ def test_training_with_an_int8_frozen_decoder_on_1_and_8_devices_and_checkpoints
   overrides = {'optimizer.lr': 3e-2, 'optimizer.schedule': 'constant'}
   config, one = _factory('int8', 'pretrain', **overrides)
   host = jax.device_get(one.random_params(jax.random.key(0)))
-  losses, state = _train(one, config, host, steps=4)
+  losses, before, state = _train(one, config, host, steps=4)
   assert losses[-1] < losses[0] - 0.05, losses
-  before = optim.flatten(jax.device_get(one.from_params(
-      jax.device_put(host, jax.tree.map(lambda a: a.sharding, one.abstract_params)))['params']))
+  before = optim.flatten(before)
   after = optim.flatten(jax.device_get(state['params']))
   quantized = [k for k, v in after.items() if isinstance(v, quantize.QArray)]
   assert {k.split('/')[0] for k in quantized} == {'vision', 'decoder'}
@@ -120,7 +124,7 @@ def test_training_with_an_int8_frozen_decoder_on_1_and_8_devices_and_checkpoints
   assert sum(x.size for x in jax.tree.leaves(state['opt_state']) if x.ndim) == 2 * n_projector
 
   _, eight = _factory('int8', 'pretrain', (2, 2, 2), **overrides)
-  losses8, state8 = _train(eight, config, host, steps=4)
+  losses8, _, state8 = _train(eight, config, host, steps=4)
   np.testing.assert_allclose(losses8, losses, rtol=1e-5)
   spec = state8['params']['decoder']['layers']['mlp']['up_proj']['kernel'].values.sharding.spec
   assert 'fsdp' in spec and 'tensor' in spec, spec  # the int8 values are sharded
