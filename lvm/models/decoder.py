@@ -20,6 +20,7 @@ import numpy as np
 from jax.ad_checkpoint import checkpoint_name
 
 from lvm import kernels
+from lvm import quantize
 from lvm.models import layers
 from lvm.models import rope as rope_lib
 from lvm.models.layers import Dense, RMSNorm
@@ -291,7 +292,9 @@ class Decoder(nn.Module):
                            param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
 
   def _to_compute_dtype(self, variables):
-    return jax.tree.map(lambda v: v.astype(self.dtype), variables)
+    # Quantized frozen kernels stay quantized: Dense dequantizes them one layer at a time.
+    return jax.tree.map(lambda v: v if isinstance(v, quantize.QArray) else v.astype(self.dtype),
+                        variables, is_leaf=lambda v: isinstance(v, quantize.QArray))
 
   def embed(self, input_ids):
     """int[B, T] -> float[B, T, D]."""
