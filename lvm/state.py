@@ -66,8 +66,11 @@ class StateFactory:
   """Abstract-first sharded train state for one config, mesh and optimizer.
 
   Attributes:
-    param_shardings, shardings: NamedSharding trees for params and the whole state.
+    param_shardings, shardings: NamedSharding trees for the state's params and the whole state.
     abstract: the state as `jax.ShapeDtypeStruct`s carrying their shardings.
+    quantized_axes: {path: contraction axes} of the frozen kernels the state stores
+      quantized (`lvm.quantize`; empty unless `train.frozen_quantization` is set).
+    quantize: float params -> the params as the state stores them.
   """
 
   def __init__(self, config, model, tx, mesh, axis_rules):
@@ -90,11 +93,12 @@ class StateFactory:
     # Frozen Dense kernels may be stored in int8/int4 (config.train.frozen_quantization).
     self._float_abstract = _with_shardings(abstract_params, self.param_shardings)
     self._float_shardings, mode = self.param_shardings, config.train.frozen_quantization
-    self._quantize = functools.partial(quantize.quantize_params, mode=mode,
-                                       axes=quantize.axes_tree(boxed, self.trainable, mode))
-    abstract_params = jax.eval_shape(self._quantize, abstract_params)
+    self.quantized_axes = quantize.axes_tree(boxed, self.trainable, mode)
+    self.quantize = functools.partial(quantize.quantize_params, axes=self.quantized_axes,
+                                      mode=mode)
+    abstract_params = jax.eval_shape(self.quantize, abstract_params)
     self.param_shardings = quantize.quantized_shardings(self.param_shardings,
-                                                        self._quantize.keywords['axes'])
+                                                        self.quantized_axes)
     trainable, _ = optim.split(abstract_params, self.trainable)
     trainable_shardings, _ = optim.split(self.param_shardings, self.trainable)
     abstract_opt = jax.eval_shape(tx.init, trainable)
@@ -119,7 +123,7 @@ class StateFactory:
   def from_params(self, params):
     """A fresh state (step 0, new optimizer state) around the given params."""
     def make(p):
-      return {'step': jnp.zeros((), jnp.int32), 'params': self._quantize(p),
+      return {'step': jnp.zeros((), jnp.int32), 'params': self.quantize(p),
               'opt_state': self.tx.init(optim.split(p, self.trainable)[0])}
     return jax.jit(make, in_shardings=(self._float_shardings,), out_shardings=self.shardings,
                    donate_argnums=(0,))(params)

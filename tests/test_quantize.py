@@ -66,14 +66,15 @@ def test_quantized_frozen_tower_gives_the_float_models_outputs():
   """Stage 2 freezes the vision tower. Measured here: int8 kernels change the projected
   image tokens by 0.78% (relative L2) and the logits by 0.92% of their largest magnitude;
   int4 (per-channel, no groups) by 15% and 17%. Tolerances are about 2x those."""
-  config, float_factory = _factory('none', 'finetune')
-  host = optim.flatten(jax.device_get(float_factory.random_params(jax.random.key(0))))
+  config, factory = _factory('int8', 'finetune')
+  assert factory.quantized_axes and all(k.startswith('vision/') for k in factory.quantized_axes)
+  host = optim.flatten(jax.device_get(factory.random_params(jax.random.key(0))))
   # Kernels 10x the init scale (std 0.2), so the tower's blocks, not its residual stream,
   # make its output and the quantization error shows in it.
   host = optim.unflatten({k: v * 10 if k.startswith('vision/') and k.endswith('/kernel') else v
                           for k, v in host.items()})
   batch = synthetic_data.global_batch(config, 'train', 0)
-  model = float_factory.model
+  model = factory.model
 
   @jax.jit
   def outputs(params):
@@ -82,10 +83,8 @@ def test_quantized_frozen_tower_gives_the_float_models_outputs():
 
   ref_tokens, ref_logits = map(np.asarray, outputs(host))
   for mode, token_tol, logit_tol in (('int8', 2e-2, 2e-2), ('int4', 0.3, 0.35)):
-    _, factory = _factory(mode, 'finetune')
-    params = _state(factory, host)['params']
-    quantized = [k for k, v in optim.flatten(params).items() if isinstance(v, quantize.QArray)]
-    assert quantized and all(k.startswith('vision/') for k in quantized), quantized
+    params = factory.quantize(host) if mode == 'int8' else quantize.quantize_params(
+        host, factory.quantized_axes, mode)
     tokens, logits = map(np.asarray, outputs(params))
     rel = np.linalg.norm(tokens - ref_tokens) / np.linalg.norm(ref_tokens)
     assert rel < token_tol, (mode, rel)
