@@ -15,7 +15,10 @@ import jax.numpy as jnp
 
 from lvm import generate
 from lvm import models
+from lvm import optim
+from lvm import quantize
 from lvm import sharding as lvm_sharding
+from lvm.models import layers
 from lvm.sampling import SamplingParams
 
 
@@ -78,7 +81,8 @@ class TextGenerator:
 
 
 def abstract_params(config, mesh):
-  """The run's params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`.
+  """The run's params as `jax.ShapeDtypeStruct`s carrying their shardings on `mesh`, as
+  its checkpoints hold them (frozen kernels quantized if it set `train.frozen_quantization`).
 
   Restoring against this tree puts each shard straight onto its devices (as training's
   StateFactory does); no full copy is made on one device.
@@ -90,8 +94,12 @@ def abstract_params(config, mesh):
     boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
                            jnp.zeros((1, 8), jnp.int32))['params']
   shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
+  # A run with train.frozen_quantization saved its frozen kernels quantized (lvm.quantize).
+  mode = config.train.frozen_quantization
+  axes = quantize.axes_tree(boxed, optim.trainable_regex(config.train), mode)
+  abstract = jax.eval_shape(lambda p: quantize.quantize_params(p, axes, mode), nn.unbox(boxed))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
-                      nn.unbox(boxed), shardings)
+                      abstract, quantize.quantized_shardings(shardings, axes))
 
 
 def from_run(path: str, mesh=None, log=print):
@@ -109,6 +117,7 @@ def from_run(path: str, mesh=None, log=print):
     return abstract_params(config, meshes['mesh'])
 
   config, params = checkpoint.load_params(path, target, log=log)
+  params = quantize.dequantize_params(params, layers.dtype(config.model.param_dtype))
   try:
     tok = data_tokenizer.load(config)
   except FileNotFoundError:

@@ -65,8 +65,10 @@ def dequantize(x, dtype=jnp.float32):
   return x.dequantize(dtype) if isinstance(x, QArray) else x
 
 
-def bits(mode: str) -> int:
-  return jnp.iinfo(_DTYPES[mode]).bits
+def dequantize_params(params, dtype):
+  """The params with every `QArray` leaf dequantized to `dtype`."""
+  return jax.tree.map(lambda x: dequantize(x, dtype), params,
+                      is_leaf=lambda x: isinstance(x, QArray))
 
 
 def contraction_axes(names) -> tuple[int, ...]:

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from lvm import checkpoint as ckpt_lib
+from lvm import inference
 from lvm import models
 from lvm import optim
 from lvm import quantize
@@ -135,3 +136,9 @@ def test_training_with_an_int8_frozen_decoder_on_1_and_8_devices_and_checkpoints
   checkpointer.close()
   for a, b in zip(jax.tree.leaves(jax.device_get(restored)), jax.tree.leaves(jax.device_get(state8))):
     assert a.dtype == b.dtype and a.tobytes() == b.tobytes()
+  # Generation and evaluation (lvm.inference) read that checkpoint, dequantized.
+  _, loaded = ckpt_lib.load_params(tmp_path, lambda c: inference.abstract_params(c, one.mesh))
+  loaded = quantize.dequantize_params(loaded, jnp.float32)
+  up = state8['params']['decoder']['layers']['mlp']['up_proj']['kernel']
+  np.testing.assert_array_equal(jax.device_get(loaded['decoder']['layers']['mlp']['up_proj'][
+      'kernel']), jax.device_get(up.dequantize()))
