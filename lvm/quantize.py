@@ -102,13 +102,22 @@ def selected(path: str, trainable: str) -> bool:
 
 def axes_tree(boxed_params, trainable: str, mode: str) -> dict:
   """{path: contraction axes} of the leaves `mode` quantizes, from the boxed (logically
-  partitioned) abstract params; empty for mode 'none'."""
+  partitioned) abstract params; empty for mode 'none'.
+
+  Raises:
+    ValueError: a quantization mode, but no frozen Dense kernel to apply it to.
+  """
   if mode == 'none':
     return {}
   flat = traverse_util.flatten_dict(
       boxed_params, sep='/', is_leaf=lambda _, x: hasattr(x, 'names'))
-  return {k: contraction_axes(v.names) for k, v in flat.items()
+  axes = {k: contraction_axes(v.names) for k, v in flat.items()
           if selected(k, trainable) and len(v.names) >= 2}
+  if not axes:
+    raise ValueError(f'config.train.frozen_quantization={mode!r}, but the trainable pattern '
+                     f'{trainable!r} freezes no Dense kernel: nothing to quantize; set it '
+                     "to 'none' or freeze a module (config.train.stage).")
+  return axes
 
 
 def quantize_params(params, axes: dict, mode: str):

@@ -61,6 +61,8 @@ def test_bad_frozen_quantization_is_an_error_naming_the_key():
   config = train_utils.tiny_config(**{'train.frozen_quantization': 'int8', 'train.stage': 'full'})
   with pytest.raises(ValueError, match=r"train\.frozen_quantization.*freezes none"):
     validate.validate_config(config, 1)
+  with pytest.raises(ValueError, match=r"frozen_quantization='int4'.*freezes no Dense kernel"):
+    quantize.axes_tree({'projector': {}}, '.*', 'int4')
 
 
 def test_quantized_frozen_tower_gives_the_float_models_outputs():
