@@ -135,3 +135,22 @@ def test_grouped_stream_resumes_and_groups(shapes_dir):
   got = [tuple(r) for r in first[0]['input_ids']]
   want = [tuple(it.processor(src[int(i)])['input_ids']) for i in order[:8]]
   assert got == want
+
+
+def test_llava15_stages_as_its_scripts():
+  """Stage 1 resizes + center-crops (no image_aspect_ratio), stage 2 pads and groups by
+  modality length; packing=1 packs instead of grouping."""
+  from configs import llava15  # pylint: disable=g-import-not-at-top
+  stage1 = llava15.get_config('size=7b,stage=pretrain')
+  stage2 = llava15.get_config('size=7b,stage=finetune')
+  packed = llava15.get_config('size=7b,stage=finetune,packing=1')
+  assert (stage1.data.image_aspect, stage1.data.group_by_modality_length) == ('resize', False)
+  assert (stage2.data.image_aspect, stage2.data.group_by_modality_length) == ('pad', True)
+  assert packed.data.packing and not packed.data.group_by_modality_length
+  for c, lr, batch in ((stage1, 1e-3, 256), (stage2, 2e-5, 128)):
+    assert (c.optimizer.lr, c.train.batch_size, c.data.seq_len, c.train.num_epochs) == (
+        lr, batch, 2048, 1.0)
+    assert (c.optimizer.schedule, c.optimizer.warmup_ratio, c.optimizer.weight_decay) == (
+        'cosine', 0.03, 0.0)
+    assert (c.optimizer.b1, c.optimizer.b2, c.optimizer.eps, c.optimizer.clip_norm) == (
+        0.9, 0.999, 1e-8, 1.0)  # transformers' Trainer defaults, which LLaVA keeps
