@@ -4,6 +4,12 @@
   --config=configs/llava15.py:size=13b,stage=finetune    instruction tuning (mix665k)
   --config=configs/llava15.py:size=tiny,stage=pretrain   the same recipe on a model that runs
                                                          in seconds on a CPU (tests)
+  --config=configs/llava15.py:...,packing=1              several samples per row instead
+                                                         (lvm.data.packing; not LLaVA's batches)
+
+As scripts/v1_5/pretrain.sh and finetune.sh run it (side by side in docs/training.md): stage 1
+sets no image_aspect_ratio, so its images go through the CLIP processor's resize + center crop
+(`resize`); stage 2 pads them to square (`pad`) and groups by modality length.
 
 Point `config.data.manual_dir` at the LLaVA-format data, `config.data.tokenizer` at the
 decoder's tokenizer, and `config.init` at transformers checkpoints (see README).
@@ -25,7 +31,7 @@ TINY_RUN = dict(image_token_id=256, pad_token_id=257, batch_size=8, seq_len=128)
 
 
 def get_config(arg=None):
-  arg = base.parse_arg(arg, size='7b', stage='finetune')
+  arg = base.parse_arg(arg, size='7b', stage='finetune', packing=False)
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
   if arg.stage not in ('pretrain', 'finetune'):
@@ -38,8 +44,7 @@ def get_config(arg=None):
   config.model.remat_policy = 'full'
 
   config.data.dataset = 'llava_json'
-  config.data.seq_len = 2048
-  config.data.image_aspect = 'pad'
+  config.data.seq_len = 2048  # --model_max_length 2048
   config.train.stage = arg.stage
   config.train.num_epochs = 1.0
   config.optimizer.schedule = 'cosine'
@@ -49,15 +54,23 @@ def get_config(arg=None):
   config.mesh.fsdp = -1
 
   if arg.stage == 'pretrain':
-    config.data.template = 'plain'
+    config.data.template = 'plain'  # --version plain
+    # No --image_aspect_ratio: LLaVA's default 'square' hands the image to the CLIP
+    # processor as it is (shortest side to 336, center crop).
+    config.data.image_aspect = 'resize'
     config.train.batch_size = 256
     config.optimizer.lr = 1e-3
     config.init.kind = 'hf_parts'  # CLIP folder + Vicuna folder, fresh projector
   else:
-    config.data.template = 'vicuna_v1'
+    config.data.template = 'vicuna_v1'  # --version v1
+    config.data.image_aspect = 'pad'  # --image_aspect_ratio pad
+    # --group_by_modality_length True; packing replaces it (lvm.data.length_groups).
+    config.data.group_by_modality_length = not arg.packing
     config.train.batch_size = 128
     config.optimizer.lr = 2e-5
     config.init.kind = 'checkpoint'  # the stage-1 run's workdir
+  if arg.packing:
+    config.data.packing = True
   if arg.size == 'tiny':  # float32: bfloat16 matmuls are slow on a CPU
     config.model.vision = base.vision_config('clip', **TINY_VISION)
     config.model.image_token_id = TINY_RUN['image_token_id']

@@ -206,6 +206,13 @@ def get_config(arg=None):
   config.data.shuffle_seed = 0
   config.data.num_workers = 0  # host-side parallel preprocessing workers
   config.data.prefetch = 2
+  # Training split only. Several samples per row, attention kept within each
+  # (lvm.data.packing); pack_max_images: image slots per packed row (0: as many images as
+  # data.seq_len holds tokens for, at least data.max_images).
+  config.data.packing = False
+  config.data.pack_max_images = 0
+  # LLaVA's --group_by_modality_length (lvm.data.length_groups): the alternative to packing.
+  config.data.group_by_modality_length = False
   _dataset_groups(config.data)
 
   config.train = ml_collections.ConfigDict()

@@ -81,13 +81,16 @@ def apply_model(model, params, batch, logit_positions=None):
   No attention mask is passed: under the causal mask a real token never sees the padding
   after it, so its logits are the same with or without `attention_mask`, and without one
   fused attention (cuDNN flash) takes its causal path instead of reading a [B, 1, L, L] mask
-  and computing the masked half (measured on an H100: docs/performance.md).
+  and computing the masked half (measured on an H100: docs/performance.md). A packed batch
+  passes its `segment_ids` and `positions`, and attention stays within each sample.
   """
   images = batch.get('images')
   if images is not None and images.shape[1] == 0:
     images = None
+  # A packed batch (lvm.data.packing) brings its segments and per-sample positions.
+  packed = {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
   return model.apply({'params': params}, images, batch['input_ids'],
-                     logit_positions=logit_positions)
+                     logit_positions=logit_positions, **packed)
 
 
 def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0):

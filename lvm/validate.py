@@ -27,6 +27,8 @@ from lvm import quantize
 from lvm import registry
 from lvm import sharding
 from lvm.data import images
+from lvm.data import length_groups
+from lvm.data import packing
 
 # The families whose kind a config selects; each kind brings its own `check`. A new kind is
 # registered where it is implemented, never listed here.
@@ -224,6 +226,8 @@ def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
   if not isinstance(max_images, int) or max_images < 0:
     p.add('data.max_images', f'must be an integer >= 0, got {max_images!r}',
           'set it to the most images a sample may carry (LLaVA-1.5: 1)')
+  packing.check_config(config, p)
+  length_groups.check_config(config, p)
   seq_len = _get(config, 'data.seq_len')
   if not isinstance(seq_len, int) or seq_len < 2:
     p.add('data.seq_len', f'must be an integer >= 2, got {seq_len!r}', 'set a longer length')

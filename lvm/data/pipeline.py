@@ -26,6 +26,8 @@ import numpy as np
 
 from lvm import sharding as sharding_lib
 from lvm.data import images as images_lib
+from lvm.data import length_groups
+from lvm.data import packing
 from lvm.data import templates
 from lvm.data import tokenizer as tokenizer_lib
 
@@ -173,8 +175,12 @@ class DataIterator:
     if self.size == 0:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
-    self.processor = Processor(config, tok, models.num_image_tokens(config),
-                               train=split == config.data.train_split)
+    train = split == config.data.train_split
+    self.processor = Processor(config, tok, models.num_image_tokens(config), train=train)
+    # Training-split hooks: rows packed with several samples (lvm.data.packing), or epochs
+    # ordered by LLaVA's modality-length grouping (lvm.data.length_groups).
+    self.packer = packing.make(config, self.processor, models.num_image_tokens(config), train)
+    self.grouping = length_groups.make(config, self.source, self.processor, train)
     self.rows = local_rows(mesh, self.batch_size, config.data.seq_len)
     self.cursors = {r: 0 for r in self.rows}
     self._stats = collections.Counter()
@@ -185,9 +191,9 @@ class DataIterator:
     self._stop = threading.Event()
     workers = int(config.data.num_workers)
     self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
-    self._shardings = {
-        k: sharding_lib.batch_sharding(mesh, nd)
-        for k, nd in (('images', 5), ('input_ids', 2), ('loss_mask', 2), ('attention_mask', 2))}
+    keys = packing.BATCH_KEYS if self.packer else packing.BATCH_KEYS[:4]
+    self._shardings = {k: sharding_lib.batch_sharding(mesh, 5 if k == 'images' else 2)
+                       for k in keys}
 
   # --- the stream ----------------------------------------------------------------------------
 
@@ -197,7 +203,9 @@ class DataIterator:
       return i
     with self._lock:
       if epoch not in self._perms:
-        self._perms[epoch] = np.random.default_rng([self.seed, epoch]).permutation(self.size)
+        self._perms[epoch] = (
+            self.grouping.order(self.seed, epoch, self.batch_size) if self.grouping else
+            np.random.default_rng([self.seed, epoch]).permutation(self.size))
         if len(self._perms) > 4:
           self._perms.popitem(last=False)
       return int(self._perms[epoch][i])
@@ -205,8 +213,22 @@ class DataIterator:
   def _exhausted(self, position):
     return self.num_epochs is not None and position >= self.num_epochs * self.size
 
+  def _too_many_drops(self, error, drops):
+    del error
+    # A row saw a whole epoch's share of samples with none usable: nothing will be.
+    return ValueError(
+        f'{config_name(self.config)}: no usable sample in split {self.split!r} '
+        f'(dropped by reason: {dict(drops)}); check data.seq_len, data.template, '
+        'data.max_images and the tokenizer (python -m lvm.data.inspect).')
+
   def _fill_row(self, row, cursor):
     """(example, new cursor, Counter of drops) for one row starting at `cursor`."""
+    if self.packer:
+      def read(c):
+        position = row + self.batch_size * c
+        return None if self._exhausted(position) else self.source[self._index(position)]
+      return self.packer.fill_row(read, cursor, max(self.size // self.batch_size, 1) + 100,
+                                  self._too_many_drops)
     drops = collections.Counter()
     while True:
       position = row + self.batch_size * cursor
@@ -218,11 +240,7 @@ class DataIterator:
       except (templates.SampleError, images_lib.ImageError) as e:
         drops[e.reason] += 1
         if sum(drops.values()) > max(self.size // self.batch_size, 1) + 100:
-          # A row saw a whole epoch's share of samples with none usable: nothing will be.
-          raise ValueError(
-              f'{config_name(self.config)}: no usable sample in split {self.split!r} '
-              f'(dropped by reason: {dict(drops)}); check data.seq_len, data.template, '
-              'data.max_images and the tokenizer (python -m lvm.data.inspect).') from e
+          raise self._too_many_drops(e, drops) from e
 
   def _next_local(self, cursors):
     rows = self.rows
@@ -235,7 +253,8 @@ class DataIterator:
       new[r] = c
       drops.update(d)
     done = all(ex is None for ex in examples)
-    examples = [self.processor.empty() if ex is None else ex for ex in examples]
+    empty = (self.packer or self.processor).empty
+    examples = [empty() if ex is None else ex for ex in examples]
     batch = {k: np.stack([ex[k] for ex in examples]) for k in examples[0]}
     return batch, new, drops, done
 
@@ -343,7 +362,8 @@ class DataIterator:
       cursors = np.max(multihost_utils.process_allgather(cursors), axis=0)
     return {'version': STATE_VERSION, 'split': self.split, 'seed': self.seed,
             'shuffle': self.shuffle, 'num_examples': self.size, 'batch_size': self.batch_size,
-            'cursors': [int(c) for c in cursors], 'stats': stats}
+            'cursors': [int(c) for c in cursors], 'stats': stats,
+            'packing': bool(self.packer), 'grouping': bool(self.grouping)}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores `get_state()`; the batch size, seed and split size must match."""
@@ -352,6 +372,11 @@ class DataIterator:
       if state.get(key) != mine:
         raise ValueError(f'Data iterator state has {key}={state.get(key)!r} but this run has '
                          f'{mine!r}; the stream cannot be resumed exactly.')
+    for key, mine in (('packing', bool(self.packer)), ('grouping', bool(self.grouping))):
+      if state.get(key, False) != mine:  # states saved before these keys had neither
+        raise ValueError(f'Data iterator state has {key}={state.get(key, False)!r} but this '
+                         f'run has {mine!r} (data.packing / data.group_by_modality_length); '
+                         'the stream cannot be resumed exactly.')
     self._close_thread()
     self._finished = False
     self.cursors = {r: int(state['cursors'][r]) for r in self.rows}

@@ -304,7 +304,7 @@ class Decoder(nn.Module):
     return nn.with_logical_constraint(x, ('batch', 'length', 'act_embed'))
 
   def __call__(self, x, positions=None, attention_mask=None, cache=None, cache_index=None,
-               logit_positions=None):
+               logit_positions=None, segment_ids=None):
     """Runs the blocks and the LM head.
 
     Args:
@@ -316,11 +316,17 @@ class Decoder(nn.Module):
       cache_index: int scalar, the cache slot of x's first token.
       logit_positions: optional int[B, P]: the LM head runs only at these positions of each
         row (training scores only text targets; image positions need no logits).
+      segment_ids: optional int[B, T] of a packed batch (lvm.data.packing): a query attends
+        only to keys of its own segment (0 = padding, which attends only to padding). Give
+        `positions` restarting per segment with it. Training only (no cache).
 
     Returns:
       (logits float[B, T, V] (or [B, P, V]), updated cache or None).
     """
     b, t, _ = x.shape
+    if segment_ids is not None and cache is not None:
+      raise ValueError('segment_ids (packed rows) are for training and scoring; a KV cache '
+                       'continues one sample per row')
     if cache is not None and cache_index is None:
       cache_index = jnp.zeros((), jnp.int32)
     start = 0 if cache is None else cache_index
@@ -331,7 +337,8 @@ class Decoder(nn.Module):
         positions = (start + jnp.arange(t, dtype=jnp.int32))[None]
     rope = rope_lib.tables(positions, self.resolved_head_dim, self.rope_theta,
                            dict(self.rope_scaling) if self.rope_scaling else None)
-    mask, sliding = self._masks(t, start, attention_mask, cache), self.sliding_layers()
+    mask = self._masks(t, start, attention_mask, cache, segment_ids)
+    sliding = self.sliding_layers()
     if self.scan_layers:
       x, new_cache = self.layers(x, rope, mask, cache, cache_index,
                                  None if sliding is None else jnp.asarray(sliding))
@@ -363,14 +370,17 @@ class Decoder(nn.Module):
     i = np.arange(self.depth)
     return (i + 1) % self.global_every != 0 if self.global_every else np.ones(self.depth, bool)
 
-  def _masks(self, t, start, attention_mask, cache):
+  def _masks(self, t, start, attention_mask, cache, segment_ids=None):
     """The attention mask bool[B|1, 1, T, S] (None: causal, for the kernels' own mask),
-    or with a window the pair (causal, causal within the window).
+    or with a window the pair (causal, causal within the window). With `segment_ids` every
+    mask also keeps only the query's own segment: one [B, 1, T, T] mask that each attention
+    kernel takes as it takes a padding mask (cuDNN as an additive bias; docs/data.md).
 
     Slots, not RoPE positions, measure the window (as transformers' cache positions): a
     row's real tokens sit in consecutive slots, so the two differ only on padding.
     """
-    if cache is None and attention_mask is None and not self.sliding_window:
+    if (cache is None and attention_mask is None and segment_ids is None
+        and not self.sliding_window):
       return None
     s = t if cache is None else cache['k'].shape[2]
     query_slot = start + jnp.arange(t)[:, None]
@@ -378,6 +388,8 @@ class Decoder(nn.Module):
     mask = (key_slot <= query_slot)[None, None]  # [1, 1, T, S]
     if attention_mask is not None:
       mask = mask & attention_mask[:, None, None, :].astype(bool)
+    if segment_ids is not None:
+      mask = mask & (segment_ids[:, None, :, None] == segment_ids[:, None, None, :])
     if not self.sliding_window:
       return mask
     return mask, mask & (key_slot > query_slot - self.sliding_window)[None, None]

@@ -134,11 +134,12 @@ class LLaVA(nn.Module):
     return x
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
-              cache_index=None, logit_positions=None, image_sizes=None):
+              cache_index=None, logit_positions=None, image_sizes=None, segment_ids=None):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
     x = self.embed(images, input_ids, image_sizes)
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index, logit_positions=logit_positions)
+                        cache_index=cache_index, logit_positions=logit_positions,
+                        segment_ids=segment_ids)
 
   def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
     """Text-only continuation with a cache (images were written at prefill)."""
@@ -147,7 +148,7 @@ class LLaVA(nn.Module):
                         cache_index=cache_index)
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
-               logit_positions=None, image_sizes=None):
+               logit_positions=None, image_sizes=None, segment_ids=None):
     """Logits for a batch.
 
     Args:
@@ -160,9 +161,13 @@ class LLaVA(nn.Module):
       positions: optional int[B, L] RoPE positions.
       logit_positions: optional int[B, P]: logits only at these positions.
       image_sizes: int[B, N, 2] original (height, width) of each image; anyres only.
+      segment_ids: optional int[B, L] of a packed batch (`lvm.data.packing`): several
+        samples per row, 0 on padding; attention stays within a segment. The row's images
+        are its samples' images in order; pass `positions` restarting per segment.
 
     Returns:
       logits float[B, L, V] (or [B, P, V]) in the compute dtype.
     """
     return self.forward(images, input_ids, attention_mask, positions,
-                        logit_positions=logit_positions, image_sizes=image_sizes)[0]
+                        logit_positions=logit_positions, image_sizes=image_sizes,
+                        segment_ids=segment_ids)[0]
