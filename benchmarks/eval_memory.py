@@ -1,0 +1,159 @@
+"""Peak memory and speed of `lvm.evaluate.run` as the benchmark grows (tiny model, CPU).
+
+Writes a POPE-layout benchmark of N generated questions (tiny PNGs, reused across
+questions: every question still decodes and preprocesses its own image), answers it with a
+tiny random LLaVA, and records the resident set before the run and its peak during the run
+(sampled every 5 ms), for each N in --counts. The first count is preceded by a warm-up run
+(compilation, thread pools), so every measured run starts from the same settled process.
+Memory is flat when the growth does not scale with N; the harness before streaming kept
+every preprocessed image (12 KiB per question at the tiny model's 32 px).
+
+  python benchmarks/eval_memory.py                       # 2,000 and 20,000 questions
+  python benchmarks/eval_memory.py --counts=200,2000 --batch_size=64
+
+Prints one line per count and the growth difference; --out writes the numbers as JSON.
+"""
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from lvm.eval import stream  # pylint: disable=g-import-not-at-top,wrong-import-position
+
+NUM_IMAGE_FILES = 16
+
+
+def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0):
+  """(config, TextGenerator): configs/tiny.py with random weights and the shapes tokenizer.
+
+  Args:
+    data_dir: where the shapes tokenizer is trained (once; nothing is downloaded).
+    mesh: the generation mesh (default: every device on the data axis).
+    seed: the weights' seed (every process of a multi-process run passes the same one).
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  from configs import tiny  # pylint: disable=g-import-not-at-top
+  from lvm import generate, inference, models  # pylint: disable=g-import-not-at-top
+  from lvm.data import shapes  # pylint: disable=g-import-not-at-top
+  from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.unlock()
+  config.data.data_dir = data_dir
+  config.lock()
+  shapes.prepare_assets(config)  # the tokenizer; the TFDS records are not needed
+  model = models.build(config)
+  h = config.model.vision.image_size
+  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 1, h, h, 3)),
+                               jnp.zeros((1, 8), jnp.int32))['params'])
+  # Default init gives near-uniform logits; a sharper head makes the greedy answers differ
+  # by question and image (and no near-tie can flip between meshes).
+  params['decoder']['lm_head']['kernel'] = params['decoder']['lm_head']['kernel'] * 50
+  params = jax.device_get(params)
+  gen = generate.Generator(config, params, mesh=mesh)
+  return config, inference.TextGenerator(gen, tokenizer_lib.load(config),
+                                         config.data.template)
+
+
+def write_pope(folder: str, num_questions: int, image_px: int = 8,
+               num_image_files: int = NUM_IMAGE_FILES) -> str:
+  """A POPE-layout benchmark (coco_pope_random.json + val2014/) of `num_questions`."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  os.makedirs(os.path.join(folder, 'val2014'), exist_ok=True)
+  for i in range(num_image_files):
+    Image.new('RGB', (image_px, image_px + i % 3),
+              (i * 37 % 256, i * 91 % 256, i * 53 % 256)).save(
+                  os.path.join(folder, 'val2014', f'{i}.png'))
+  objects = ('dog', 'cat', 'car', 'tree', 'chair', 'cup', 'bird')
+  with open(os.path.join(folder, 'coco_pope_random.json'), 'w') as f:
+    for q in range(num_questions):
+      f.write(json.dumps({'question_id': q, 'image': f'{q % num_image_files}.png',
+                          'text': f'Is there a {objects[q % len(objects)]} in the image?',
+                          'label': 'yes' if q % 2 else 'no'}) + '\n')
+  return folder
+
+
+class PeakSampler:
+  """The peak of the current RSS while the `with` block runs (a 5 ms sampling thread)."""
+
+  def __enter__(self):
+    self.start = self.peak = stream.rss_mb()
+    self._stop = threading.Event()
+    self._thread = threading.Thread(target=self._sample, daemon=True)
+    self._thread.start()
+    return self
+
+  def _sample(self):
+    while not self._stop.wait(0.005):
+      self.peak = max(self.peak, stream.rss_mb())
+
+  def __exit__(self, *exc):
+    self._stop.set()
+    self._thread.join()
+    self.peak = max(self.peak, stream.rss_mb())
+
+
+def measure(counts, batch_size: int = 64, max_new_tokens: int = 2, workdir: str | None = None,
+            num_workers: int = 2, prefetch: int = 4, log=print) -> dict:
+  """Runs `lvm.evaluate.run` on generated POPE benchmarks of each size in `counts`.
+
+  Returns:
+    {n: {'rss_start_mb', 'rss_peak_mb', 'growth_mb', 'questions_per_second', 'seconds',
+    'num_scored', 'num_questions'}}.
+  """
+  from lvm import evaluate  # pylint: disable=g-import-not-at-top
+  with tempfile.TemporaryDirectory() as tmp:
+    workdir = workdir or tmp
+    config, text_gen = tiny_text_generator(os.path.join(workdir, 'tok'))
+    run = lambda n, name: evaluate.run(
+        text_gen, config, 'pope', write_pope(os.path.join(workdir, name), n),
+        os.path.join(workdir, 'out_' + name), batch_size=batch_size,
+        max_new_tokens=max_new_tokens, num_workers=num_workers, prefetch=prefetch)
+    run(2 * batch_size, 'warmup')  # compile (both the full and the last, short batch)
+    results = {}
+    for n in counts:
+      with PeakSampler() as rss:
+        result = run(n, f'n{n}')
+      results[n] = {'rss_start_mb': round(rss.start, 1), 'rss_peak_mb': round(rss.peak, 1),
+                    'growth_mb': round(rss.peak - rss.start, 1),
+                    'questions_per_second': result['questions_per_second'],
+                    'seconds': result['seconds'], 'num_scored': result['num_scored'],
+                    'num_questions': result['num_questions']}
+      log(f'{n:>7} questions: RSS {rss.start:.1f} MiB before, peak {rss.peak:.1f} MiB '
+          f'(+{rss.peak - rss.start:.1f} MiB), {result["num_scored"]} of '
+          f'{result["num_questions"]} scored, {result["questions_per_second"]:.1f} '
+          'questions/s')
+  return results
+
+
+def main():
+  parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
+  parser.add_argument('--counts', default='2000,20000')
+  parser.add_argument('--batch_size', type=int, default=64)
+  parser.add_argument('--max_new_tokens', type=int, default=2)
+  parser.add_argument('--num_workers', type=int, default=2)
+  parser.add_argument('--prefetch', type=int, default=4)
+  parser.add_argument('--out', default='')
+  args = parser.parse_args()
+  counts = [int(c) for c in args.counts.split(',')]
+  results = measure(counts, args.batch_size, args.max_new_tokens,
+                    num_workers=args.num_workers, prefetch=args.prefetch)
+  small, large = results[counts[0]], results[counts[-1]]
+  print(f'growth {counts[0]} -> {counts[-1]} questions: {small["growth_mb"]:.1f} -> '
+        f'{large["growth_mb"]:.1f} MiB; process peak {stream.peak_rss_mb():.1f} MiB; '
+        f'a preprocessed-image-per-question harness would hold '
+        f'{(counts[-1] - counts[0]) * 32 * 32 * 3 * 4 / 2 ** 20:.1f} MiB more')
+  if args.out:
+    with open(args.out, 'w') as f:
+      json.dump({str(k): v for k, v in results.items()}, f, indent=1)
+
+
+if __name__ == '__main__':
+  main()
