@@ -6,7 +6,8 @@ tiny random LLaVA, and records the resident set before the run and its peak duri
 (sampled every 5 ms), for each N in --counts. The first count is preceded by a warm-up run
 (compilation, thread pools), so every measured run starts from the same settled process.
 Memory is flat when the growth does not scale with N; the harness before streaming kept
-every preprocessed image (12 KiB per question at the tiny model's 32 px).
+every preprocessed image (12 KiB per question at the tiny model's 32 px, 48 KiB at
+--image_size=64).
 
   python benchmarks/eval_memory.py                       # 2,000 and 20,000 questions
   python benchmarks/eval_memory.py --counts=200,2000 --batch_size=64
@@ -20,7 +21,6 @@ import os
 import sys
 import tempfile
 import threading
-import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -29,13 +29,14 @@ from lvm.eval import stream  # pylint: disable=g-import-not-at-top,wrong-import-
 NUM_IMAGE_FILES = 16
 
 
-def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0):
+def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0, image_size: int = 32):
   """(config, TextGenerator): configs/tiny.py with random weights and the shapes tokenizer.
 
   Args:
     data_dir: where the shapes tokenizer is trained (once; nothing is downloaded).
     mesh: the generation mesh (default: every device on the data axis).
     seed: the weights' seed (every process of a multi-process run passes the same one).
+    image_size: the vision tower's input size (patches grow with it: always 4x4 tokens).
   """
   import flax.linen as nn  # pylint: disable=g-import-not-at-top
   import jax  # pylint: disable=g-import-not-at-top
@@ -47,6 +48,8 @@ def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0):
   config = tiny.get_config()
   config.unlock()
   config.data.data_dir = data_dir
+  config.model.vision.image_size = image_size
+  config.model.vision.patch_size = image_size // 4
   config.lock()
   shapes.prepare_assets(config)  # the tokenizer; the TFDS records are not needed
   model = models.build(config)
@@ -101,7 +104,7 @@ class PeakSampler:
 
 
 def measure(counts, batch_size: int = 64, max_new_tokens: int = 2, workdir: str | None = None,
-            num_workers: int = 2, prefetch: int = 4, log=print) -> dict:
+            num_workers: int = 2, prefetch: int = 4, image_size: int = 32, log=print) -> dict:
   """Runs `lvm.evaluate.run` on generated POPE benchmarks of each size in `counts`.
 
   Returns:
@@ -111,7 +114,8 @@ def measure(counts, batch_size: int = 64, max_new_tokens: int = 2, workdir: str 
   from lvm import evaluate  # pylint: disable=g-import-not-at-top
   with tempfile.TemporaryDirectory() as tmp:
     workdir = workdir or tmp
-    config, text_gen = tiny_text_generator(os.path.join(workdir, 'tok'))
+    config, text_gen = tiny_text_generator(os.path.join(workdir, 'tok'),
+                                           image_size=image_size)
     run = lambda n, name: evaluate.run(
         text_gen, config, 'pope', write_pope(os.path.join(workdir, name), n),
         os.path.join(workdir, 'out_' + name), batch_size=batch_size,
@@ -140,16 +144,18 @@ def main():
   parser.add_argument('--max_new_tokens', type=int, default=2)
   parser.add_argument('--num_workers', type=int, default=2)
   parser.add_argument('--prefetch', type=int, default=4)
+  parser.add_argument('--image_size', type=int, default=32)
   parser.add_argument('--out', default='')
   args = parser.parse_args()
   counts = [int(c) for c in args.counts.split(',')]
   results = measure(counts, args.batch_size, args.max_new_tokens,
-                    num_workers=args.num_workers, prefetch=args.prefetch)
+                    num_workers=args.num_workers, prefetch=args.prefetch,
+                    image_size=args.image_size)
   small, large = results[counts[0]], results[counts[-1]]
   print(f'growth {counts[0]} -> {counts[-1]} questions: {small["growth_mb"]:.1f} -> '
         f'{large["growth_mb"]:.1f} MiB; process peak {stream.peak_rss_mb():.1f} MiB; '
         f'a preprocessed-image-per-question harness would hold '
-        f'{(counts[-1] - counts[0]) * 32 * 32 * 3 * 4 / 2 ** 20:.1f} MiB more')
+        f'{(counts[-1] - counts[0]) * args.image_size ** 2 * 3 * 4 / 2 ** 20:.1f} MiB more')
   if args.out:
     with open(args.out, 'w') as f:
       json.dump({str(k): v for k, v in results.items()}, f, indent=1)
