@@ -38,11 +38,8 @@ def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0, image_size: int
     seed: the weights' seed (every process of a multi-process run passes the same one).
     image_size: the vision tower's input size (patches grow with it: always 4x4 tokens).
   """
-  import flax.linen as nn  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
   from configs import tiny  # pylint: disable=g-import-not-at-top
-  from lvm import generate, inference, models  # pylint: disable=g-import-not-at-top
+  from lvm import generate, inference  # pylint: disable=g-import-not-at-top
   from lvm.data import shapes  # pylint: disable=g-import-not-at-top
   from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   config = tiny.get_config()
@@ -52,17 +49,40 @@ def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0, image_size: int
   config.model.vision.patch_size = image_size // 4
   config.lock()
   shapes.prepare_assets(config)  # the tokenizer; the TFDS records are not needed
-  model = models.build(config)
-  h = config.model.vision.image_size
-  params = nn.unbox(model.init(jax.random.key(seed), jnp.zeros((1, 1, h, h, 3)),
-                               jnp.zeros((1, 8), jnp.int32))['params'])
-  # Default init gives near-uniform logits; a sharper head makes the greedy answers differ
-  # by question and image (and no near-tie can flip between meshes).
-  params['decoder']['lm_head']['kernel'] = params['decoder']['lm_head']['kernel'] * 50
-  params = jax.device_get(params)
+  params = random_params(config, seed)
   gen = generate.Generator(config, params, mesh=mesh)
   return config, inference.TextGenerator(gen, tokenizer_lib.load(config),
                                          config.data.template)
+
+
+def random_params(config, seed: int = 0) -> dict:
+  """Host (numpy) random weights for `config`'s model, without running its init.
+
+  Shapes from `jax.eval_shape` (tracing only); norm scales 1, biases 0, other leaves
+  N(0, 0.02) from numpy (the same on every process for one seed). Running `model.init`
+  on CPU costs 10-15 s, this well under one. The LM head is scaled so that greedy answers
+  differ by question and image and no near-tie can flip between meshes.
+  """
+  import flax.linen as nn  # pylint: disable=g-import-not-at-top
+  import jax  # pylint: disable=g-import-not-at-top
+  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
+  import numpy as np  # pylint: disable=g-import-not-at-top
+  from lvm import models  # pylint: disable=g-import-not-at-top
+  h = config.model.vision.image_size
+  shapes = nn.unbox(jax.eval_shape(models.build(config).init, jax.random.key(0),
+                                   jnp.zeros((1, 1, h, h, 3)), jnp.zeros((1, 8), jnp.int32)))
+  rng = np.random.RandomState(seed)
+
+  def fill(path, leaf):
+    name = jax.tree_util.keystr(path)
+    if name.endswith("['scale']"):
+      value = np.ones(leaf.shape)
+    elif name.endswith("['bias']"):
+      value = np.zeros(leaf.shape)
+    else:
+      value = rng.normal(0, 0.02 * (50 if "['lm_head']" in name else 1), leaf.shape)
+    return value.astype(leaf.dtype)
+  return jax.tree_util.tree_map_with_path(fill, shapes['params'])
 
 
 def write_pope(folder: str, num_questions: int, image_px: int = 8,
