@@ -157,6 +157,29 @@ def measure(counts, batch_size: int = 64, max_new_tokens: int = 2, workdir: str 
   return results
 
 
+def measure_in_subprocess(counts, malloc_arena_max: int = 0, timeout: float = 900,
+                          **kwargs) -> dict:
+  """`measure` in a fresh process (its own peak), optionally with glibc's MALLOC_ARENA_MAX.
+
+  glibc gives threads (the prefetch workers, XLA's) malloc arenas of their own that keep
+  freed memory, so RSS creeps up by a bounded amount over a process's first runs whatever
+  the benchmark's size; MALLOC_ARENA_MAX=2 removes that creep, leaving the harness's own use.
+  kwargs: `main`'s flags (batch_size, max_new_tokens, num_workers, prefetch, image_size).
+  """
+  import subprocess  # pylint: disable=g-import-not-at-top
+  env = dict(os.environ)
+  if malloc_arena_max:
+    env['MALLOC_ARENA_MAX'] = str(malloc_arena_max)
+  with tempfile.TemporaryDirectory() as tmp:
+    out = os.path.join(tmp, 'out.json')
+    flags = [f'--{k}={v}' for k, v in kwargs.items()]
+    subprocess.run([sys.executable, os.path.abspath(__file__),
+                    f'--counts={",".join(map(str, counts))}', f'--out={out}', *flags],
+                   env=env, check=True, timeout=timeout, capture_output=True)
+    with open(out) as f:
+      return {int(k): v for k, v in json.load(f).items()}
+
+
 def main():
   parser = argparse.ArgumentParser(description=__doc__.split('\n', 1)[0])
   parser.add_argument('--counts', default='2000,20000')
