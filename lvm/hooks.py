@@ -414,6 +414,7 @@ class Benchmarks(Hook):
            'questions_per_second': r['questions_per_second']}
       self.results[f'bench/{name}'] = self.writer.write(step, f'bench/{name}', m)
       self.writer.log(f'step {step} benchmark {evaluate.summary(r).splitlines()[0]}')
+    text_gen.generator.params = None  # no second copy of the weights between evaluations
     return self.results
 
   def __call__(self, step, state, metrics):
