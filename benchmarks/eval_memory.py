@@ -45,6 +45,8 @@ def tiny_text_generator(data_dir: str, mesh=None, seed: int = 0, image_size: int
   config = tiny.get_config()
   config.unlock()
   config.data.data_dir = data_dir
+  # The shapes tokenizer from a small corpus: 0.03 s to train instead of 5 s.
+  config.data.shapes.train, config.data.shapes.validation, config.data.shapes.test = 96, 8, 8
   config.model.vision.image_size = image_size
   config.model.vision.patch_size = image_size // 4
   config.lock()
