@@ -226,6 +226,12 @@ def get_config(arg=None):
   config.train.log_every = 10
   config.train.eval_every = 0  # 0: only at the end
   config.train.eval_batches = -1  # -1: the whole eval split
+  # Generation-based benchmarks scored every eval_every steps and at the end (lvm.evaluate,
+  # sharded like inference), e.g. ('pope=/data/pope', 'textvqa=/data/textvqa'); each entry
+  # is NAME[:SPLIT][=DATA_DIR]. Scores go to metrics.jsonl as split 'bench/NAME'.
+  config.train.eval_benchmarks = ()
+  config.train.eval_benchmark_questions = 200  # the first N questions of each (0: all)
+  config.train.eval_benchmark_batch_size = 16
   config.train.z_loss = 0.0
   # > 0: the LM head runs only at each row's first P supervised positions (image and prompt
   # positions need no logits); P must cover the longest row's supervised tokens, or the run

@@ -5,10 +5,12 @@ own auto-detection runs where it knows the cluster (TPU pods, SLURM, Open MPI); 
 single process does nothing. On CPU, processes talk through gloo collectives.
 """
 
+import json
 import os
 
 from absl import flags
 import jax
+import numpy as np
 
 COORDINATOR = flags.DEFINE_string(
     'coordinator_address', None, 'host:port of process 0, for multi-process runs.')
@@ -53,3 +55,16 @@ def initialize_from_flags() -> bool:
   ids = LOCAL_DEVICES.value
   return initialize(COORDINATOR.value, NUM_PROCESSES.value, PROCESS_ID.value,
                     [int(i) for i in ids.split(',')] if ids else None)
+
+
+def gather_json(value) -> list:
+  """Every process's JSON-able `value`, in process order (all processes must call it)."""
+  if jax.process_count() == 1:
+    return [value]
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  data = np.frombuffer(json.dumps(value).encode(), np.uint8)
+  sizes = multihost_utils.process_allgather(np.int32(data.size))
+  padded = np.zeros(int(np.max(sizes)), np.uint8)
+  padded[:data.size] = data
+  parts = multihost_utils.process_allgather(padded)
+  return [json.loads(bytes(p[:n]).decode()) for p, n in zip(parts, np.asarray(sizes))]

@@ -235,8 +235,7 @@ class Generator:
     rows = len(prompts)
     if any(len(p) == 0 for p in prompts):
       raise ValueError('Every prompt needs at least one token (e.g. BOS)')
-    b = bucket(max(rows, min_batch), minimum=1)
-    b = -(-b // self.batch_multiple) * self.batch_multiple
+    b = self.padded_batch(rows, min_batch)
     lp = bucket(max(len(p) for p in prompts), self.prompt_buckets)
     ln = bucket(max_new_tokens, self.new_token_buckets)
     ids = np.full((b, lp), self.pad_id, np.int32)
@@ -248,15 +247,18 @@ class Generator:
     image_array = self._image_batch(images, prompts, b)
     stop = np.full((max(8, len(stop_ids)),), -1, np.int32)
     stop[:len(stop_ids)] = list(stop_ids)
-    put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
-    rep = lambda x: jax.device_put(x, lvm_sharding.replicated(self.mesh))
+    # From host arrays every process holds (images: its own rows filled), each process puts
+    # only the shards its devices hold, so this also runs on a multi-process mesh.
+    put = lambda x: _global_array(x, self._batch_sharding(x.ndim))
+    rep = lambda x: _global_array(np.asarray(x), lvm_sharding.replicated(self.mesh))
+    key = jax.random.wrap_key_data(rep(jax.random.key_data(jax.random.key(sampling.seed))))
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
       tokens, num_tokens, stopped = self._jitted(
           self.params, None if image_array is None else put(image_array), put(ids), put(mask),
-          rep(stop), rep(jax.random.key(sampling.seed)), rep(np.float32(sampling.temperature)),
+          rep(stop), key, rep(np.float32(sampling.temperature)),
           rep(np.int32(sampling.top_k)), rep(np.float32(sampling.top_p)),
           rep(np.int32(max_new_tokens)), new_bucket=ln)
-    tokens, num_tokens, stopped = map(np.asarray, jax.device_get((tokens, num_tokens, stopped)))
+    tokens, num_tokens, stopped = map(_to_host, (tokens, num_tokens, stopped))
     outputs = []
     for r in range(rows):
       n = int(num_tokens[r])
@@ -266,11 +268,35 @@ class Generator:
         outputs.append(Output(tokens[r, :n].tolist(), 'length'))
     return outputs
 
+  def padded_batch(self, rows: int, min_batch: int = 1) -> int:
+    """The batch size `generate` pads `rows` prompts to (a multiple of the batch shards)."""
+    b = bucket(max(rows, min_batch), minimum=1)
+    return -(-b // self.batch_multiple) * self.batch_multiple
+
+  def local_rows(self, rows: int, min_batch: int = 1) -> range:
+    """The rows of a `rows`-prompt batch whose images this process's devices hold.
+
+    With several processes each one passes images for these rows only (None for the
+    others): a harness decodes only its share of every batch.
+    """
+    b = self.padded_batch(rows, min_batch)
+    spans = [index[0].indices(b) for index in
+             self._batch_sharding(2).addressable_devices_indices_map((b, 1)).values()]
+    return range(min(s[0] for s in spans), min(max(s[1] for s in spans), rows))
+
   def _image_batch(self, images, prompts, b):
-    """Stacks per-row images into float32[B, N, H, W, 3] (zero padding), or None."""
+    """Stacks per-row images into float32[B, N, H, W, 3] (zero padding), or None.
+
+    Rows outside `local_rows` are not checked and stay zero: another process feeds them.
+    """
     counts = [sum(1 for t in p if t == self.image_token_id) for p in prompts]
+    local = self.local_rows(len(prompts), b)
     per_row = []
     for r in range(len(prompts)):
+      if r not in local:
+        per_row.append(np.zeros((counts[r] // self.tokens_per_image, self.image_size,
+                                 self.image_size, 3), np.float32))
+        continue
       img = None if images is None else images[r]
       img = np.zeros((0, self.image_size, self.image_size, 3), np.float32) if img is None \
           else np.asarray(img, np.float32)
@@ -292,6 +318,19 @@ class Generator:
     for r, img in enumerate(per_row):
       out[r, :img.shape[0]] = img
     return out
+
+
+def _global_array(x: np.ndarray, sharding) -> jax.Array:
+  """`x` (the same global host array on every process) as a jax.Array on `sharding`."""
+  return jax.make_array_from_callback(x.shape, sharding, lambda index: x[index])
+
+
+def _to_host(x: jax.Array) -> np.ndarray:
+  """The whole of a batch-sharded array on every process (gathered across processes)."""
+  if x.is_fully_addressable:
+    return np.asarray(jax.device_get(x))
+  from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+  return np.asarray(multihost_utils.process_allgather(x, tiled=True))
 
 
 # ----------------------------------------------------------------------------------------

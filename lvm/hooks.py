@@ -18,6 +18,7 @@ import math
 import signal
 import time
 
+import flax.linen as nn
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -347,6 +348,73 @@ class Evaluate(Hook):
       self.results[name] = self.writer.write(step, name, m)
       self.writer.log(f'step {step} {name} ({split}): loss {m["loss"]:.4f} exact_match '
                       f'{m["exact_match"]:.4f} ({m["num_answers"]} answers, teacher-forced)')
+    return self.results
+
+  def __call__(self, step, state, metrics):
+    if self.due(step):
+      with self.progress.excluded(step):
+        self.run(step, state['params'])
+
+
+class Benchmarks(Hook):
+  """Generation-based benchmark scores (`train.eval_benchmarks`) every `train.eval_every`
+  steps and at the end, through `lvm.evaluate.run` on the first
+  `train.eval_benchmark_questions` questions of each.
+
+  Generation runs on the training mesh (batches over its data axes, each process decoding
+  its share of the images) from the current parameters, with the run's tokenizer and
+  template. Each benchmark's headline score, how many questions were scored of how many,
+  and the skipped and unparseable counts go to metrics.jsonl and TensorBoard as split
+  'bench/NAME'; its answers and score.json to WORKDIR/eval/NAME_stepN. A benchmark that
+  cannot run (its files went missing) is reported in the log and training goes on.
+  """
+
+  def __init__(self, config, writer, mesh, steps: int, progress: ReportProgress, workdir):
+    from lvm import eval as benchmarks  # pylint: disable=g-import-not-at-top
+    self.config, self.writer, self.mesh, self.steps = config, writer, mesh, steps
+    self.progress, self.workdir = progress, workdir
+    self.specs = [benchmarks.parse_spec(s) for s in config.train.eval_benchmarks]
+    self.text_gen = None  # built at the first evaluation (compiled once, params swapped)
+    self.results = {}  # the last record by split ('bench/NAME')
+
+  def due(self, step):
+    every_n = self.config.train.eval_every
+    return every_n > 0 and step % every_n == 0 and step < self.steps and bool(self.specs)
+
+  def _generator(self, params):
+    from lvm import generate, inference  # pylint: disable=g-import-not-at-top
+    from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
+    if self.text_gen is None:
+      gen = generate.Generator(self.config, params, mesh=self.mesh)
+      self.text_gen = inference.TextGenerator(gen, tokenizer_lib.load(self.config),
+                                              self.config.data.template,
+                                              self.config.data.system_prompt)
+    else:
+      gen = self.text_gen.generator
+      gen.params = jax.device_put(nn.unbox(params), gen.param_shardings)
+    return self.text_gen
+
+  def run(self, step: int, params) -> dict[str, dict]:
+    from lvm import evaluate  # pylint: disable=g-import-not-at-top
+    if not self.specs:
+      return self.results
+    text_gen = self._generator(params)
+    train = self.config.train
+    for name, split, data_dir in self.specs:
+      try:
+        r = evaluate.run(text_gen, self.config, name, data_dir,
+                         str(self.workdir / 'eval' / f'{name}_step{step}'),
+                         limit=train.eval_benchmark_questions,
+                         batch_size=train.eval_benchmark_batch_size, split=split)
+      except (FileNotFoundError, ValueError) as e:  # files gone or malformed since start
+        self.writer.log(f'step {step} benchmark {name}: not scored: {e}')
+        continue
+      m = {**r['headline'], 'num_scored': r['num_scored'], 'num_questions': r['num_questions'],
+           'num_skipped': sum(r['skipped'].values()), 'unparseable': r['unparseable'],
+           'questions_per_second': r['questions_per_second']}
+      self.results[f'bench/{name}'] = self.writer.write(step, f'bench/{name}', m)
+      self.writer.log(f'step {step} benchmark {evaluate.summary(r).splitlines()[0]}')
+    text_gen.generator.params = None  # no second copy of the weights between evaluations
     return self.results
 
   def __call__(self, step, state, metrics):

@@ -155,6 +155,7 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   progress = hooks_lib.ReportProgress(writer, config, steps, step, lr_schedule)
   evaluator = hooks_lib.Evaluate(config, writer, step_lib.jit_eval_step(factory),
                                  make_iterator, steps, progress, eval_splits)
+  benchmarks = hooks_lib.Benchmarks(config, writer, mesh, steps, progress, workdir)
   preemption = hooks_lib.Preemption(checkpoint, writer.log)
   hooks = [
       preemption,
@@ -165,6 +166,7 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
       progress,
       checkpoint,
       evaluator,
+      benchmarks,
   ]
   options = step_lib.step_options(config.train)
   try:
@@ -174,9 +176,11 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
           lambda batch: step_lib.jit_train_step(factory, batch, **options), hooks)
     if step >= steps:  # else preempted: the next run resumes, then evaluates
       evaluator.run(step, state['params'])
+      benchmarks.run(step, state['params'])
   finally:
     for h in hooks:
       h.close()
     checkpointer.close()
     writer.close()
-  return {**({'train': progress.last} if progress.last else {}), **evaluator.results}
+  return {**({'train': progress.last} if progress.last else {}), **evaluator.results,
+          **benchmarks.results}

@@ -320,6 +320,25 @@ def _check_train(p: registry.Problems, config, mesh, num_processes: int):
     value = _get(config, key)
     if not isinstance(value, int) or value < 0:
       p.add(key, f'must be an integer >= 0, got {value!r}', 'use 0 (only at the end) or more')
+  _check_eval_benchmarks(p, config)
+
+
+def _check_eval_benchmarks(p: registry.Problems, config):
+  from lvm import eval as benchmarks  # pylint: disable=g-import-not-at-top
+  specs = _get(config, 'train.eval_benchmarks')
+  if isinstance(specs, str) or not isinstance(specs, (tuple, list)):
+    p.add('train.eval_benchmarks', f'must be a tuple of NAME[:SPLIT][=DATA_DIR], got {specs!r}',
+          "e.g. ('pope=/data/pope',); () for none")
+    specs = ()
+  for spec in specs:
+    problem = benchmarks.spec_problem(spec)
+    if problem:
+      p.add('train.eval_benchmarks', problem, 'fix the entry or remove it')
+  for key, low in (('train.eval_benchmark_questions', 0), ('train.eval_benchmark_batch_size', 1)):
+    value = _get(config, key)
+    if not isinstance(value, int) or value < low:
+      p.add(key, f'must be an integer >= {low}, got {value!r}',
+            'use 0 for every question' if low == 0 else 'use 1 or more')
 
 
 def _check_optimizer(p: registry.Problems, config):

@@ -11,6 +11,8 @@ Each benchmark is registered with `lvm.registry.BENCHMARK` under the name `--ben
 takes (the newer ones where they are implemented); `get(name)` looks it up there.
 """
 
+import os
+
 from lvm import registry
 from lvm.eval import gqa, mme, pope, scienceqa, shapes, vqa
 from lvm.eval import llava_bench, mmbench, mmmu, seed, textvqa, vizwiz  # register themselves
@@ -60,4 +62,31 @@ def names() -> tuple[str, ...]:
   return registry.BENCHMARK.names()
 
 
-__all__ = ['Benchmark', 'Example', 'get', 'names']
+def parse_spec(spec: str) -> tuple[str, str, str]:
+  """A `config.train.eval_benchmarks` entry 'NAME[:SPLIT][=DATA_DIR]' -> (name, split, dir).
+
+  E.g. 'pope=/data/pope', 'pope:adversarial=/data/pope', 'shapes' (no files needed).
+  """
+  head, _, data_dir = str(spec).partition('=')
+  name, _, split = head.partition(':')
+  return name.strip(), split.strip(), data_dir.strip()
+
+
+def spec_problem(spec: str) -> str | None:
+  """Why `spec` cannot run (unknown benchmark or split, missing data folder), or None."""
+  if not isinstance(spec, str):
+    return f'{spec!r} is not a string NAME[:SPLIT][=DATA_DIR]'
+  name, split, data_dir = parse_spec(spec)
+  if name not in names():
+    return f'{spec!r}: unknown benchmark {name!r}; registered: {list(names())}'
+  bench = get(name)
+  if split and split not in bench.splits:
+    return f'{spec!r}: {name} has no split {split!r}; splits: {list(bench.splits)}'
+  if name != 'shapes' and not data_dir:
+    return f"{spec!r}: give the benchmark's folder as {name}=DATA_DIR"
+  if data_dir and '://' not in data_dir and not os.path.isdir(os.path.expanduser(data_dir)):
+    return f'{spec!r}: {data_dir!r} is not a folder'
+  return None
+
+
+__all__ = ['Benchmark', 'Example', 'get', 'names', 'parse_spec', 'spec_problem']

@@ -21,7 +21,7 @@ class ScriptedAnswerer:
   def answer(self, conversations, images, max_new_tokens, sampling, min_batch=1):
     assert min_batch >= len(conversations)
     self.calls.append((conversations, images, max_new_tokens))
-    return [Output([], 'stop', self.script[c[-1]['value'].split('\n')[1]])
+    return [Output([], 'stop', self.script.get(c[-1]['value'].split('\n')[1], ''))
             for c in conversations]
 
 

@@ -18,7 +18,8 @@ class Answerer:
 
   def answer(self, conversations, images, max_new_tokens, sampling, min_batch=1):
     del images, max_new_tokens, sampling, min_batch
-    return [Output([], 'stop', self.script[c[-1]['value'].split('\n')[1]]) for c in conversations]
+    return [Output([], 'stop', self.script.get(c[-1]['value'].split('\n')[1], ''))
+            for c in conversations]
 
 
 def _image(path):
