@@ -86,8 +86,10 @@ def apply_model(model, params, batch, logit_positions=None):
   images = batch.get('images')
   if images is not None and images.shape[1] == 0:
     images = None
+  # Anyres batches carry each image's original (height, width); fixed-size ones none.
+  sizes = {} if 'image_sizes' not in batch else {'image_sizes': batch['image_sizes']}
   return model.apply({'params': params}, images, batch['input_ids'],
-                     logit_positions=logit_positions)
+                     logit_positions=logit_positions, **sizes)
 
 
 def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0):
