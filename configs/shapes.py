@@ -112,12 +112,13 @@ def _anyres(config, arg):
   """`anyres=1`: LLaVA-NeXT tiling on scenes of varied aspect ratio (docs/training.md).
 
   Scenes are 64 px on their long side with width / height in [1/3, 3]; tiles are 32 px with
-  LLaVA-NeXT's five grids scaled down from 336 to 32 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles), so a
-  wide scene is seen at full resolution through a 1x2 or 1x3 grid, plus the squashed base
-  tile. 8 px patches give 4x4 features per tile and no pixel-shuffle projector (anyres packs
-  the tower's n x n features per tile): a square scene takes 16 + 8 x (8 + 1) = 88 visual
-  tokens, a 3:1 one 16 + 2 x (12 + 1) = 42 (transformers' count, with the newlines).
-  `tiles=max` pads every batch to 5 tiles instead of bucketing (1, 2, 4, 5).
+  LLaVA-NeXT's five grids scaled down from 336 to 32 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles; no
+  64 px scene needs 1x3), so a wide scene is seen at full resolution through a 1x2 grid, a
+  squarish one through 2x2, each plus the squashed base tile. 8 px patches give 4x4 features
+  per tile and no pixel-shuffle projector (anyres packs the tower's n x n features per tile):
+  a square scene takes 16 + 8 x (8 + 1) = 88 visual tokens, a 64x21 one 16 + 2 x (8 + 1) = 34
+  (the unpadded rows, each with its newline: transformers' count). `tiles=max` pads every
+  batch to 5 tiles instead of bucketing (buckets 1, 2, 4, 5).
   """
   config.model.vision.image_size = 32
   config.model.projector = base.projector_config('mlp2x_gelu')
