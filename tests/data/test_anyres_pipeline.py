@@ -5,6 +5,7 @@ samples and configs counted or refused; an anyres config that learns."""
 import io
 import json
 
+from flax import traverse_util
 import jax
 import numpy as np
 from PIL import Image
@@ -104,9 +105,11 @@ def test_bucketing_and_padding_give_the_same_loss(tmp_path):
   for key in ('input_ids', 'image_sizes', 'loss_mask'):
     np.testing.assert_array_equal(bucket[key], padded[key])
   model = models.build(config)
-  params = jax.jit(lambda r: models.random_params(
-      config.model, r, padded['images'], padded['input_ids'], padded['image_sizes']))(
-          jax.random.key(0))
+  # Host-drawn weights: compiling the random init would cost more than the whole test.
+  rng = np.random.default_rng(0)
+  params = traverse_util.unflatten_dict(
+      {k: (0.1 * rng.standard_normal(v.shape)).astype(v.dtype)
+       for k, v in models.abstract_params(config).items()}, sep='/')
   num = np.maximum(np.sum(padded['loss_mask'][:, 1:]), 1).astype(np.float32)
   loss = {k: float(jax.jit(lambda p, b: losses.loss_fn(p, b, model=model, num_tokens=num)[0])(
       params, b)) for k, b in (('bucket', bucket), ('max', padded))}
@@ -159,7 +162,7 @@ def test_shapes_anyres_variant_learns(tmp_path):
   config.train.log_every = 1
   config.data.eval_split = config.data.test_split = ''  # training only: one compile
   config.optimizer.warmup_steps = 2
-  config.checkpoint.interval = 0
+  config.checkpoint.interval = 100  # none during the 12 steps
   train.train_and_evaluate(config, tmp_path / 'run')
   records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
   loss = [r['loss'] for r in records if r['split'] == 'train']
@@ -176,8 +179,8 @@ def test_llava_next_recipe_is_valid(arg):
     config.init.vision_path = config.init.decoder_path = '/data'
   validate.validate_config(config, 8, 1)
   if 'finetune' in arg:  # anyres, tower unfrozen at a tenth of the decoder's rate
-    assert config.train.stage == 'full' and dict(config.optimizer.module_lr) == {
-        '^vision/': config.optimizer.lr / 10}
+    assert config.train.stage == 'full'
+    assert dict(config.optimizer.module_lr) == {'^vision/': pytest.approx(2e-6)}
     size = 672 if 'tiny' not in arg else 64
     assert models.num_image_tokens(config, image_size=(size, size)) == (
         2928 if 'tiny' not in arg else 88)  # 2x2 grid: n^2 + 2n * (2n + 1)
