@@ -155,18 +155,19 @@ def test_bad_config_and_token_counts_are_refused(tmp_path):
 
 
 def test_shapes_anyres_variant_learns(tmp_path):
-  """configs/shapes.py:anyres=1 (scenes of aspect ratios 1/3 to 3), a few steps: loss falls."""
-  config = shapes_config.get_config(f'anyres=1,steps=12,train=64,batch_size=8,'
+  """configs/shapes.py:anyres=1 (scenes of aspect ratios 1/3 to 3), 8 steps: loss falls."""
+  config = shapes_config.get_config(f'anyres=1,steps=8,train=32,batch_size=8,'
                                     f'data_dir={tmp_path / "data"}')
   config.data.shapes.validation = config.data.shapes.test = 8
   config.train.log_every = 1
   config.data.eval_split = config.data.test_split = ''  # training only: one compile
   config.optimizer.warmup_steps = 2
-  config.checkpoint.interval = 100  # none during the 12 steps
+  config.checkpoint.interval = 100  # only the final save
+  config.checkpoint.async_save = False
   train.train_and_evaluate(config, tmp_path / 'run')
   records = [json.loads(line) for line in open(tmp_path / 'run' / 'metrics.jsonl')]
   loss = [r['loss'] for r in records if r['split'] == 'train']
-  assert len(loss) == 12 and np.mean(loss[-3:]) < np.mean(loss[:3]) - 0.5, loss
+  assert len(loss) == 8 and np.mean(loss[-2:]) < np.mean(loss[:2]) - 0.5, loss
   assert all(r.get('batch_shapes', 0) >= 1 for r in records if r['split'] == 'train')
 
 
