@@ -162,7 +162,7 @@ def test_shapes_anyres_variant_learns(tmp_path):
   config.train.log_every = 1
   config.data.eval_split = config.data.test_split = ''  # training only: one compile
   config.optimizer.warmup_steps = 2
-  config.model.scan_layers = True  # the same layers, one compiled body: half the compile time
+  config.model.scan_layers = True  # the same layers, one compiled layer body instead of four
   config.checkpoint.interval = 100  # only the final save
   config.checkpoint.async_save = False
   train.train_and_evaluate(config, tmp_path / 'run')
