@@ -37,7 +37,7 @@ from lvm import config as base
 
 def get_config(arg=None):
   arg = base.parse_arg(arg, steps=1500, train=20000, batch_size=32, data_dir='',
-                       vision_lr=1e-4, pos_full_lr=True)
+                       vision_lr=1e-4, pos_full_lr=True, anyres=False, tiles='bucket')
   config = base.get_config()
 
   # 48 px images, 8 px patches -> a 6x6 patch grid; the pixel-shuffle projector folds each
@@ -98,8 +98,31 @@ def get_config(arg=None):
   vision = '^vision/(?!position_embedding)' if arg.pos_full_lr else '^vision/'
   config.optimizer.module_lr = {vision: arg.vision_lr}
 
+  if arg.anyres:
+    _anyres(config, arg)
+
   config.mesh.data = -1
   config.checkpoint.interval = 200
   config.checkpoint.keep = 2
   config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config
+
+
+def _anyres(config, arg):
+  """`anyres=1`: LLaVA-NeXT tiling on scenes of varied aspect ratio (docs/training.md).
+
+  Scenes are 64 px on their long side with width / height in [1/3, 3]; tiles are 32 px with
+  LLaVA-NeXT's five grids scaled down from 336 to 32 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles; no
+  64 px scene needs 1x3), so a wide scene is seen at full resolution through a 1x2 grid, a
+  squarish one through 2x2, each plus the squashed base tile. 8 px patches give 4x4 features
+  per tile and no pixel-shuffle projector (anyres packs the tower's n x n features per tile):
+  a square scene takes 16 + 8 x (8 + 1) = 88 visual tokens, a 64x21 one 16 + 2 x (8 + 1) = 34
+  (the unpadded rows, each with its newline: transformers' count). `tiles=max` pads every
+  batch to 5 tiles instead of bucketing (buckets 1, 2, 4, 5).
+  """
+  config.model.vision.image_size = 32
+  config.model.projector = base.projector_config('mlp2x_gelu')
+  config.model.anyres.pinpoints = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+  config.data.shapes.max_aspect = 3.0
+  config.data.anyres_tiles = arg.tiles
+  config.data.seq_len = 184  # the longest training sample is 176 (python -m lvm.data.inspect)

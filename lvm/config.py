@@ -201,6 +201,10 @@ def get_config(arg=None):
   config.data.seq_len = 2048
   config.data.max_images = 1  # images per sample (padded); more are dropped and counted
   config.data.image_aspect = 'pad'  # pad | resize
+  # Anyres models (model.anyres.pinpoints set): each batch's tiles per image T is 'bucket'
+  # (the most its images need, rounded up to a power of two, capped at the maximum: a few
+  # compiled shapes) or 'max' (always 1 + the most grid tiles: one shape, more tower work).
+  config.data.anyres_tiles = 'bucket'
   config.data.image_mean = CLIP_MEAN
   config.data.image_std = CLIP_STD
   config.data.shuffle_seed = 0

@@ -178,11 +178,14 @@ class NanStop(Hook):
 
 
 class SkippedReport(Hook):
-  """Samples the input pipeline skipped so far (this process's rows), by reason."""
+  """Samples the input pipeline skipped so far (this process's rows), by reason; and, where
+  the pipeline buckets its batches (anyres tiles), the batch shapes so far, each of which
+  compiles the train step once (`batch_shapes` in the metrics)."""
 
   def __init__(self, train_iter, log):
     self.train_iter, self.log = train_iter, log
     self.last = {}
+    self.shapes = 0
 
   def __call__(self, step, state, metrics):
     skipped = dict(getattr(self.train_iter, 'stats', None) or {})
@@ -190,6 +193,13 @@ class SkippedReport(Hook):
     if skipped != self.last:
       self.log(f'data: samples skipped so far, by reason: {skipped}')
       self.last = skipped
+    shapes = getattr(self.train_iter, 'batch_shapes', None)
+    if shapes:
+      metrics['batch_shapes'] = len(shapes)
+      if len(shapes) != self.shapes:
+        self.log(f'data: {len(shapes)} batch image shape(s) so far, each compiled once: '
+                 f'{[list(s) for s in shapes]}')
+        self.shapes = len(shapes)
 
 
 class ReportProgress(Hook):

@@ -87,10 +87,11 @@ def apply_model(model, params, batch, logit_positions=None):
   images = batch.get('images')
   if images is not None and images.shape[1] == 0:
     images = None
-  # A packed batch (lvm.data.packing) brings its segments and per-sample positions.
-  packed = {k: batch[k] for k in ('segment_ids', 'positions') if k in batch}
+  # Packed batches (lvm.data.packing) bring their segments and per-sample positions; anyres
+  # batches each image's original (height, width).
+  extra = {k: batch[k] for k in ('segment_ids', 'positions', 'image_sizes') if k in batch}
   return model.apply({'params': params}, images, batch['input_ids'],
-                     logit_positions=logit_positions, **packed)
+                     logit_positions=logit_positions, **extra)
 
 
 def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0):

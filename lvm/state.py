@@ -23,11 +23,21 @@ from lvm import validate
 
 
 def dummy_inputs(config, batch_size: int):
-  """Zero images float[B, N, H, W, 3] (or None) and ids int[B, L] for tracing init."""
+  """Zero images float[B, N, H, W, 3] (or None) and ids int[B, L] for tracing init.
+
+  An anyres model gets one zero tile per slot, float[B, N, 1, H, W, 3], and the keyword
+  `image_sizes` int[B, N, 2] of zeros (absent images: its parameters do not depend on them)
+  as a third element.
+  """
   v = config.model.vision
   n = int(config.data.max_images)
-  images = jnp.zeros((batch_size, n, v.image_size, v.image_size, 3), jnp.float32) if n else None
+  anyres = bool(config.model.anyres.pinpoints)
+  tiles = (1,) if anyres else ()
+  images = (jnp.zeros((batch_size, n, *tiles, v.image_size, v.image_size, 3), jnp.float32)
+            if n else None)
   ids = jnp.zeros((batch_size, config.data.seq_len), jnp.int32)
+  if anyres:
+    return images, ids, jnp.zeros((batch_size, n, 2), jnp.int32)
   return images, ids
 
 
@@ -78,12 +88,12 @@ class StateFactory:
     self.rules = axis_rules
     self.trainable = optim.trainable_regex(config.train)
     batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
-    images, ids = dummy_inputs(config, batch)
+    inputs = dummy_inputs(config, batch)
 
     def init_boxed(rng):
-      return model.init(rng, images, ids)['params']
+      return model.init(rng, *inputs[:2], image_sizes=inputs[2] if inputs[2:] else None)['params']
 
-    self._init_inputs = images, ids
+    self._init_inputs = inputs
     with jax.set_mesh(mesh), nn.logical_axis_rules(axis_rules):
       boxed = jax.eval_shape(init_boxed, jax.random.key(0))
     self.param_shardings = sharding.logical_shardings(boxed, mesh, axis_rules)

@@ -12,6 +12,7 @@ from typing import Callable
 
 from etils import epath
 import jax
+import numpy as np
 
 from lvm import checkpoint as ckpt_lib
 from lvm import console
@@ -51,6 +52,23 @@ def prepare_data(config) -> list[str]:
   with console.tfds_progress(console.interactive()):
     data.prepare(config)
   return pipeline.splits(config)
+
+
+def check_anyres_batch(model, batch):
+  """Raises ValueError, before compiling, where an anyres batch's image-token runs do not
+  match its `image_sizes` (`lvm.models.anyres_model.check_image_tokens`, on this process's
+  rows; an injected iterator's mistake, which the data pipeline never makes)."""
+  if model.anyres is None or 'image_sizes' not in batch:
+    return
+  from lvm.models import anyres_model  # pylint: disable=import-outside-toplevel
+  for ids, sizes in zip(batch['input_ids'].addressable_shards,
+                        batch['image_sizes'].addressable_shards):
+    try:
+      anyres_model.check_image_tokens(np.asarray(ids.data), np.asarray(sizes.data),
+                                      model.image_token_id, model.anyres)
+    except ValueError as e:
+      rows = ids.index[0].indices(batch['input_ids'].shape[0])
+      raise ValueError(f'First train batch, rows {rows[0]}..{rows[1] - 1}: {e}') from e
 
 
 def train_loop(state, step: int, steps: int, train_iter, make_step, hooks):
@@ -169,11 +187,14 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
       benchmarks,
   ]
   options = step_lib.step_options(config.train)
+
+  def make_step(batch):
+    check_anyres_batch(model, batch)  # a wrong token count fails here, before compiling
+    return step_lib.jit_train_step(factory, batch, **options)
+
   try:
     with preemption:
-      state, step = train_loop(
-          state, step, steps, train_iter,
-          lambda batch: step_lib.jit_train_step(factory, batch, **options), hooks)
+      state, step = train_loop(state, step, steps, train_iter, make_step, hooks)
     if step >= steps:  # else preempted: the next run resumes, then evaluates
       evaluator.run(step, state['params'])
       benchmarks.run(step, state['params'])

@@ -205,6 +205,7 @@ def _remat_policies():
 def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
   """The data fields shared by every dataset (each dataset checks its own group)."""
   _choice(p, config, 'data.image_aspect', images.ASPECTS)
+  _choice(p, config, 'data.anyres_tiles', ('bucket', 'max'))
   for key in ('data.image_mean', 'data.image_std'):
     value = _get(config, key)
     if not isinstance(value, (tuple, list)) or len(value) != 3:

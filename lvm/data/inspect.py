@@ -5,8 +5,10 @@ r"""Prints samples as the model sees them.
 Text shows supervised spans as [[...]] and collapses image-token runs to `<image xP>`; each
 sample lists its lengths, and dropped samples their reason. With --json, one object per line:
 `id`, `text` (the full decoded sequence), `supervised_text` (only the supervised tokens,
-decoded), `marked`, `num_image_tokens`, `length`, `num_supervised`, `truncated`, `dropped`.
-The dataset is prepared first if needed.
+decoded), `marked`, `num_image_tokens`, `length`, `num_supervised`, `truncated`, `dropped`,
+and for an anyres model (`model.anyres.pinpoints` set) `images`: per image its original
+`size` [height, width], the `grid` [rows, cols] of tiles chosen for it, its `tiles` (grid
+tiles + the base tile) and `num_image_tokens`. The dataset is prepared first if needed.
 """
 
 import collections
@@ -18,6 +20,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from lvm import cli
+from lvm.data import anyres
 from lvm.data import images as images_lib
 from lvm.data import templates
 
@@ -71,26 +74,34 @@ def describe(tokenizer, ids, mask, untruncated_length=None):
   }
 
 
+def anyres_image(size, lay) -> dict:
+  """The tiling of one image of (height, width) `size` under an anyres layout."""
+  rows, cols = anyres.grid_shape(size, lay.pinpoints, lay.tile_size)
+  return {'size': [int(size[0]), int(size[1])], 'grid': [rows, cols], 'tiles': 1 + rows * cols,
+          'num_image_tokens': lay.num_image_tokens(size)}
+
+
 def inspect(config, split, num):
   """Yields one description per record (the first `num` of `split`, in order)."""
-  from lvm import data, models  # pylint: disable=g-import-not-at-top
+  from lvm import data  # pylint: disable=g-import-not-at-top
   from lvm.data import pipeline, tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   data.prepare(config)
   tok = tokenizer_lib.load(config)
-  proc = pipeline.Processor(config, tok, models.num_image_tokens(config),
-                            train=split == config.data.train_split)
+  proc = pipeline.Processor(config, tok, train=split == config.data.train_split)
   source = pipeline.data_source(config, split)
   for i in range(min(num, len(source))):
     record = source[i]
     rid = pipeline._text(record.get('id', str(i)))  # pylint: disable=protected-access
     try:
-      ids, mask, images = proc.text(record)
-      for b in images:
-        images_lib.decode(b)
+      _, encoded = pipeline.record_turns(record, config.data.template, proc.caption_prompt)
+      sizes = [images_lib.decode(b)[0].size[::-1] for b in encoded]
+      ids, mask, _ = proc.text(record, sizes)
       turns, _ = pipeline.record_turns(record, config.data.template, proc.caption_prompt)
-      full, _ = templates.render(config.data.template, turns, tok, proc.num_image_tokens,
+      full, _ = templates.render(config.data.template, turns, tok, proc.image_tokens(sizes),
                                  proc.system)
       d = describe(tok, ids, mask, len(full))
+      if proc.layout is not None:
+        d['images'] = [anyres_image(size, proc.layout) for size in sizes]
     except (templates.SampleError, images_lib.ImageError) as e:
       d = {'text': None, 'supervised_text': None, 'num_image_tokens': 0, 'length': 0,
            'dropped': e.reason, 'message': str(e)}
@@ -113,6 +124,10 @@ def main(argv):
       print(f'DROPPED: {d["message"]}')
       continue
     print(d['marked'])
+    for k, im in enumerate(d.get('images', [])):
+      print(f'--- image {k}: {im["size"][0]}x{im["size"][1]} px (height x width) -> grid '
+            f'{im["grid"][0]}x{im["grid"][1]} ({im["tiles"]} tiles with the base), '
+            f'{im["num_image_tokens"]} image tokens')
     print(f'--- length {d["length"]}/{config.data.seq_len}, image tokens '
           f'{d["num_image_tokens"]}, supervised {d["num_supervised"]}'
           f'{", TRUNCATED" if d["truncated"] else ""}; supervised text: '

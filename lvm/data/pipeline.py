@@ -10,6 +10,19 @@ own position in the stream, so:
     continues with exactly the batches an uninterrupted one would have produced.
 Host preprocessing of the rows runs in `config.data.num_workers` threads (PIL and numpy
 release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread.
+
+Anyres models (`config.model.anyres.pinpoints` set; LLaVA-NeXT, OneVision) get each image as
+tiles (`lvm.data.anyres.tiles`: base tile, then its grid) and its original size: `images
+float[B, N, T, S, S, 3]` (unused tiles and absent images zero), `image_sizes int[B, N, 2]`
+((0, 0) for an absent image), and exactly `lvm.models.num_image_tokens(config, image_size=)`
+image tokens per image in `input_ids` (the count depends on the image; a sample whose images
+cannot fit is dropped and counted, never cut). T is the batch's bucket
+(`config.data.anyres_tiles`): 'bucket' rounds the most tiles any image of the global batch
+needs up to a power of two (capped at the maximum, 1 + max grid tiles), so a run compiles at
+most `len(tile_buckets(config))` shapes; 'max' always pads to the maximum (one shape). The
+model ignores tiles past an image's own, so both give the same numbers. With several
+processes the bucket is agreed on (the maximum over processes), so the global batch is the
+same for any process count. `batch_shapes` lists the shapes delivered so far.
 """
 
 import atexit
@@ -25,6 +38,7 @@ import jax
 import numpy as np
 
 from lvm import sharding as sharding_lib
+from lvm.data import anyres as anyres_lib
 from lvm.data import images as images_lib
 from lvm.data import length_groups
 from lvm.data import packing
@@ -94,36 +108,130 @@ def record_turns(record, template, caption_prompt=''):
   return turns, images
 
 
-class Processor:
-  """One record -> (input_ids, loss_mask, attention_mask, images) of fixed shapes."""
+def anyres_layout(config):
+  """The anyres layout of `config.model` (`lvm.models.anyres_tables.Layout`), or None."""
+  from lvm.models import anyres_model  # pylint: disable=g-import-not-at-top
+  return anyres_model.layout(config.model)
 
-  def __init__(self, config, tokenizer, num_image_tokens, train=False):
+
+def max_tiles(config) -> int:
+  """T of an anyres image slot padded to the maximum: the base tile + the most grid tiles."""
+  from lvm.models import anyres_model  # pylint: disable=g-import-not-at-top
+  return anyres_model.num_tiles(config.model)
+
+
+def tile_buckets(config) -> list[int]:
+  """The tile counts T a batch may have: powers of two below the maximum, and the maximum
+  (`data.anyres_tiles='bucket'`), or only the maximum ('max')."""
+  top = max_tiles(config)
+  if config.data.anyres_tiles == 'max':
+    return [top]
+  return [t for t in (2 ** k for k in range(top.bit_length())) if t < top] + [top]
+
+
+def tiles_needed(image_size, lay) -> int:
+  """Tiles one image takes (base + grid); 0 for an absent image (size (0, 0))."""
+  h, w = int(image_size[0]), int(image_size[1])
+  if h <= 0 or w <= 0:
+    return 0
+  rows, cols = anyres_lib.grid_shape((h, w), lay.pinpoints, lay.tile_size)
+  return 1 + rows * cols
+
+
+def anyres_image_error(image_size, lay) -> str | None:
+  """Why an image of `image_size` (height, width) cannot be used by the layout, or None.
+
+  Too large: a side above what the model's in-jit tables handle exactly
+  (`anyres_tables.MAX_SIDE`). Too small for its grid: so thin that no feature row (or column)
+  of the grid survives unpadding; the model would get no grid features for it.
+  """
+  from lvm.models import anyres as anyres_models  # pylint: disable=g-import-not-at-top
+  from lvm.models import anyres_tables  # pylint: disable=g-import-not-at-top
+  h, w = int(image_size[0]), int(image_size[1])
+  if max(h, w) > anyres_tables.MAX_SIDE:
+    return 'image_too_large_for_grid'
+  rows, cols = anyres_lib.grid_shape((h, w), lay.pinpoints, lay.tile_size)
+  _, _, r, c = anyres_models.unpad_box((h, w), (rows, cols), lay.n)
+  if r < 1 or c < 1:
+    return 'image_too_small_for_grid'
+  return None
+
+
+class Processor:
+  """One record -> (input_ids, loss_mask, attention_mask, images[, image_sizes]), fixed shapes.
+
+  A fixed-size model's images are `float32[N, S, S, 3]`; an anyres model's are tiles
+  `float32[N, T, S, S, 3]` (T = `max_tiles(config)`; the iterator cuts them to the batch's
+  bucket) with `image_sizes int32[N, 2]`.
+  """
+
+  def __init__(self, config, tokenizer, num_image_tokens=None, train=False):
     d = config.data
     self.template, self.seq_len, self.max_images = d.template, d.seq_len, d.max_images
     self.system = d.system_prompt
     # Caption turns are a training target only: evaluation scores the dataset's own answers.
     self.caption_prompt = d.caption_prompt if train else ''
+    self.layout = anyres_layout(config)
+    if num_image_tokens is None and self.layout is None:
+      from lvm import models  # pylint: disable=g-import-not-at-top
+      num_image_tokens = models.num_image_tokens(config)
     self.tokenizer, self.num_image_tokens = tokenizer, num_image_tokens
     self.size = config.model.vision.image_size
+    self.tiles = max_tiles(config) if self.layout is not None else 0
     self.aspect, self.mean, self.std = d.image_aspect, tuple(d.image_mean), tuple(d.image_std)
 
-  def text(self, record):
-    """(ids, mask) unpadded, and the encoded images; raises SampleError."""
+  def image_tokens(self, sizes):
+    """Image tokens of each image (anyres: from its (height, width)); raises ImageError."""
+    if self.layout is None:
+      return self.num_image_tokens
+    for size in sizes:
+      reason = anyres_image_error(size, self.layout)
+      if reason:
+        raise images_lib.ImageError(reason, f'image of (height, width) {tuple(size)}')
+    return [self.layout.num_image_tokens(size) for size in sizes]
+
+  def text(self, record, sizes=None):
+    """(ids, mask) unpadded, and the encoded images; raises SampleError or ImageError.
+
+    `sizes`: the images' (height, width), which an anyres model's token counts need (None:
+    the images are decoded for them).
+    """
     turns, images = record_turns(record, self.template, self.caption_prompt)
     if len(images) > self.max_images:
       raise templates.SampleError('too_many_images',
                                   f'{len(images)} > data.max_images={self.max_images}')
+    if self.layout is not None and sizes is None:
+      sizes = [decoded.size[::-1] for decoded, _ in map(images_lib.decode, images)]
     ids, mask = templates.encode_example(self.template, turns, self.tokenizer,
-                                         self.num_image_tokens, self.seq_len, len(images),
-                                         self.system)
+                                         self.image_tokens(sizes or []), self.seq_len,
+                                         len(images), self.system)
     return ids, mask, images
 
   def __call__(self, record):
+    if self.layout is not None:
+      return self._anyres(record)
     ids, mask, images = self.text(record)
     pixels = np.zeros((self.max_images, self.size, self.size, 3), np.float32)
     for k, data in enumerate(images):
       pixels[k] = images_lib.load(data, self.size, self.aspect, self.mean, self.std)
     return self.pad(ids, mask, pixels)
+
+  def _anyres(self, record):
+    _, encoded = record_turns(record, self.template, self.caption_prompt)
+    decoded = [images_lib.decode(b)[0] for b in encoded[:self.max_images]]
+    sizes = [im.size[::-1] for im in decoded]  # PIL gives (width, height)
+    ids, mask, _ = self.text(record, sizes)
+    lay = self.layout
+    pixels = np.zeros((self.max_images, self.tiles, self.size, self.size, 3), np.float32)
+    image_sizes = np.zeros((self.max_images, 2), np.int32)
+    for k, im in enumerate(decoded):
+      pixels[k], _ = anyres_lib.pad_tiles(
+          anyres_lib.tiles(im, lay.pinpoints, lay.tile_size, self.mean, self.std),
+          self.tiles - 1)
+      image_sizes[k] = sizes[k]
+    out = self.pad(ids, mask, pixels)
+    out['image_sizes'] = image_sizes
+    return out
 
   def pad(self, ids, mask, pixels):
     n = len(ids)
@@ -138,8 +246,12 @@ class Processor:
 
   def empty(self):
     """A padding row (after the end of a finite stream): nothing attended or supervised."""
-    return self.pad(np.zeros((0,), np.int32), np.zeros((0,), bool),
-                    np.zeros((self.max_images, self.size, self.size, 3), np.float32))
+    tiles = (self.tiles,) if self.layout is not None else ()
+    out = self.pad(np.zeros((0,), np.int32), np.zeros((0,), bool),
+                   np.zeros((self.max_images, *tiles, self.size, self.size, 3), np.float32))
+    if self.layout is not None:
+      out['image_sizes'] = np.zeros((self.max_images, 2), np.int32)
+    return out
 
 
 def local_rows(mesh, batch_size, seq_len) -> list[int]:
@@ -153,7 +265,8 @@ def local_rows(mesh, batch_size, seq_len) -> list[int]:
 
 class DataIterator:
   """Yields global batches: images f32[B, N, H, W, 3], input_ids i32[B, L], loss_mask and
-  attention_mask bool[B, L], sharded over the batch mesh axes.
+  attention_mask bool[B, L], sharded over the batch mesh axes (anyres: images
+  f32[B, N, T, H, W, 3] with T the batch's tile bucket, and image_sizes i32[B, N, 2]).
 
   `get_state()` (JSON-serializable) and `set_state()` resume exactly. With several processes,
   call `get_state` on all of them together (it gathers every process's rows).
@@ -161,7 +274,6 @@ class DataIterator:
 
   def __init__(self, config, split, mesh, *, shuffle=True, num_epochs=None, source=None,
                tokenizer=None):
-    from lvm import models  # pylint: disable=g-import-not-at-top
     self.config, self.split, self.mesh = config, split, mesh
     self.shuffle, self.num_epochs = bool(shuffle), num_epochs
     self.seed = int(config.data.shuffle_seed)
@@ -176,10 +288,13 @@ class DataIterator:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
     train = split == config.data.train_split
-    self.processor = Processor(config, tok, models.num_image_tokens(config), train=train)
+    self.processor = Processor(config, tok, train=train)
+    anyres = self.processor.layout is not None
+    self.buckets = tile_buckets(config) if anyres else None
+    self._batch_shapes = []  # image shapes delivered so far, in order of first appearance
     # Training-split hooks: rows packed with several samples (lvm.data.packing), or epochs
     # ordered by LLaVA's modality-length grouping (lvm.data.length_groups).
-    self.packer = packing.make(config, self.processor, models.num_image_tokens(config), train)
+    self.packer = packing.make(config, self.processor, self.processor.num_image_tokens, train)
     self.grouping = length_groups.make(config, self.source, self.processor, train)
     self.rows = local_rows(mesh, self.batch_size, config.data.seq_len)
     self.cursors = {r: 0 for r in self.rows}
@@ -191,9 +306,10 @@ class DataIterator:
     self._stop = threading.Event()
     workers = int(config.data.num_workers)
     self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+    ndims = {'images': 6 if anyres else 5, 'image_sizes': 3}
     keys = packing.BATCH_KEYS if self.packer else packing.BATCH_KEYS[:4]
-    self._shardings = {k: sharding_lib.batch_sharding(mesh, 5 if k == 'images' else 2)
-                       for k in keys}
+    keys += ('image_sizes',) if anyres else ()
+    self._shardings = {k: sharding_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in keys}
 
   # --- the stream ----------------------------------------------------------------------------
 
@@ -289,6 +405,25 @@ class DataIterator:
       if done:
         return
 
+  def _bucket(self, batch, agree=True):
+    """Cuts anyres tiles to the batch's bucket: the smallest one holding every image's tiles
+    in the global batch (with `agree`, the maximum over processes; else this process's)."""
+    if self.buckets is None:
+      return batch
+    lay = self.processor.layout
+    need = max([tiles_needed(s, lay) for s in batch['image_sizes'].reshape(-1, 2)] + [1])
+    if agree and jax.process_count() > 1:
+      from jax.experimental import multihost_utils  # pylint: disable=g-import-not-at-top
+      need = int(np.max(multihost_utils.process_allgather(np.asarray(need, np.int32))))
+    t = next(b for b in self.buckets if b >= need)
+    return {**batch, 'images': batch['images'][:, :, :t]}
+
+  @property
+  def batch_shapes(self) -> list[tuple[int, ...]]:
+    """The distinct global anyres `images` shapes delivered so far (each compiles a step
+    once); empty for a fixed-size model (one shape)."""
+    return list(self._batch_shapes)
+
   def _global(self, batch):
     pos = {r: i for i, r in enumerate(self.rows)}
     def make(key):
@@ -330,13 +465,17 @@ class DataIterator:
       self._finished = True
       self._close_thread()
       raise StopIteration
+    batch = self._bucket(batch)
+    shape = (self.batch_size,) + batch['images'].shape[1:]
+    if self.buckets is not None and shape not in self._batch_shapes:
+      self._batch_shapes.append(shape)
     return self._global(batch)
 
   def next_local(self) -> dict[str, np.ndarray]:
     """This process's rows of the next batch as numpy (no prefetch thread, no device put)."""
     batch, self.cursors, drops, _ = self._next_local(self.cursors)
     self._stats.update(drops)
-    return batch
+    return self._bucket(batch, agree=False)
 
   # --- state ---------------------------------------------------------------------------------
 

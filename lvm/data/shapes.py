@@ -50,11 +50,16 @@ class Settings:
   seed: int = 0
   image_size: int = 64
   turns: int = 3
+  # Above 1, each scene's image gets an aspect ratio (width / height) drawn log-uniformly in
+  # [1 / max_aspect, max_aspect], its long side `image_size` (for anyres training, whose
+  # tiling depends on it); 1: square images, as always before.
+  max_aspect: float = 1.0
 
   @property
   def name(self):
+    aspect = f'_a{self.max_aspect:g}' if self.max_aspect != 1 else ''
     return (f'n{self.train}-{self.validation}-{self.test}_s{self.seed}_px{self.image_size}'
-            f'_t{self.turns}')
+            f'_t{self.turns}{aspect}')
 
   def size(self, split):
     return getattr(self, split)
@@ -80,13 +85,16 @@ def check_config(config, problems: registry.Problems):
   if not isinstance(s.turns, int) or not 1 <= s.turns <= len(QUESTION_TYPES):
     problems.add('data.shapes.turns', f'must be in [1, {len(QUESTION_TYPES)}], got {s.turns!r}',
                  f'ask 1 to {len(QUESTION_TYPES)} questions (one per question type) per image')
+  if not isinstance(s.max_aspect, (int, float)) or not 1 <= s.max_aspect <= 8:
+    problems.add('data.shapes.max_aspect', f'must be in [1, 8], got {s.max_aspect!r}',
+                 '1 for square images, e.g. 3 for widths 1/3 to 3 times the height')
 
 
 def settings(config) -> Settings:
   """Settings from `config.data.shapes`."""
   s = config.data.shapes
   return Settings(train=s.train, validation=s.validation, test=s.test, seed=s.seed,
-                  image_size=s.image_size, turns=s.turns)
+                  image_size=s.image_size, turns=s.turns, max_aspect=float(s.max_aspect))
 
 
 def vocab_size(config) -> int:
@@ -137,13 +145,26 @@ def _scene(rng, image_size):
   return tuple(sorted(objects))
 
 
-def draw(scene, image_size) -> Image.Image:
-  """Renders a scene (2x supersampled for smooth edges)."""
+def image_shape(image_size: int, aspect: float) -> tuple[int, int]:
+  """(height, width) of a scene's image: long side `image_size`, width / height ~ `aspect`."""
+  if aspect >= 1:
+    return max(1, round(image_size / aspect)), image_size
+  return image_size, max(1, round(image_size * aspect))
+
+
+def draw(scene, image_size, shape=None) -> Image.Image:
+  """Renders a scene (2x supersampled for smooth edges).
+
+  `shape`: (height, width) of the image (default square `image_size`); the 3x3 cells stretch
+  with it and each shape keeps its form, scaled by the shorter side.
+  """
   s = 2
-  im = Image.new('RGB', (image_size * s, image_size * s), _BACKGROUND)
+  h, w = shape or (image_size, image_size)
+  sx, sy = w / image_size, h / image_size
+  im = Image.new('RGB', (w * s, h * s), _BACKGROUND)
   d = ImageDraw.Draw(im)
   for kind, colour, _, cx, cy, r in scene:
-    cx, cy, r = cx * s, cy * s, r * s
+    cx, cy, r = cx * sx * s, cy * sy * s, r * min(sx, sy) * s
     fill = COLOURS[colour]
     if kind == 'circle':
       d.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
@@ -240,6 +261,9 @@ def examples(s: Settings, split: str):
       used.add(scene)
       qtypes, qa = planned
       caption_order = CAPTION_ORDERS[int(rng.integers(len(CAPTION_ORDERS)))]
+      # Drawn only when asked for, so that square datasets stay as they were.
+      aspect = (float(np.exp(rng.uniform(-1, 1) * np.log(s.max_aspect)))
+                if s.max_aspect != 1 else 1.0)
       if sp == split:
         turns = []
         for k, (q, a) in enumerate(qa):
@@ -247,7 +271,8 @@ def examples(s: Settings, split: str):
                     {'from': 'gpt', 'value': a}]
         yield f'{split}-{i}', {'id': f'{split}-{i}', 'scene': json.dumps(scene),
                                'caption': caption(scene, caption_order), 'conversations': turns,
-                               'question_types': qtypes}
+                               'question_types': qtypes,
+                               'shape': image_shape(s.image_size, aspect)}
       i += 1
     if sp == split:
       return
@@ -373,7 +398,7 @@ def builder(config):
 
     def _generate_examples(self, split):
       for key, ex in examples(s, split):
-        im = draw([tuple(o) for o in json.loads(ex['scene'])], s.image_size)
+        im = draw([tuple(o) for o in json.loads(ex['scene'])], s.image_size, ex['shape'])
         yield key, {'id': ex['id'], 'images': [encode_png(im)],
                     'conversations': json.dumps(ex['conversations']),
                     'caption': ex['caption'],

@@ -16,6 +16,7 @@ A template is a `Template` registered with `lvm.registry.TEMPLATE` under its con
 """
 
 import dataclasses
+import itertools
 from typing import Callable
 
 import numpy as np
@@ -183,9 +184,17 @@ def _chunks(template, turns, tokenizer, prompt_only, system=None):
   return get(template).chunks(pairs, tokenizer, system)
 
 
+def _image_counts(num_image_tokens):
+  """An iterator of each image's token count: an int (every image alike) or one per image."""
+  if isinstance(num_image_tokens, (int, np.integer)):
+    return itertools.repeat(int(num_image_tokens))
+  return iter([int(k) for k in num_image_tokens])
+
+
 def _tokenize(chunks, tokenizer, num_image_tokens):
   ids, mask = [], []
   run: list[Chunk] = []
+  counts = _image_counts(num_image_tokens)
 
   def flush():
     text, prev = '', []
@@ -211,8 +220,11 @@ def _tokenize(chunks, tokenizer, num_image_tokens):
       ids.append(int(ch.value))
       mask.append(ch.supervised)
     else:
-      ids.extend([tokenizer.image_token_id] * num_image_tokens)
-      mask.extend([False] * num_image_tokens)
+      k = next(counts, None)
+      if k is None:
+        raise SampleError('image_count_mismatch', 'more <image> markers than images')
+      ids.extend([tokenizer.image_token_id] * k)
+      mask.extend([False] * k)
   flush()
   return ids, mask
 
@@ -224,7 +236,8 @@ def render(template: str, turns, tokenizer, num_image_tokens: int, system: str |
     template: a registered template name (`lvm.registry.TEMPLATE`).
     turns: LLaVA turns, human first, alternating; `<image>` marks images.
     tokenizer: a `lvm.data.tokenizer.Tokenizer`.
-    num_image_tokens: image-token ids each `<image>` expands to.
+    num_image_tokens: image-token ids each `<image>` expands to: one int for all, or one
+      count per image in order (anyres: `lvm.models.num_image_tokens(config, image_size=...)`).
     system: system prompt; None = the template's own, '' = none (`plain` has none).
 
   Returns:
@@ -255,21 +268,29 @@ def render_prompt(template: str, turns, tokenizer, num_image_tokens: int,
   return np.asarray(ids, np.int32)
 
 
-def encode_example(template: str, turns, tokenizer, num_image_tokens: int, seq_len: int,
+def encode_example(template: str, turns, tokenizer, num_image_tokens, seq_len: int,
                    num_images: int | None = None, system: str | None = None):
   """Renders, checks the image count, and fits to `seq_len` (text truncated, images never).
+
+  `num_image_tokens`: an int for every image, or one count per image (anyres).
 
   Returns:
     (ids int32[T], loss_mask bool[T]) with T <= seq_len (not padded).
 
   Raises:
-    SampleError: image_count_mismatch, image_tokens_do_not_fit,
-      no_supervised_tokens_after_truncation, or any reason of `render`.
+    SampleError: image_count_mismatch, image_token_count_mismatch (the text itself holds
+      image-token ids), image_tokens_do_not_fit, no_supervised_tokens_after_truncation, or
+      any reason of `render`.
   """
-  if num_images is not None and count_images(turns) != num_images:
-    raise SampleError('image_count_mismatch',
-                      f'{count_images(turns)} <image> markers for {num_images} images')
+  markers = count_images(turns)
+  if num_images is not None and markers != num_images:
+    raise SampleError('image_count_mismatch', f'{markers} <image> markers for {num_images} images')
   ids, mask = render(template, turns, tokenizer, num_image_tokens, system)
+  want = sum(itertools.islice(_image_counts(num_image_tokens), markers))
+  got = int(np.sum(ids == tokenizer.image_token_id))
+  if got != want:
+    raise SampleError('image_token_count_mismatch',
+                      f'{got} image-token ids for {markers} image(s) that need {want}')
   if len(ids) > seq_len:
     image_pos = np.flatnonzero(ids == tokenizer.image_token_id)
     if image_pos.size and image_pos[-1] >= seq_len:
