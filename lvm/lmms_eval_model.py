@@ -44,6 +44,24 @@ def manifest() -> ModelManifest:
   return ModelManifest(model_id=NAME, simple_class_path=f'{__name__}.LvmModel')
 
 
+def _pass_through(result: tuple[float, bool]):
+  """A loglikelihood result as lmms-eval's evaluator must receive it to keep it a pair.
+
+  lmms-eval 0.7.3's evaluator passes every response through `unwrap_generation_output`,
+  which turns anything but text into its `str()`: a (float, bool) pair would reach
+  multiple_choice scoring as the string '(6.1, False)' and fail there ("too many values to
+  unpack"). Wrapped in its `GenerationResult` the pair passes through unchanged; versions
+  that keep pairs as they are get the plain pair.
+  """
+  try:
+    from lmms_eval.api.instance import GenerationResult, unwrap_generation_output  # pylint: disable=g-import-not-at-top
+  except ImportError:
+    return result
+  if unwrap_generation_output(result)[0] == result:
+    return result
+  return GenerationResult(text=result)
+
+
 def load_hf(folder: str, template: str = 'vicuna_v1', system_prompt: str | None = None,
             image_aspect: str | None = None, **model_overrides):
   """(config, Generator, TextGenerator) for a transformers LLaVA folder.
@@ -118,8 +136,11 @@ class LvmModel(lmms):
     self.seed = int(seed)
     from lvm import inference  # pylint: disable=g-import-not-at-top
     from lvm.data import templates  # pylint: disable=g-import-not-at-top
-    if template is not None:
-      templates.get(template)  # a bad name fails before the model loads
+    if template is not None:  # a bad name fails before the model loads
+      try:
+        templates.get(template)
+      except ValueError as e:
+        raise ValueError(f'model_args template: {e}') from e
     if workdir is not None:
       if dtype is not None:
         raise ValueError('model_args dtype applies to hf= folders; a run keeps its own')
@@ -251,7 +272,7 @@ class LvmModel(lmms):
       for k, i in enumerate(batch):
         results[i] = (float(nll[k] / count[k]), bool(greedy[k]))
         self.cache_hook.add_partial('loglikelihood', requests[i].args[:2], results[i])
-    return results
+    return [_pass_through(r) for r in results]
 
   def generate_until_multi_round(self, requests) -> list[str]:
     raise NotImplementedError('lvm answers single-round tasks (generate_until); multi-round '
