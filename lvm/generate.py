@@ -8,7 +8,9 @@ and prompt are prefilled in one pass into a cache of length prompt_bucket + new_
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
 `max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
 are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
-traced values, so new inputs rarely recompile.
+traced values, so new inputs rarely recompile. `Generator.score` gives teacher-forced
+log-likelihoods of chosen tokens (right-padded, bucketed the same way): lmms-eval's
+`loglikelihood` (`lvm/lmms_eval_model.py`).
 
 Letters: B batch, N image slots, H/W image size, Lp prompt bucket, Ln new-token bucket,
 S = Lp + Ln cache length, V vocabulary.

@@ -9,7 +9,6 @@ unpadded forward pass, and the task's accuracy the argmin of those. Skipped unle
 """
 
 import os
-import textwrap
 
 os.environ.setdefault('HF_DATASETS_OFFLINE', '1')  # nothing may be downloaded
 os.environ.setdefault('HF_HUB_OFFLINE', '1')
@@ -32,10 +31,8 @@ from lvm.sampling import SamplingParams  # pylint: disable=g-import-not-at-top
 
 # (question, image size or None for a text-only doc, choices, label)
 DOCS = [('What color is the circle?', (40, 24), ['red', 'blue', 'green'], 0),
-        ('How many shapes are there?', (32, 32), ['one', 'two', 'three'], 2),
         ('Is there a square?', None, ['yes', 'no'], 1),
-        ('Where is the triangle?', (20, 48), ['left', 'right', 'top'], 1),
-        ('What shape is red?', (64, 30), ['circle', 'square'], 0)]
+        ('Where is the triangle?', (20, 48), ['left', 'right'], 1)]
 MAX_NEW_TOKENS = 6
 UNTIL = ['square']  # a stop string of the task, cut on the host
 
@@ -98,8 +95,8 @@ def setup(tmp_path_factory):
   shapes.prepare_assets(config)  # the run's tokenizer
   model = models.build(config)
   h = config.model.vision.image_size
-  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, h, h, 3)),
-                               jnp.zeros((1, 8), jnp.int32))['params'])
+  params = nn.unbox(jax.jit(model.init)(jax.random.key(0), jnp.zeros((1, 1, h, h, 3)),
+                                        jnp.zeros((1, 8), jnp.int32))['params'])
   ckpt = checkpoint.Checkpointer(str(root / 'run'), config.checkpoint)
   ckpt.save(1, {'params': params}, {}, config)
   ckpt.wait()
@@ -156,6 +153,7 @@ def test_lmms_eval_scores_a_local_task_with_lvm_answers(setup):
 
   # loglikelihood: a direct, unpadded forward pass of each (question, choice) alone.
   model = models.build(config)
+  forward = jax.jit(lambda images, ids: model.apply({'params': params}, images, ids))
   accuracy = []
   for (question, _, choices, label), picture, sample in zip(DOCS, pictures,
                                                            samples['lvm_local_mc']):
@@ -165,8 +163,7 @@ def test_lmms_eval_scores_a_local_task_with_lvm_answers(setup):
           'vicuna_v1', [_human(question, picture), {'from': 'gpt', 'value': ' ' + choice}],
           text_gen.tokenizer, gen.tokens_per_image)
       image = _image(config, picture)
-      logits = model.apply({'params': params}, None if image is None else image[None],
-                           jnp.asarray(ids)[None])[0]
+      logits = forward(None if image is None else image[None], jnp.asarray(ids)[None])[0]
       logp = np.asarray(jax.nn.log_softmax(logits.astype(jnp.float32), axis=-1))
       t = np.flatnonzero(target)  # scored tokens: the answer and its </s>
       nll = -logp[t - 1, ids[t]]
