@@ -34,7 +34,7 @@ DOCS = [('What color is the circle?', (40, 24), ['red', 'blue', 'green'], 0),
         ('Is there a square?', None, ['yes', 'no'], 1),
         ('Where is the triangle?', (20, 48), ['left', 'right'], 1)]
 MAX_NEW_TOKENS = 6
-UNTIL = ['square']  # a stop string of the task, cut on the host
+UNTIL = ['USER']  # a stop string of the task, cut on the host (the random model says it)
 
 GEN_TASK = """\
 task: lvm_local_gen
@@ -91,6 +91,8 @@ def setup(tmp_path_factory):
   root = tmp_path_factory.mktemp('lmms')
   config = tiny.get_config()
   config.data.data_dir = str(root / 'data')
+  # Few shapes examples: the tokenizer's corpus is small and quick to train.
+  config.data.shapes.train, config.data.shapes.validation, config.data.shapes.test = 96, 8, 8
   from lvm.data import shapes  # pylint: disable=g-import-not-at-top
   shapes.prepare_assets(config)  # the run's tokenizer
   model = models.build(config)
@@ -143,13 +145,13 @@ def test_lmms_eval_scores_a_local_task_with_lvm_answers(setup):
   samples = {name: sorted(rows, key=lambda s: s['doc_id'])
              for name, rows in out['samples'].items()}
 
-  # generate_until: lvm's own TextGenerator, one question at a time, gives the same answers.
+  # generate_until: lvm's own TextGenerator, all questions in one batch, gives the same.
   config, gen, text_gen = inference.from_run(str(root / 'run'))
-  for (question, _, _, _), picture, sample in zip(DOCS, pictures, samples['lvm_local_gen']):
-    own = text_gen.answer([[_human(question, picture)]], [_image(config, picture)],
-                          MAX_NEW_TOKENS, SamplingParams())[0]
-    expected = inference.cut_at_stop_strings(own.text, UNTIL)[0]
-    assert sample['resps'] == [[expected]], question
+  own = text_gen.answer([[_human(d[0], p)] for d, p in zip(DOCS, pictures)],
+                        [_image(config, p) for p in pictures], MAX_NEW_TOKENS, SamplingParams())
+  cut = [inference.cut_at_stop_strings(o.text, UNTIL)[0] for o in own]
+  assert [s['resps'] for s in samples['lvm_local_gen']] == [[[c]] for c in cut]
+  assert all(c for c in cut) and any(c != o.text for c, o in zip(cut, own))  # `until` applied
 
   # loglikelihood: a direct, unpadded forward pass of each (question, choice) alone.
   model = models.build(config)
