@@ -178,6 +178,26 @@ def test_lmms_eval_scores_a_local_task_with_lvm_answers(setup):
   assert out['results']['lvm_local_mc']['acc,none'] == pytest.approx(np.mean(accuracy))
 
 
+def test_transformers_folder_answers_as_the_run(setup):
+  """`--model_args hf=FOLDER`: the run exported with lvm.hf (plus its tokenizer) answers alike."""
+  import shutil  # pylint: disable=g-import-not-at-top
+  from lvm import hf  # pylint: disable=g-import-not-at-top
+  from lvm import lmms_eval_model  # pylint: disable=g-import-not-at-top
+  root, params, pictures = setup
+  config, _, text_gen = inference.from_run(str(root / 'run'))
+  folder = root / 'hf'
+  hf.save(config.model, params, str(folder))
+  shutil.copy(text_gen.tokenizer.path, folder / 'tokenizer.model')
+  adapter = lmms_eval_model.LvmModel(hf=str(folder), dtype='float32', batch_size=4)
+  turns = [[_human(d[0], p)] for d, p in zip(DOCS, pictures)]
+  ours = adapter.text_gen.answer(turns, [_image(adapter.config, p) for p in pictures],
+                                 MAX_NEW_TOKENS, min_batch=4)
+  own = text_gen.answer(turns, [_image(config, p) for p in pictures], MAX_NEW_TOKENS,
+                        min_batch=4)
+  assert [o.tokens for o in ours] == [o.tokens for o in own]
+  assert adapter.text_gen.template == 'vicuna_v1'
+
+
 def test_bad_model_args_are_clear_errors(setup):
   from lvm import lmms_eval_model  # pylint: disable=g-import-not-at-top
   root = setup[0]
