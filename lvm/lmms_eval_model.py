@@ -135,7 +135,11 @@ class LvmModel(lmms):
     self.max_new_tokens = int(max_new_tokens)
     self.seed = int(seed)
     from lvm import inference  # pylint: disable=g-import-not-at-top
+    from lvm.data import images as images_lib  # pylint: disable=g-import-not-at-top
     from lvm.data import templates  # pylint: disable=g-import-not-at-top
+    if image_aspect and image_aspect not in images_lib.ASPECTS:
+      raise ValueError(f'model_args image_aspect must be one of {images_lib.ASPECTS}, got '
+                       f'{image_aspect!r}')
     if template is not None:  # a bad name fails before the model loads
       try:
         templates.get(template)

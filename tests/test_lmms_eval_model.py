@@ -207,3 +207,5 @@ def test_bad_model_args_are_clear_errors(setup):
     lmms_eval_model.LvmModel(workdir=str(root / 'run'), pretrained='x')
   with pytest.raises(ValueError, match=r"model_args template: .*'vicuna_v9' is not a registered"):
     lmms_eval_model.LvmModel(workdir=str(root / 'run'), template='vicuna_v9')
+  with pytest.raises(ValueError, match="model_args image_aspect must be one of"):
+    lmms_eval_model.LvmModel(workdir=str(root / 'run'), image_aspect='square')
