@@ -8,7 +8,9 @@ and prompt are prefilled in one pass into a cache of length prompt_bucket + new_
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
 `max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
 are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
-traced values, so new inputs rarely recompile.
+traced values, so new inputs rarely recompile. `Generator.score` gives teacher-forced
+log-likelihoods of chosen tokens (right-padded, bucketed the same way): lmms-eval's
+`loglikelihood` (`lvm/lmms_eval_model.py`).
 
 Letters: B batch, N image slots, H/W image size, Lp prompt bucket, Ln new-token bucket,
 S = Lp + Ln cache length, V vocabulary.
@@ -29,6 +31,7 @@ import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
 from lvm import config as lvm_config
+from lvm import losses
 from lvm import models
 from lvm import sharding as lvm_sharding
 from lvm.sampling import SamplingParams, sample
@@ -104,6 +107,7 @@ class Generator:
     # (time to first token; one decode step). Call them under `jax.set_mesh(self.mesh)`.
     self.prefill = jax.jit(self._prefill, static_argnames=('new_bucket',))
     self.decode = jax.jit(self._decode, donate_argnums=(2,))
+    self._jitted_score = jax.jit(self._score)
 
   def _param_shardings(self):
     h = self.image_size
@@ -318,6 +322,63 @@ class Generator:
     for r, img in enumerate(per_row):
       out[r, :img.shape[0]] = img
     return out
+
+  def _score(self, params, images, input_ids, loss_mask):
+    """The jitted core of `score`: per-row sums over the targets of a right-padded batch.
+
+    Returns:
+      (nll float32[B]: summed over each row's targets, count int32[B], greedy bool[B]: the
+      argmax is the target at every one of the row's targets).
+    """
+    self.num_compiles += 1  # runs only while tracing
+    batch = {'images': images, 'input_ids': input_ids, 'loss_mask': loss_mask}
+    nll, _, correct, mask = losses.token_losses(
+        losses.apply_model(self.model, params, batch), batch)
+    return (jnp.sum(jnp.where(mask, nll, 0.0), axis=1), jnp.sum(mask, axis=1, dtype=jnp.int32),
+            jnp.all(correct | ~mask, axis=1))
+
+  def score(self, sequences: Sequence[Sequence[int]], targets: Sequence[Sequence[bool]],
+            images: Sequence[Any] | None = None, min_batch: int = 1):
+    """Teacher-forced log-likelihood of chosen tokens of each sequence, in one batch.
+
+    Rows are right-padded to a bucketed length (under the causal mask padding after a
+    token never changes its logits) and the batch to a bucketed size, as `generate` does.
+
+    Args:
+      sequences: token ids per row (with `tokens_per_image` image-token ids per image).
+      targets: per row, one bool per token: True where that token is scored (predicted
+        from the tokens before it), as a training batch's `loss_mask`.
+      images: as `generate`'s.
+      min_batch: as `generate`'s.
+
+    Returns:
+      (nll float64[rows]: minus the summed log-probability of each row's targets,
+      count int[rows]: its targets, greedy bool[rows]: whether greedy decoding from each
+      target's prefix gives every target).
+    """
+    rows = len(sequences)
+    if rows == 0:
+      return np.zeros((0,)), np.zeros((0,), int), np.zeros((0,), bool)
+    for r, (seq, tgt) in enumerate(zip(sequences, targets, strict=True)):
+      if len(seq) != len(tgt):
+        raise ValueError(f'Row {r}: {len(seq)} tokens but {len(tgt)} target flags')
+      if len(tgt) and tgt[0]:
+        raise ValueError(f'Row {r}: the first token has no prefix to be predicted from')
+    b = bucket(max(rows, min_batch), minimum=1)
+    b = -(-b // self.batch_multiple) * self.batch_multiple
+    length = bucket(max(len(s) for s in sequences), self.prompt_buckets)
+    ids = np.full((b, length), self.pad_id, np.int32)
+    mask = np.zeros((b, length), bool)
+    for r, (seq, tgt) in enumerate(zip(sequences, targets)):
+      ids[r, :len(seq)] = seq
+      mask[r, :len(tgt)] = tgt
+    image_array = self._image_batch(images, sequences, b)
+    put = lambda x: jax.device_put(x, self._batch_sharding(x.ndim))
+    with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
+      out = self._jitted_score(self.params, None if image_array is None else put(image_array),
+                               put(ids), put(mask))
+    nll, count, greedy = map(np.asarray, jax.device_get(out))
+    return nll[:rows].astype(np.float64), count[:rows], greedy[:rows]
 
 
 def _global_array(x: np.ndarray, sharding) -> jax.Array:

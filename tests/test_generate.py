@@ -99,6 +99,32 @@ def test_tensor_parallel_matches_one_device(setup):
   assert [o.tokens for o in out] == ref
 
 
+def test_score_matches_unpadded_forward_on_one_and_eight_devices(setup):
+  """Generator.score (lmms-eval's loglikelihood): each row alone, unpadded, gives the same."""
+  s = setup
+  h = s['config'].model.vision.image_size
+  seqs = [p + o.tokens for p, o in zip(s['prompts'], s['greedy'])]
+  targets = [[False] * len(p) + [True] * len(o.tokens) for p, o in zip(s['prompts'], s['greedy'])]
+  seqs[1][-2] = (seqs[1][-2] + 1) % 500  # a non-greedy target in row 1
+  forward = jax.jit(lambda images, ids: s['model'].apply({'params': s['params']}, images, ids))
+  ref_nll, ref_greedy = [], []
+  for seq, tgt, image in zip(seqs, targets, s['images']):
+    image = None if image is None else np.reshape(image, (1, -1, h, h, 3)).astype(np.float32)
+    logp = np.asarray(jax.nn.log_softmax(forward(image, jnp.asarray([seq]))[0], -1))
+    t = np.flatnonzero(tgt)
+    ref_nll.append(-logp[t - 1, np.asarray(seq)[t]].sum())
+    ref_greedy.append(bool(np.all(logp[t - 1].argmax(-1) == np.asarray(seq)[t])))
+  assert ref_greedy == [True, False, True]  # generated greedily, but for the changed token
+  sharded = Generator(s['config'], s['params'])  # data-parallel over the 8 emulated devices
+  assert sharded.batch_multiple == 8
+  for gen in (s['gen'], sharded):
+    nll, count, greedy = gen.score(seqs, targets, s['images'])
+    np.testing.assert_allclose(nll, ref_nll, rtol=1e-5)
+    assert count.tolist() == [NEW] * 3 and greedy.tolist() == ref_greedy
+  with pytest.raises(ValueError, match='first token has no prefix'):
+    s['gen'].score([[1, 2]], [[True, True]])
+
+
 def test_buckets_avoid_recompiles(setup):
   gen, text = setup['gen'], setup['prompts'][1]
   gen.generate([text[:5]], None, max_new_tokens=3)
