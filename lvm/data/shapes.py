@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from lvm import registry
 from lvm.data import records
+from lvm.data import family_templates
 from lvm.data import templates
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -109,8 +110,13 @@ def assets_dir(config) -> str:
                       GENERATOR_VERSION)
 
 
+# Bump when the tokenizer's training changes. 2: the chatml / gemma / mistral markers.
+TOKENIZER_VERSION = 2
+
+
 def tokenizer_path(config) -> str:
-  return os.path.join(assets_dir(config), f'tokenizer_v{vocab_size(config)}.model')
+  return os.path.join(assets_dir(config),
+                      f'tokenizer_v{vocab_size(config)}_r{TOKENIZER_VERSION}.model')
 
 
 def baseline_path(config) -> str:
@@ -311,7 +317,7 @@ def train_tokenizer(s: Settings, vocab: int, path: str):
       sentence_iterator=corpus(s), model_writer=model, vocab_size=vocab, model_type='bpe',
       character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
       user_defined_symbols=['\n'] + list(templates.LLAMA3_SPECIALS[1:]) + [
-          '<|begin_of_text|>'],
+          '<|begin_of_text|>'] + list(family_templates.SPECIALS),
       normalization_rule_name='identity', remove_extra_whitespaces=False,
       hard_vocab_limit=False, num_threads=1, minloglevel=2)
   tmp = path + '.tmp'
