@@ -2,8 +2,10 @@
 
 Each renders its family's chat template (the jinja string in the model's tokenizer folder)
 as `lvm.data.templates` chunks, so the label mask comes with the ids by construction: the
-supervised tokens are each assistant answer (stripped) and its end-of-turn token; the newline
-a format writes after that token is not supervised (generation stops at the token). Every
+supervised tokens are each assistant answer and its end-of-turn token; the newline a format
+writes after that token is not supervised (generation stops at the token). Messages are
+written as the family's chat template writes them: Gemma's (and Llama-3's) trims each, ChatML
+and Mistral keep them as they are. Every
 sample is then checked against the tokenizer's own chat template
 (`templates.check_against_chat_template`). `llama3` lives beside `vicuna_v1` in `templates`.
 
@@ -37,7 +39,7 @@ SPECIALS = CHATML_SPECIALS + GEMMA_SPECIALS + MISTRAL_MARKERS
 
 def _answer(a, end_of_turn, after=''):
   """An answer and its end-of-turn text (its tokens, one or several), both supervised."""
-  c = [Chunk('text', a.strip(), True), Chunk('text', end_of_turn, True)]
+  c = [Chunk('text', a, True), Chunk('text', end_of_turn, True)]
   return c + [Chunk('text', after)] if after else c
 
 
@@ -49,7 +51,7 @@ def _chatml(pairs, tokenizer, system):
     c += templates._split_images(  # pylint: disable=protected-access
         f'<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n')
     if a is not None:
-      c += _answer(a, '<|im_end|>', '\n')
+      c += _answer(a, '<|im_end|>', '\n')  # Qwen's template keeps the answer as it is
   return c
 
 
@@ -61,7 +63,7 @@ def _mistral(pairs, tokenizer, system):
   for q, a in pairs:
     c += templates._split_images(f'[INST] {q} [/INST]')  # pylint: disable=protected-access
     if a is not None:
-      c += [Chunk('text', a.strip(), True), Chunk('id', tokenizer.eos_id, True)]
+      c += [Chunk('text', a, True), Chunk('id', tokenizer.eos_id, True)]
   return c
 
 
@@ -74,19 +76,20 @@ def _gemma(pairs, tokenizer, system):
     c += templates._split_images(  # pylint: disable=protected-access
         f'<start_of_turn>user\n{q.strip()}<end_of_turn>\n<start_of_turn>model\n')
     if a is not None:
-      c += _answer(a, '<end_of_turn>', '\n')
+      c += _answer(a.strip(), '<end_of_turn>', '\n')
   return c
 
 
 registry.TEMPLATE.register(
     'chatml', Template(
         _chatml, ('<|im_end|>',),
-        messages=functools.partial(templates.chat_messages, default_system=QWEN2_SYSTEM),
+        messages=functools.partial(templates.chat_messages, default_system=QWEN2_SYSTEM,
+                                   strip=False),
         special_tokens=CHATML_SPECIALS, chat_markers=CHATML_SPECIALS),
     check=templates.check_config)
 registry.TEMPLATE.register(
     'mistral', Template(
-        _mistral, ('</s>',), messages=templates.chat_messages,
+        _mistral, ('</s>',), messages=functools.partial(templates.chat_messages, strip=False),
         chat_markers=MISTRAL_MARKERS, needs_bos=True, system_turn=False),
     check=templates.check_config)
 registry.TEMPLATE.register(

@@ -65,8 +65,9 @@ class Template:
   Attributes:
     chunks: `(pairs, tokenizer, system) -> [Chunk]`: pairs are (question, answer) texts, the
       last answer None when rendering a prompt; `system` is the system prompt (None: the
-      template's own; '': none). The chunks start with BOS; answers are stripped and
-      supervised together with their end-of-turn token.
+      template's own; '': none). The chunks start with BOS (if the format has one);
+      answers are supervised together with their end-of-turn token, stripped unless the
+      family's chat template keeps them as they are (chatml, mistral).
     stop_strings: strings that end an assistant answer in generation (besides EOS).
     messages: None, or `(pairs, system) -> [{'role', 'content'}]`: the conversation as the
       tokenizer's chat template takes it; set, every sample is checked against that rendering.
@@ -162,18 +163,19 @@ def _vicuna_v1(pairs, tokenizer, system):
   return c
 
 
-def chat_messages(pairs, system, default_system='', strip=False) -> list[dict]:
+def chat_messages(pairs, system, default_system='', strip=True) -> list[dict]:
   """The conversation of `pairs` as chat-template messages (system first if any).
 
-  `system` None gives `default_system`; '' none. With `strip`, questions are stripped as the
-  templates that `| trim` every message (Llama-3, Gemma) do; answers are always stripped.
+  `system` None gives `default_system`; '' none. `strip`: every message stripped, as the
+  chat templates that `| trim` each (Llama-3, Gemma) write it; else as it is (ChatML, Mistral).
   """
+  fix = str.strip if strip else (lambda x: x)
   system = default_system if system is None else system
-  out = [{'role': 'system', 'content': system.strip() if strip else system}] if system else []
+  out = [{'role': 'system', 'content': fix(system)}] if system else []
   for q, a in pairs:
-    out.append({'role': 'user', 'content': q.strip() if strip else q})
+    out.append({'role': 'user', 'content': fix(q)})
     if a is not None:
-      out.append({'role': 'assistant', 'content': a.strip()})
+      out.append({'role': 'assistant', 'content': fix(a)})
   return out
 
 
@@ -197,7 +199,7 @@ def _llama3(pairs, tokenizer, system):
 
 
 def _llama3_messages(pairs, system):
-  return chat_messages(pairs, system, LLAMA3_SYSTEM, strip=True)
+  return chat_messages(pairs, system, LLAMA3_SYSTEM)
 
 
 def check_config(config, problems: registry.Problems):
