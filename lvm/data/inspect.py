@@ -5,7 +5,10 @@ r"""Prints samples as the model sees them.
 Text shows supervised spans as [[...]] and collapses image-token runs to `<image xP>`; each
 sample lists its lengths, and dropped samples their reason. With --json, one object per line:
 `id`, `text` (the full decoded sequence), `supervised_text` (only the supervised tokens,
-decoded), `marked`, `num_image_tokens`, `length`, `num_supervised`, `truncated`, `dropped`.
+decoded), `supervised_spans`, `marked`, `num_image_tokens`, `length`, `num_supervised`,
+`truncated`, `dropped`, `chat_template_checked` (the sample's ids were checked against the
+tokenizer folder's chat template: chatml, mistral, gemma, llama3 with a model's tokenizer).
+Any template shows with `--config.data.template=NAME`.
 The dataset is prepared first if needed.
 """
 
@@ -80,6 +83,8 @@ def inspect(config, split, num):
   proc = pipeline.Processor(config, tok, models.num_image_tokens(config),
                             train=split == config.data.train_split)
   source = pipeline.data_source(config, split)
+  checked = (templates.get(config.data.template).messages is not None
+             and tok.chat_template is not None)
   for i in range(min(num, len(source))):
     record = source[i]
     rid = pipeline._text(record.get('id', str(i)))  # pylint: disable=protected-access
@@ -95,6 +100,7 @@ def inspect(config, split, num):
       d = {'text': None, 'supervised_text': None, 'num_image_tokens': 0, 'length': 0,
            'dropped': e.reason, 'message': str(e)}
     d['id'] = rid
+    d['chat_template_checked'] = checked
     yield d
 
 
@@ -108,7 +114,9 @@ def main(argv):
     if _JSON.value:
       print(json.dumps(d))
       continue
-    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template})')
+    checked = ', checked against the chat template' if d['chat_template_checked'] else ''
+    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template}'
+          f'{checked})')
     if d['dropped']:
       print(f'DROPPED: {d["message"]}')
       continue

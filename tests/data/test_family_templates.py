@@ -215,6 +215,9 @@ def test_pipeline_counts_mismatches_as_drops(folders, shapes_dir):
   it = pipeline.make_iterator(config, 'train', mesh)
   batch = next(it)
   assert it.stats == {} and int(np.asarray(batch['loss_mask']).sum()) > 0
+  d = next(inspect_lib.inspect(config, 'train', 1))
+  assert d['chat_template_checked'] and d['dropped'] is None
+  assert all(span.endswith('<|im_end|>') for span in d['supervised_spans'])
   config = tiny_shapes_config(shapes_dir, template='chatml', tokenizer=path, seq_len=96,
                               system_prompt='')
   with pytest.raises(ValueError, match="chat_template_mismatch"):
