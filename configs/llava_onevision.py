@@ -12,8 +12,8 @@ model (`lvm.hf`; tests/test_family_configs.py compares the parameter counts).
 Values from LLaVA-NeXT's OneVision training scripts (scripts/train/*ov*.sh, as quoted by public
 derivatives; the scripts themselves were not read here): learning rate 1e-5, vision tower 2e-6,
 no weight decay, 3% warmup, cosine, `--mm_vision_select_layer -2` (SigLIP without its last
-layer), anyres_max_9 over grids 1x1 .. 6x6 of tiles (384 px there, 378 here: see VISION), `--model_max_length 32768`,
-`--version qwen_1_5` (ChatML). UNSURE: the global batch (the scripts give per-device 1 x
+layer), anyres_max_9 over grids 1x1 .. 6x6 of tiles (384 px there, 378 here: see VISION),
+`--model_max_length 32768`, `--version qwen_1_5` (ChatML). UNSURE: the global batch (the scripts give per-device 1 x
 accumulation 2 x the GPU count; 128 below assumes 64 GPUs) and stage 1's batch and length.
 """
 

@@ -57,7 +57,7 @@ CORPUS = [f'{q} {a}' for q, a in ((Q1, A1), (Q2, A2))] * 3 + [
 def build_folder(root, family, chat=True, template_key=None):
   """A tokenizer folder: a BPE tokenizer.json trained on CORPUS + tokenizer_config.json."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top,line-too-long
   _, specials, byte_level, prepend = FAMILIES[family]
   tok = tokenizers.Tokenizer(models.BPE(unk_token=None if byte_level else '<unk>'))
   if byte_level:
@@ -103,8 +103,8 @@ def hf_ids(folder, turns, system=None, add_generation_prompt=False):
   messages = [{'role': 'system', 'content': system}] if system else []
   messages += [{'role': 'user' if t['from'] == 'human' else 'assistant', 'content': t['value']}
                for t in turns]
-  out = tok.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
-                                return_dict=True)
+  out = tok.apply_chat_template(messages, tokenize=True, return_dict=True,
+                                add_generation_prompt=add_generation_prompt)
   return list(out['input_ids'])
 
 
