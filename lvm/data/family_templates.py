@@ -15,8 +15,13 @@ sample is then checked against the tokenizer's own chat template
            The system prompt defaults to Qwen2-Instruct's ('You are a helpful assistant.');
            it is always written, so Qwen2.5's template (whose own default differs) renders
            the same text.
-  mistral  Mistral-7B-Instruct v0.1 / v0.2 (LLaVA-NeXT-Mistral's decoder):
+  mistral  Mistral Instruct's first format, as the chat template of Mixtral-8x7B-Instruct-v0.1
+           (tests/data/chat_templates.json); LLaVA-NeXT-Mistral's decoder is
+           Mistral-7B-Instruct-v0.2:
            <s>[INST] Q [/INST][[A</s>]][INST] Q2 [/INST][[A2</s>]]  (no system role)
+           Later Mistral templates (system and tool turns, v0.3's control tokens) and one
+           Mistral-7B-Instruct-v0.1 revision (a space after each </s>) render otherwise: with
+           those folders the per-sample check drops the samples instead of training on them.
   gemma    Gemma / Gemma 2 instruction-tuned (no system role; every message trimmed):
            <bos><start_of_turn>user\\nQ<end_of_turn>\\n<start_of_turn>model\\n
            [[A<end_of_turn>]]\\n
