@@ -76,7 +76,7 @@ class Template:
     needs_bos: the format starts with the tokenizer's BOS.
     conversational: a chat format (not `plain` captioning): refused with a tokenizer whose
       chat template is another registered format's.
-    system_turn: the format has a system turn (Mistral v0.2's and Gemma's have none).
+    system_turn: the format has a system turn (the `mistral` and `gemma` ones have none).
   """
   chunks: Callable[..., list[Chunk]]
   stop_strings: tuple[str, ...]
@@ -334,7 +334,6 @@ def check_against_chat_template(template: str, pairs, system, tokenizer, ids,
         'chat_template_mismatch',
         f'{template!r} renders {tokenizer.decode(got[k:k + 8])!r} at token {k} where the '
         f'tokenizer\'s chat template renders {tokenizer.decode(want[k:k + 8])!r}')
-
 
 
 def _chunks(template, turns, tokenizer, prompt_only, system=None):
