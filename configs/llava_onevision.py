@@ -8,6 +8,8 @@ Point `config.data.tokenizer` at the Qwen2 folder's tokenizer.json (no BOS; its 
 is ChatML, checked on every sample) and `config.init` at the SigLIP and Qwen2 folders (stage 1)
 or the stage-1 workdir. transformers' LlavaOnevisionForConditionalGeneration holds the same
 model (`lvm.hf`; tests/test_family_configs.py compares the parameter counts).
+Training it needs the anyres input pipeline (tiles per image in the batches), which main does
+not have yet: on main the anyres model, its import and its export are there.
 
 Values from LLaVA-NeXT's OneVision training scripts (scripts/train/*ov*.sh, as quoted by public
 derivatives; the scripts themselves were not read here): learning rate 1e-5, vision tower 2e-6,
