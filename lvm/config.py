@@ -190,7 +190,7 @@ def get_config(arg=None):
   config.data.train_split = 'train'
   config.data.eval_split = 'validation'
   config.data.test_split = 'test'
-  config.data.template = 'vicuna_v1'  # a registry.TEMPLATE name: plain | vicuna_v1 | llama3
+  config.data.template = 'vicuna_v1'  # a registry.TEMPLATE name (docs/data.md, Templates)
   # The template's system prompt: None = its own (LLaVA's), '' = none, or any text. Training,
   # evaluation and generation all render with it.
   config.data.system_prompt = ml_collections.FieldReference(None, field_type=str)

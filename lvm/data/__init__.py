@@ -17,6 +17,7 @@ from lvm import registry
 # The modules that register datasets and templates (registry.DATASET / TEMPLATE import this
 # package before any lookup). None imports tensorflow at module level: `lvm.config` reads the
 # dataset defaults through them.
+from lvm.data import family_templates  # pylint: disable=unused-import
 from lvm.data import llava_json  # pylint: disable=unused-import
 from lvm.data import shapes  # pylint: disable=unused-import
 from lvm.data import templates  # pylint: disable=unused-import

@@ -5,10 +5,13 @@ r"""Prints samples as the model sees them.
 Text shows supervised spans as [[...]] and collapses image-token runs to `<image xP>`; each
 sample lists its lengths, and dropped samples their reason. With --json, one object per line:
 `id`, `text` (the full decoded sequence), `supervised_text` (only the supervised tokens,
-decoded), `marked`, `num_image_tokens`, `length`, `num_supervised`, `truncated`, `dropped`,
+decoded), `supervised_spans`, `marked`, `num_image_tokens`, `length`, `num_supervised`,
+`truncated`, `dropped`, `chat_template_checked` (the sample's ids were checked against the
+tokenizer folder's chat template: chatml, mistral, gemma, llama3 with a model's tokenizer),
 and for an anyres model (`model.anyres.pinpoints` set) `images`: per image its original
 `size` [height, width], the `grid` [rows, cols] of tiles chosen for it, its `tiles` (grid
-tiles + the base tile) and `num_image_tokens`. The dataset is prepared first if needed.
+tiles + the base tile) and `num_image_tokens`. Any template shows with
+`--config.data.template=NAME`. The dataset is prepared first if needed.
 """
 
 import collections
@@ -89,6 +92,8 @@ def inspect(config, split, num):
   tok = tokenizer_lib.load(config)
   proc = pipeline.Processor(config, tok, train=split == config.data.train_split)
   source = pipeline.data_source(config, split)
+  checked = (templates.get(config.data.template).messages is not None
+             and tok.chat_template is not None)
   for i in range(min(num, len(source))):
     record = source[i]
     rid = pipeline._text(record.get('id', str(i)))  # pylint: disable=protected-access
@@ -106,6 +111,7 @@ def inspect(config, split, num):
       d = {'text': None, 'supervised_text': None, 'num_image_tokens': 0, 'length': 0,
            'dropped': e.reason, 'message': str(e)}
     d['id'] = rid
+    d['chat_template_checked'] = checked
     yield d
 
 
@@ -119,7 +125,9 @@ def main(argv):
     if _JSON.value:
       print(json.dumps(d))
       continue
-    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template})')
+    checked = ', checked against the chat template' if d['chat_template_checked'] else ''
+    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template}'
+          f'{checked})')
     if d['dropped']:
       print(f'DROPPED: {d["message"]}')
       continue

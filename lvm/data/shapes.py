@@ -22,6 +22,7 @@ from PIL import Image, ImageDraw
 
 from lvm import registry
 from lvm.data import records
+from lvm.data import family_templates
 from lvm.data import templates
 
 SHAPES = ('circle', 'square', 'triangle', 'diamond')
@@ -117,8 +118,16 @@ def assets_dir(config) -> str:
                       GENERATOR_VERSION)
 
 
+def family_markers(config) -> tuple[str, ...]:
+  """Extra single-token markers for a chatml / gemma / mistral run. Other templates keep the
+  demo's original tokenizer (its pieces, and so its documented results, unchanged)."""
+  family = config.data.template in ('chatml', 'gemma', 'mistral')
+  return family_templates.SPECIALS if family else ()
+
+
 def tokenizer_path(config) -> str:
-  return os.path.join(assets_dir(config), f'tokenizer_v{vocab_size(config)}.model')
+  suffix = '_families' if family_markers(config) else ''
+  return os.path.join(assets_dir(config), f'tokenizer_v{vocab_size(config)}{suffix}.model')
 
 
 def baseline_path(config) -> str:
@@ -327,8 +336,9 @@ def corpus(s: Settings):
                for q, a in qa))
 
 
-def train_tokenizer(s: Settings, vocab: int, path: str):
-  """Trains the shapes SentencePiece BPE model (unk 0, bos 1, eos 2) into `path`."""
+def train_tokenizer(s: Settings, vocab: int, path: str, markers: tuple[str, ...] = ()):
+  """Trains the shapes SentencePiece BPE model (unk 0, bos 1, eos 2) into `path`; `markers`
+  become single tokens after the Llama-3 ones."""
   import sentencepiece as spm  # pylint: disable=g-import-not-at-top
   os.makedirs(os.path.dirname(path), exist_ok=True)
   model = io.BytesIO()
@@ -336,7 +346,7 @@ def train_tokenizer(s: Settings, vocab: int, path: str):
       sentence_iterator=corpus(s), model_writer=model, vocab_size=vocab, model_type='bpe',
       character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1,
       user_defined_symbols=['\n'] + list(templates.LLAMA3_SPECIALS[1:]) + [
-          '<|begin_of_text|>'],
+          '<|begin_of_text|>'] + list(markers),
       normalization_rule_name='identity', remove_extra_whitespaces=False,
       hard_vocab_limit=False, num_threads=1, minloglevel=2)
   tmp = path + '.tmp'
@@ -350,7 +360,7 @@ def prepare_assets(config):
   s = settings(config)
   tok_path = tokenizer_path(config)
   if not os.path.exists(tok_path):
-    train_tokenizer(s, vocab_size(config), tok_path)
+    train_tokenizer(s, vocab_size(config), tok_path, family_markers(config))
     logging.info('shapes: trained tokenizer %s', tok_path)
   path = baseline_path(config)
   if os.path.exists(path):

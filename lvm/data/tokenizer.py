@@ -7,7 +7,10 @@ above the text vocabulary (llava-hf: 32000 and 32001 over LLaMA's 32000 pieces).
 
 import json
 import os
+import re
 from typing import Sequence
+
+from lvm.data import chat_template as chat_template_lib
 
 IMAGE_MARKER = '<image>'
 
@@ -16,7 +19,11 @@ class Tokenizer:
   """Text <-> ids with the image and pad ids of the model config.
 
   Attributes:
-    bos_id, eos_id: begin/end of sequence ids of the text vocabulary.
+    bos_id, eos_id: begin/end of sequence ids of the text vocabulary; `bos_id` is None for
+      tokenizers without one (Qwen: its `tokenizer_config.json` says `"bos_token": null`).
+    bos_token, eos_token: their texts (None without a BOS), as chat templates use them.
+    chat_template: the jinja chat template of the tokenizer's folder, or None
+      (`lvm.data.chat_template.read`).
     pad_id, image_token_id: from the model config.
     vocab_size: size of the text vocabulary (ids 0..vocab_size-1), specials excluded.
   """
@@ -37,9 +44,13 @@ class Tokenizer:
       self._hf = None
       self.vocab_size = self._sp.get_piece_size()
       bos, eos = self._sp.bos_id(), self._sp.eos_id()
-    if bos is None or bos < 0 or eos is None or eos < 0:
-      raise ValueError(f'Tokenizer {path} has no BOS/EOS token (bos={bos}, eos={eos}).')
-    self.bos_id, self.eos_id = int(bos), int(eos)
+    if eos is None or eos < 0:
+      raise ValueError(f'Tokenizer {path} has no EOS token (eos={eos}).')
+    self.bos_id = None if bos is None or bos < 0 else int(bos)
+    self.eos_id = int(eos)
+    self.bos_token = None if self.bos_id is None else self.id_to_token(self.bos_id)
+    self.eos_token = self.id_to_token(self.eos_id)
+    self.chat_template = chat_template_lib.read(os.path.dirname(os.path.abspath(path)))
     for name, i in (('image_token_id', self.image_token_id), ('pad_token_id', self.pad_id)):
       if i < self.vocab_size:
         raise ValueError(
@@ -52,7 +63,28 @@ class Tokenizer:
       ids = list(self._sp.encode(text, out_type=int))
     else:
       ids = list(self._hf.encode(text, add_special_tokens=False).ids)
+    if add_bos and self.bos_id is None:
+      raise ValueError(f'{self} has no BOS token to add.')
     return [self.bos_id] + ids if add_bos else ids
+
+  def encode_with_specials(self, text: str) -> list[int]:
+    """Ids of rendered template text: BOS/EOS texts in it become their ids, never pieces.
+
+    (tokenizer.json splits its added tokens itself; SentencePiece would spell `<s>` out.)
+    """
+    specials = {t: i for t, i in ((self.bos_token, self.bos_id), (self.eos_token, self.eos_id))
+                if t}
+    ids = []
+    for part in re.split('(' + '|'.join(map(re.escape, specials)) + ')', text):
+      if part in specials:
+        ids.append(specials[part])
+      elif part:
+        ids.extend(self.encode(part))
+    return ids
+
+  def id_to_token(self, i: int) -> str:
+    """The text of token `i` as a chat template writes it (`<s>`, `<|im_end|>`)."""
+    return self._sp.id_to_piece(int(i)) if self._sp is not None else self._hf.id_to_token(int(i))
 
   def decode(self, ids: Sequence[int]) -> str:
     """Text of `ids`; image ids become `<image>`, BOS/EOS show as text, pad ids are dropped."""
@@ -93,6 +125,7 @@ class Tokenizer:
 def _hf_bos_eos(path, tok):
   """BOS/EOS of a tokenizer.json: from tokenizer_config.json beside it, else common names."""
   bos = eos = None
+  no_bos = False
   cfg_path = os.path.join(os.path.dirname(path), 'tokenizer_config.json')
   if os.path.exists(cfg_path):
     with open(cfg_path) as f:
@@ -102,8 +135,10 @@ def _hf_bos_eos(path, tok):
         entry = entry.get('content')
       return tok.token_to_id(entry) if entry else None
     bos, eos = tok_id(cfg.get('bos_token')), tok_id(cfg.get('eos_token'))
+    # `"bos_token": null` (Qwen) means none: no guessing from common names.
+    no_bos = 'bos_token' in cfg and cfg['bos_token'] is None
   for name in ('<s>', '<|begin_of_text|>', '<bos>'):
-    if bos is None:
+    if bos is None and not no_bos:
       bos = tok.token_to_id(name)
   for name in ('</s>', '<|end_of_text|>', '<eos>'):
     if eos is None:
@@ -141,4 +176,8 @@ def load(config) -> Tokenizer:
   if tok.vocab_size > vocab:
     raise ValueError(f'Tokenizer {path} has {tok.vocab_size} ids but '
                      f'config.model.decoder.vocab_size={vocab}.')
+  from lvm.data import templates  # pylint: disable=g-import-not-at-top
+  # A dataset's own tokenizer (shapes) has no chat template to check against.
+  templates.check_tokenizer(config.data.template, tok,
+                            require_chat_template=bool(config.data.tokenizer))
   return tok

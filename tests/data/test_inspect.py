@@ -12,12 +12,15 @@ from lvm.data import pipeline
 from tests.data.conftest import tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-END = {'plain': '\n', 'vicuna_v1': '</s>', 'llama3': '<|eot_id|>'}
+END = {'plain': '\n', 'vicuna_v1': '</s>', 'llama3': '<|eot_id|>', 'chatml': '<|im_end|>',
+       'mistral': '</s>', 'gemma': '<end_of_turn>'}
 
 
-@pytest.mark.parametrize('template', ['plain', 'vicuna_v1', 'llama3'])
+@pytest.mark.parametrize('template', sorted(END))
 def test_supervised_text_is_the_answers(shapes_dir, template):
-  config = tiny_shapes_config(shapes_dir, seq_len=160, template=template)
+  # Mistral's and Gemma's formats have no system turn.
+  system = '' if template in ('mistral', 'gemma') else None
+  config = tiny_shapes_config(shapes_dir, seq_len=160, template=template, system_prompt=system)
   src = pipeline.data_source(config, 'train')
   for d, i in zip(inspect_lib.inspect(config, 'train', 3), range(3)):
     turns, _ = pipeline.record_turns(src[i], template)

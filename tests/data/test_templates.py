@@ -106,7 +106,8 @@ def test_golden_sentencepiece_vicuna_last_round(sp_tok):
 def test_shipped_templates_are_registered_and_unknown_names_fail():
   assert set(SHIPPED) <= set(registry.TEMPLATE.names())
   with pytest.raises(ValueError, match=r"config.data.template='vicuna' is not a registered "
-                                       r"template; registered: \['llama3', 'plain', 'vicuna_v1'"):
+                                       r"template; registered: \['chatml', 'gemma', 'llama3', "
+                                       r"'mistral', 'plain', 'vicuna_v1'"):
     templates.stop_strings('vicuna')
 
 
