@@ -1,0 +1,73 @@
+"""Generation with an anyres LLaVA-NeXT model: lvm's greedy tokens equal transformers' `generate`.
+
+A tiny random `LlavaNextForConditionalGeneration` (float32, sharp logits so float noise cannot
+flip an argmax) saved offline; lvm loads it with `lvm.hf.load`, preprocesses the same PIL
+images with `lvm.inference.load_image` and generates one batch of rows with images of
+different aspect ratios, a text-only row and a two-image row, bucketed and padded; transformers
+generates each row alone from its own processor's pixels.
+"""
+
+import jax
+import numpy as np
+import pytest
+import torch
+
+import hf_fixtures as F
+import lvm.hf
+import lvm.models
+import test_hf_anyres as A
+from lvm import anyres_inputs
+from lvm import config as lvm_config
+from lvm import inference
+from lvm.generate import Generator
+
+NEW = 8
+# Rows of image sizes (height, width): wide, text only, tall + panorama, tiny, square.
+ROWS = [[(40, 90)], [], [(90, 40), (20, 300)], [(3, 5)], [(64, 64)]]
+
+
+@pytest.fixture(scope='module')
+def setup(tmp_path_factory):
+  model = A.next_model(seed=3)
+  with torch.no_grad():
+    model.lm_head.weight.mul_(50)
+  folder = str(tmp_path_factory.mktemp('next_generate'))
+  model.save_pretrained(folder)
+  model_config, params = lvm.hf.load(folder)
+  config = lvm_config.get_config()
+  config.model = model_config
+  config.data.image_mean, config.data.image_std = A.CLIP_MEAN, A.CLIP_STD
+  rng = np.random.default_rng(0)
+  pil = [[A._image(h, w, seed=10 * r + i) for i, (h, w) in enumerate(row)]
+         for r, row in enumerate(ROWS)]
+  images = [[inference.load_image(config, im) for im in row] or None for row in pil]
+  prompts = []
+  for row in images:
+    ids = [1] + [F.IMAGE_TOKEN, 13] * len(row or []) + rng.integers(3, 400, 5).tolist()
+    counts = [lvm.models.num_image_tokens(model_config, image_size=im.size) for im in row or []]
+    prompts.append(anyres_inputs.expand_image_tokens(ids, counts, F.IMAGE_TOKEN))
+  return dict(model=model, config=config, params=params, pil=pil, images=images,
+              prompts=prompts)
+
+
+def _transformers_greedy(model, prompt, pil):
+  kw = {}
+  if pil:
+    processed = A._processor('next')(pil, return_tensors='pt')
+    kw = dict(pixel_values=processed['pixel_values'], image_sizes=processed['image_sizes'])
+  ids = torch.tensor([prompt])
+  with torch.no_grad():
+    out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=NEW,
+                         min_new_tokens=NEW, do_sample=False, eos_token_id=None, pad_token_id=0,
+                         suppress_tokens=[F.IMAGE_TOKEN], **kw)
+  return out[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize('bucket', [True, False])
+def test_greedy_matches_transformers_generate(setup, bucket):
+  s = setup
+  gen = Generator(s['config'], s['params'], bucket_tiles=bucket)
+  outs = gen.generate(s['prompts'], s['images'], max_new_tokens=NEW)
+  for r, (prompt, pil, out) in enumerate(zip(s['prompts'], s['pil'], outs)):
+    assert out.tokens == _transformers_greedy(s['model'], prompt, pil), f'row {r}'
+  assert gen.num_compiles == 1
