@@ -165,15 +165,18 @@ def real_tile_features(embed, images, image_sizes, lay: anyres_tables.Layout, bu
     raise ValueError(f'tile_budget {budget} and the batch size {b} must be multiples of '
                      f'tile_groups {groups}')
   slots = budget // groups
-  real = jnp.arange(t) < anyres_tables.num_tiles(lay, image_sizes)[..., None]  # [B, N, T]
-  real = real.reshape(groups, -1)  # [G, M], M = B / G * N * T
-  try:
-    most = int(np.asarray(real.sum(-1)).max())
+  try:  # concrete sizes (eager): counted on the host, and the budget checked
+    sizes = np.asarray(image_sizes)
   except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
-    most = 0  # traced: the caller guarantees the budget
-  if most > slots:
-    raise ValueError(f'{most} real tiles in a group of rows exceed tile_budget / tile_groups = '
-                     f'{slots}; raise tile_budget')
+    used = anyres_tables.num_tiles(lay, image_sizes)  # traced: the caller keeps the budget
+  else:
+    used = np.asarray([0 if min(hw) <= 0 else 1 + int(np.prod(data_anyres.grid_shape(
+        hw, lay.pinpoints, lay.tile_size))) for hw in sizes.reshape(-1, 2)]).reshape(b, n)
+    most = int(used.reshape(groups, -1).sum(-1).max())
+    if most > slots:
+      raise ValueError(f'{most} real tiles in a group of rows exceed tile_budget / tile_groups '
+                       f'= {slots}; raise tile_budget')
+  real = (jnp.arange(t) < jnp.asarray(used)[..., None]).reshape(groups, -1)  # [G, B/G*N*T]
   flat = images.reshape(groups, -1, *images.shape[3:])
   picked = jax.vmap(lambda m: jnp.nonzero(m, size=slots, fill_value=0)[0])(real)  # [G, R/G]
   feats = embed(jax.vmap(lambda x, i: x[i])(flat, picked).reshape(budget, *images.shape[3:]))

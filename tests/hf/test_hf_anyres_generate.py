@@ -63,11 +63,41 @@ def _transformers_greedy(model, prompt, pil):
   return out[0, len(prompt):].tolist()
 
 
-@pytest.mark.parametrize('bucket', [True, False])
-def test_greedy_matches_transformers_generate(setup, bucket):
+def test_greedy_matches_transformers_generate(setup):
   s = setup
-  gen = Generator(s['config'], s['params'], bucket_tiles=bucket)
+  gen = Generator(s['config'], s['params'], bucket_tiles=True)
   outs = gen.generate(s['prompts'], s['images'], max_new_tokens=NEW)
   for r, (prompt, pil, out) in enumerate(zip(s['prompts'], s['pil'], outs)):
     assert out.tokens == _transformers_greedy(s['model'], prompt, pil), f'row {r}'
   assert gen.num_compiles == 1
+  # Bucketed: the tower ran on the real tiles rounded up to a power of two, not on all
+  # 8 rows x 2 slots x 5 tiles.
+  real = sum(im.tiles.shape[0] for row in s['images'] if row for im in row)
+  _, _, budget = anyres_inputs.tile_batch(s['images'], len(ROWS), 8, gen.anyres, 5, True)
+  assert real == 20 and budget == 32
+
+
+def test_bucketed_and_padded_tiles_give_the_same_logits(setup):
+  s = setup
+  config = s['config']
+  lay = lvm.models.anyres_model.layout(config.model)
+  length = max(map(len, s['prompts']))
+  ids = np.zeros((len(ROWS), length), np.int32)
+  for r, p in enumerate(s['prompts']):
+    ids[r, :len(p)] = p
+  model = lvm.models.build(config)
+  padded = anyres_inputs.tile_batch(s['images'], len(ROWS), len(ROWS), lay, 5, False)
+  bucketed = anyres_inputs.tile_batch(s['images'], len(ROWS), len(ROWS), lay, 5, True)
+  assert padded[2] is None and bucketed[2] == 32 and padded[0].shape[:3] == (5, 2, 5)
+
+  @jax.jit
+  def both(params, padded_tiles, bucketed_tiles, sizes):  # one program: one compile
+    return [model.apply({'params': params}, tiles, ids, image_sizes=sizes, tile_budget=budget)
+            for tiles, budget in ((padded_tiles, None), (bucketed_tiles, bucketed[2]))]
+
+  full, skipped = both(s['params'], padded[0], bucketed[0], padded[1])
+  np.testing.assert_allclose(np.asarray(skipped), np.asarray(full), rtol=1e-5, atol=1e-5)
+  # Eagerly, a budget below the real tiles is refused.
+  tiles, sizes, _ = anyres_inputs.tile_batch(s['images'], len(ROWS), len(ROWS), lay, 5, True)
+  with pytest.raises(ValueError, match='20 real tiles .* exceed tile_budget'):
+    model.apply({'params': s['params']}, tiles, ids, image_sizes=sizes, tile_budget=8)
