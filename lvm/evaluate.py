@@ -20,7 +20,6 @@ from etils import epath
 from lvm import console
 from lvm import checkpoint
 from lvm import eval as benchmarks
-from lvm.data import images as images_lib
 from lvm.eval.base import Issues
 from lvm.sampling import SamplingParams
 
@@ -48,6 +47,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     answer: written to 'submission_file' only), 'skipped' (reason -> count), 'problems'
     (reason -> examples), ...}.
   """
+  from lvm import inference  # pylint: disable=g-import-not-at-top
   bench = benchmarks.get(benchmark)
   if split and split not in bench.splits:
     raise ValueError(f'{benchmark} has no split {split!r}; splits: {list(bench.splits)}')
@@ -73,7 +73,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
     image = None
     if e.image is not None:
       try:
-        image = images_lib.load_image(e.image, config)
+        image = inference.load_image(config, e.image)  # anyres models: tiles
       except ValueError as err:  # ImageError: missing, corrupt, truncated, too large
         issues.add(getattr(err, 'reason', 'bad_image'), f'{e.question_id}: {err}')
         continue
@@ -85,7 +85,7 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
   greedy = SamplingParams()
   for lo in console.progress(range(0, len(order), batch_size), desc=benchmark, unit='batch'):
     batch = [ready[i] for i in order[lo:lo + batch_size]]
-    images = [None if img is None else img[None] for _, _, img in batch]
+    images = [None if img is None else inference.stack_images([img]) for _, _, img in batch]
     outs = text_gen.answer([turns for _, turns, _ in batch], images, max_new_tokens, greedy,
                            min_batch=batch_size)
     for (e, _, _), out in zip(batch, outs):
