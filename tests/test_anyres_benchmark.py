@@ -5,7 +5,8 @@ from benchmarks import anyres
 
 def test_anyres_benchmark_tiny():
   args = anyres.parse(['--questions=2', '--batch=2', '--new_tokens=2', '--depth=1',
-                       '--vision_depth=1', '--tile_size=32', '--width=64', '--vision_width=32'])
+                       '--vision_depth=1', '--tile_size=32', '--width=64', '--vision_width=32',
+                       '--repeats=1'])
   results = anyres.run(args)
   assert results['same_tokens']
   for mode in ('padded', 'bucketed'):

@@ -18,6 +18,7 @@ from lvm import checkpoint
 from lvm import evaluate
 from lvm import inference
 from lvm import models
+from lvm import sharding
 
 SIZES = {1: (40, 20), 2: (20, 60), 3: (50, 50)}  # question id -> image (width, height)
 
@@ -49,7 +50,10 @@ def test_pope_with_an_anyres_run(tmp_path):
       json.dumps({'question_id': i, 'image': f'{i}.png', 'text': f'Is there a thing {i}?',
                   'label': 'yes'}) + '\n' for i in (1, 2, 3, 4)))  # 4.png is missing
 
-  run_config, gen, text_gen = inference.from_run(str(tmp_path / 'run'), log=lambda _: None)
+  # One device (the 8-device path: tests/hf/test_hf_anyres_generate.py).
+  one_device = sharding.make_mesh(config.mesh, jax.devices()[:1])
+  run_config, gen, text_gen = inference.from_run(str(tmp_path / 'run'), mesh=one_device,
+                                                 log=lambda _: None)
   assert gen.anyres is not None
   result = evaluate.run(text_gen, run_config, 'pope', str(data), str(tmp_path / 'out'),
                         batch_size=4, max_new_tokens=3)

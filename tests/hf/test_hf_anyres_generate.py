@@ -3,8 +3,10 @@
 A tiny random `LlavaNextForConditionalGeneration` (float32, sharp logits so float noise cannot
 flip an argmax) saved offline; lvm loads it with `lvm.hf.load`, preprocesses the same PIL
 images with `lvm.inference.load_image` and generates one batch of rows with images of
-different aspect ratios, a text-only row and a two-image row, bucketed and padded; transformers
-generates each row alone from its own processor's pixels.
+different aspect ratios, a text-only row and a two-image row, on the 8 emulated devices of
+tests/conftest.py (so the batch is padded to 8 rows and the tower's tile budget is split in 8
+groups, one per shard); transformers generates each row alone from its own processor's
+pixels.
 """
 
 import jax
@@ -70,11 +72,12 @@ def test_greedy_matches_transformers_generate(setup):
   for r, (prompt, pil, out) in enumerate(zip(s['prompts'], s['pil'], outs)):
     assert out.tokens == _transformers_greedy(s['model'], prompt, pil), f'row {r}'
   assert gen.num_compiles == 1
-  # Bucketed: the tower ran on the real tiles rounded up to a power of two, not on all
-  # 8 rows x 2 slots x 5 tiles.
-  real = sum(im.tiles.shape[0] for row in s['images'] if row for im in row)
-  _, _, budget = anyres_inputs.tile_batch(s['images'], len(ROWS), 8, gen.anyres, 5, True)
-  assert real == 20 and budget == 32
+  # Bucketed: the tower ran on each shard's real tiles rounded up to a power of two (the
+  # two-image row's 3 + 4 -> 8, times 8 shards of one row), not on all 8 x 2 x 5 slots.
+  assert gen.batch_multiple == 8
+  _, _, budget = anyres_inputs.tile_batch(s['images'], len(ROWS), 8, gen.anyres, 5, True,
+                                          groups=8)
+  assert budget == 64
 
 
 def test_bucketed_and_padded_tiles_give_the_same_logits(setup):
