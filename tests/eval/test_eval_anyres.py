@@ -2,8 +2,9 @@
 
 A tiny anyres config (CLIP 32 px tiles on 1x2, 2x1 and 2x2 grids) with random weights is saved
 as a run, loaded with `lvm.inference.from_run` and scored on a POPE-layout benchmark whose
-images have different aspect ratios (one missing); an answer equals the one the same
-generator gives the question alone.
+images have different aspect ratios (one missing). Greedy tokens equal to transformers' are
+checked in tests/hf/test_hf_anyres_generate.py; this test covers the harness, the run's
+checkpoint and the image loading.
 """
 
 import json
@@ -59,13 +60,8 @@ def test_pope_with_an_anyres_run(tmp_path):
                         batch_size=4, max_new_tokens=3)
   assert result['num_answered'] == 3 and result['skipped'] == {'missing_image': 1}
   assert 'accuracy' in result['scores']['random']
-  answers = {json.loads(l)['question_id']: json.loads(l)['answer']
-             for l in (tmp_path / 'out' / 'answers.jsonl').read_text().splitlines()}
   assert gen.num_compiles == 1  # one batch
-  # The same answer asked alone (a batch with fewer tile slots and a smaller tower budget).
+  answers = [json.loads(l) for l in (tmp_path / 'out' / 'answers.jsonl').read_text().splitlines()]
+  assert [a['question_id'] for a in answers] == ['random/1', 'random/2', 'random/3']
   image = inference.load_image(run_config, str(data / 'val2014' / '1.png'))
   assert isinstance(image, anyres_inputs.AnyresImage) and image.size == (20, 40)
-  text = 'Is there a thing 1?\nAnswer the question using a single word or phrase.'
-  alone = text_gen.answer([[{'from': 'human', 'value': '<image>\n' + text}]], [[image]], 3,
-                          min_batch=4)
-  assert alone[0].text == answers['random/1'] and gen.num_compiles == 2
