@@ -8,7 +8,9 @@ and prompt are prefilled in one pass into a cache of length prompt_bucket + new_
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
 `max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
 are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
-traced values, so new inputs rarely recompile.
+traced values, so new inputs rarely recompile. Anyres models (LLaVA-NeXT / OneVision) take
+each image as its tiles and size (`lvm.anyres_inputs`): the tile count is bucketed and the
+tower runs on the real tiles only, or every image is padded to the maximum (`bucket_tiles`).
 
 Letters: B batch, N image slots, H/W image size, Lp prompt bucket, Ln new-token bucket,
 S = Lp + Ln cache length, V vocabulary.
