@@ -104,3 +104,17 @@ def test_bucketed_and_padded_tiles_give_the_same_logits(setup):
   tiles, sizes, _ = anyres_inputs.tile_batch(s['images'], len(ROWS), len(ROWS), lay, 5, True)
   with pytest.raises(ValueError, match='20 real tiles .* exceed tile_budget'):
     model.apply({'params': s['params']}, tiles, ids, image_sizes=sizes, tile_budget=8)
+
+
+def test_bad_anyres_inputs_fail_before_compiling(setup):
+  s = setup
+  gen = Generator(s['config'], s['params'])
+  prompt, image = s['prompts'][0], s['images'][0]
+  with pytest.raises(ValueError, match=r'Row 0: image 0 \(size \(40, 90\)\) needs'):
+    gen.generate([prompt[:3] + prompt[4:]], [image], max_new_tokens=2)  # one token short
+  with pytest.raises(ValueError, match='Row 0, image 0: an anyres model takes AnyresImage'):
+    gen.generate([prompt], [np.zeros((1, 32, 32, 3), np.float32)], max_new_tokens=2)
+  with pytest.raises(ValueError, match=r'has 4 tiles of \[32, 32, 3\], got \[5, 32, 32, 3\]'):
+    wrong = anyres_inputs.AnyresImage(np.zeros((5, 32, 32, 3), np.float32), image[0].size)
+    gen.generate([prompt], [[wrong]], max_new_tokens=2)
+  assert gen.num_compiles == 0
