@@ -25,7 +25,6 @@ from lvm import console
 from lvm import checkpoint
 from lvm import distributed
 from lvm import eval as benchmarks
-from lvm.data import images as images_lib
 from lvm.eval.base import Issues
 from lvm.eval.stream import prefetch_map
 from lvm.sampling import SamplingParams
@@ -153,19 +152,22 @@ def run(text_gen, config, benchmark: str, data_dir: str, out_dir: str, limit: in
 
 def _row(e, config, decode: bool = True):
   """(turns, image, problem) for one question: LLaVA turns with `<image>` when it has an
-  image, float32[1, H, W, 3] (None: text-only, or `decode` off: another process's row), and
+  image, its row of images as `inference.stack_images` gives them (None: text-only, or
+  `decode` off: another process's row), and
   (reason, message) when the image is missing or fails to decode (a blank image stands in,
   so that every process's batch keeps its rows, and the answer is dropped)."""
+  from lvm import inference  # pylint: disable=g-import-not-at-top
   image, problem = None, None
   if e.image is not None and decode:
     try:
-      image = images_lib.load_image(e.image, config)
+      image = inference.load_image(config, e.image)  # anyres models: tiles and size
     except ValueError as err:  # ImageError: missing, corrupt, truncated, too large
       problem = (getattr(err, 'reason', 'bad_image'), f'{e.question_id}: {err}')
       size = int(config.model.vision.image_size)
-      image = np.zeros((size, size, 3), np.float32)
+      image = inference.load_image(config, np.zeros((size, size, 3), np.uint8))
   text = ('<image>\n' if e.image is not None else '') + e.prompt
-  return [{'from': 'human', 'value': text}], None if image is None else image[None], problem
+  turns = [{'from': 'human', 'value': text}]
+  return turns, None if image is None else inference.stack_images([image]), problem
 
 
 def default_out_dir(path: str, benchmark: str) -> str:

@@ -18,6 +18,11 @@ and x3 in training when gradients flow through it:
   vision, per image:           T x (2 N_vis + 4 x layers_v x width_v x T)      (frozen)
   projector, per image:        P x (2 | 4 | 6) N_proj
 
+An anyres model (LLaVA-NeXT / OneVision) runs the tower and projector once per tile, so an
+image costs its number of tiles times the above (T and P per tile). Only the tiles the tower
+runs on count: `model_flops(..., tiles=R)` with R the real tiles of the batch when the
+tower skips the zero ones (`tile_budget`), B x N x T (every slot) when it does not.
+
 N_dec excludes the input embedding (a gather) and includes the LM head (tied or not);
 N_vis excludes the position/class embeddings and the unused post_layernorm, and counts
 only the layers up to the deepest selected hidden state; T is the vision tower's tokens
@@ -35,6 +40,7 @@ import numpy as np
 
 import lvm.models
 from lvm import optim
+from lvm.models import anyres_model
 
 # Dense bf16 peak TFLOP/s per chip (DESIGN.md), matched against `device.device_kind`
 # (first match wins); MFU is reported only where the peak is known.
@@ -75,7 +81,8 @@ def param_counts(config) -> dict[str, int]:
   flat = lvm.models.abstract_params(config)
   counts = {'vision': 0, 'projector': 0, 'decoder': 0}
   for path, shape in flat.items():
-    counts[path.split('/')[0]] += _size(shape)
+    part = path.split('/')[0]  # an anyres model's image_newline goes with the projector
+    counts[part if part in counts else 'projector'] += _size(shape)
   counts['decoder_embed'] = _size(flat['decoder/embed_tokens'])
   counts['total'] = sum(counts[p] for p in ('vision', 'projector', 'decoder'))
   return counts
@@ -98,6 +105,8 @@ def _matmul_params(config, trainable: str):
   tied = model_config.decoder.tie_embeddings
   for path, shape in flat.items():
     part = path.split('/')[0]
+    if part not in n:
+      continue  # an anyres model's image_newline: added, not multiplied
     size = _size(shape)
     if part == 'vision':
       if path in ('vision/position_embedding', 'vision/class_embedding') or (
@@ -161,18 +170,30 @@ def lm_head_per_position(config, trainable: str = FINETUNE) -> dict:
   return {'total': mult * n_head, 'mult': mult, 'n_head': n_head}
 
 
-def per_image(config, trainable: str = FINETUNE) -> dict:
+def per_image(config, trainable: str = FINETUNE, tiles: int | None = None) -> dict:
   """Vision tower + projector training FLOPs per image.
 
+  Args:
+    config: the full config or `config.model`.
+    trainable: as `per_token`.
+    tiles: anyres models: tower passes of the image (its base and grid tiles); default:
+      every tile slot, `lvm.models.anyres_model.num_tiles`. Fixed-size models: ignored.
+
   Returns:
-    dict: 'total', 'vision', 'projector', 'tokens' (T), 'visual_tokens' (P), 'formula'.
+    dict: 'total', 'vision', 'projector', 'tokens' (T), 'visual_tokens' (P), 'formula'
+    (anyres: T and P per tile).
   """
   model_config = config.model if 'model' in config else config
   n, n_train, any_trainable, used_layers = _matmul_params(model_config, trainable)
   v = model_config.vision
   tower = lvm.models.build_vision(model_config)
   t = tower.num_patches + int(tower.has_class_token)
-  p = lvm.models.num_image_tokens(model_config)
+  passes = 1
+  if model_config.anyres.pinpoints:
+    passes = tiles or anyres_model.num_tiles(model_config)
+    p = lvm.models.build_projector(model_config).tokens_out(tower.num_tokens)
+  else:
+    p = lvm.models.num_image_tokens(model_config)
   vis_grad = any_trainable['vision']
   vision = t * (2 * n['vision'] + 4 * used_layers * v.width * t)
   if vis_grad:  # input gradients through the whole tower, weight gradients where trainable
@@ -182,6 +203,10 @@ def per_image(config, trainable: str = FINETUNE) -> dict:
   formula = (f'vision T x (2 x N_vis + 4 x layers_v x width_v x T) + projector P x k x N_proj; '
              f'T={t} N_vis={n["vision"]:,} layers_v={used_layers} width_v={v.width} P={p} '
              f'N_proj={n["projector"]:,}')
+  if model_config.anyres.pinpoints:
+    vision, projector = passes * vision, passes * projector
+    formula = f'{passes} tiles x ({formula})'
+
   return {'total': vision + projector, 'vision': vision, 'projector': projector, 'tokens': t,
           'visual_tokens': p, 'formula': formula}
 
@@ -203,13 +228,14 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
 
 
 def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
-                cache_len: int = 0) -> dict[str, Any]:
+                cache_len: int = 0, tiles: int | None = None) -> dict[str, Any]:
   """Model FLOPs of one step of `mode` (DESIGN.md's rule) and the formula.
 
   train: `per_step` with the config's trainable stage. prefill: the same count with
   nothing trainable (forward only). decode: one token per row, 2 x N_dec plus
   attention to `cache_len` keys, 4 x layers x heads x head_dim x cache_len (no causal
-  halving).
+  halving). `tiles`: anyres models, the tiles the tower runs on in the step (default every
+  slot, B x N x T); fixed-size models ignore it.
 
   Returns:
     dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
@@ -226,12 +252,16 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
                f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
     tokens = batch_size
   else:
-    image = per_image(config, regex)
     images = batch_size * config.data.max_images
+    image = per_image(config, regex)
+    if config.model.anyres.pinpoints:  # counted per tile
+      image = per_image(config, regex, tiles=1)
+      images = tiles or images * anyres_model.num_tiles(config.model)
     parts = {'decoder': batch_size * seq_len * token['total'],
              'vision': images * image['vision'], 'projector': images * image['projector']}
-    formula = (f"B*L x ({token['formula']}) + B*N x ({image['formula']}); "
-               f'B={batch_size} L={seq_len} N={config.data.max_images}')
+    formula = (f"B*L x ({token['formula']}) + {'tiles' if config.model.anyres.pinpoints else 'B*N'}"
+               f" x ({image['formula']}); B={batch_size} L={seq_len} N={config.data.max_images}"
+               + (f' tiles={images}' if config.model.anyres.pinpoints else ''))
     scored = int(config.train.max_scored_tokens) if mode == 'train' else 0
     if scored:  # the LM head runs at P positions of a row, not L
       head = lm_head_per_position(config, regex)

@@ -8,9 +8,11 @@ and prompt are prefilled in one pass into a cache of length prompt_bucket + new_
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
 `max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
 are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
-traced values, so new inputs rarely recompile. `Generator.score` gives teacher-forced
-log-likelihoods of chosen tokens (right-padded, bucketed the same way): lmms-eval's
-`loglikelihood` (`lvm/lmms_eval_model.py`).
+traced values, so new inputs rarely recompile. Anyres models (LLaVA-NeXT / OneVision) take
+each image as its tiles and size (`lvm.anyres_inputs`): the tile count is bucketed and the
+tower runs on the real tiles only, or every image is padded to the maximum (`bucket_tiles`).
+`Generator.score` gives teacher-forced log-likelihoods of chosen tokens (right-padded,
+bucketed the same way): lmms-eval's `loglikelihood` (`lvm/lmms_eval_model.py`).
 
 Letters: B batch, N image slots, H/W image size, Lp prompt bucket, Ln new-token bucket,
 S = Lp + Ln cache length, V vocabulary.
@@ -30,10 +32,12 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import NamedSharding, PartitionSpec
 
+from lvm import anyres_inputs
 from lvm import config as lvm_config
 from lvm import losses
 from lvm import models
 from lvm import sharding as lvm_sharding
+from lvm.models import anyres_model
 from lvm.sampling import SamplingParams, sample
 
 
@@ -75,13 +79,16 @@ class Generator:
   """
 
   def __init__(self, config, params, mesh=None, prompt_buckets: Sequence[int] | None = None,
-               new_token_buckets: Sequence[int] | None = None):
+               new_token_buckets: Sequence[int] | None = None, bucket_tiles: bool = True):
     """Args:
       config: the full run config (uses .model and .mesh), or a bare model config (then
         the mesh is data-parallel over all devices).
       params: the model's parameter tree (boxed or plain; any placement).
       mesh: a jax Mesh; default: built from config.mesh over all devices.
       prompt_buckets / new_token_buckets: allowed padded lengths (default powers of two).
+      bucket_tiles: anyres models only: the tile count bucketed to powers of two and the
+        tower run on the real tiles only (True), or every image padded to the config's
+        maximum tiles, all through the tower (False); see `lvm.anyres_inputs`.
     """
     if 'model' not in config:  # a bare model config (e.g. from lvm.hf.load)
       full = lvm_config.get_config()
@@ -95,25 +102,26 @@ class Generator:
     self.new_token_buckets = new_token_buckets
     self.pad_id = int(config.model.pad_token_id)
     self.image_token_id = int(config.model.image_token_id)
-    self.tokens_per_image = models.num_image_tokens(config)
+    self.anyres = anyres_model.layout(config.model)  # None: a fixed-size model
+    self.bucket_tiles = bucket_tiles
+    # Fixed-size models: visual tokens per image; anyres: per image size (`image_tokens`).
+    self.tokens_per_image = None if self.anyres else models.num_image_tokens(config)
     self.image_size = int(config.model.vision.image_size)
     self.batch_multiple = int(np.prod([self.mesh.shape[a] for a in lvm_sharding.BATCH_AXES]))
     self.param_shardings = self._param_shardings()
     params = nn.unbox(params)
     self.params = jax.device_put(params, self.param_shardings)
     self.num_compiles = 0  # how many (shape) variants were traced; tests check bucketing
-    self._jitted = jax.jit(self._generate, static_argnames=('new_bucket',))
+    self._jitted = jax.jit(self._generate, static_argnames=('new_bucket', 'tile_budget'))
     # The two halves of `_generate` as programs of their own, which lvm.bench times
     # (time to first token; one decode step). Call them under `jax.set_mesh(self.mesh)`.
-    self.prefill = jax.jit(self._prefill, static_argnames=('new_bucket',))
+    self.prefill = jax.jit(self._prefill, static_argnames=('new_bucket', 'tile_budget'))
     self.decode = jax.jit(self._decode, donate_argnums=(2,))
     self._jitted_score = jax.jit(self._score)
 
   def _param_shardings(self):
-    h = self.image_size
-    abstract = jax.eval_shape(
-        self.model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
-        jnp.zeros((1, 8), jnp.int32))
+    images, ids, kw = models.example_inputs(self.config)
+    abstract = jax.eval_shape(lambda k: self.model.init(k, images, ids, **kw), jax.random.key(0))
     return lvm_sharding.logical_shardings(abstract['params'], self.mesh, self.rules)
 
   def _batch_sharding(self, ndim):
@@ -123,8 +131,14 @@ class Generator:
     """Never emits the image placeholder: fed back, it would embed as token 0 (not itself)."""
     return logits.at[:, self.image_token_id].set(-jnp.inf)
 
+  def image_tokens(self, image_size) -> int:
+    """Image-token ids one image needs in a prompt (anyres: for its (height, width))."""
+    if self.anyres is None:
+      return self.tokens_per_image
+    return self.anyres.num_image_tokens(image_size)
+
   def _prefill(self, params, images, input_ids, prompt_mask, rng, temperature, top_k, top_p,
-               *, new_bucket):
+               *, new_bucket, image_sizes=None, tile_budget=None):
     """Fills the KV cache with the images and prompts and samples each row's first token.
 
     Args: as `_generate`'s.
@@ -143,7 +157,9 @@ class Generator:
     full_mask = jnp.concatenate([prompt_mask, jnp.ones((b, new_bucket), bool)], axis=1)
     positions = jnp.maximum(jnp.cumsum(prompt_mask, axis=1) - 1, 0).astype(jnp.int32)
     logits, cache = model.apply(variables, images, input_ids, full_mask, positions, cache,
-                                jnp.zeros((), jnp.int32), method='forward')
+                                jnp.zeros((), jnp.int32), image_sizes=image_sizes,
+                                tile_budget=tile_budget, tile_groups=self.batch_multiple,
+                                method='forward')
     next_pos = positions[:, -1] + 1
     rng, key = jax.random.split(rng)
     token = sample(self._suppress(logits[:, -1]), key, temperature, top_k, top_p)
@@ -169,12 +185,13 @@ class Generator:
     return new, cache, rng
 
   def _generate(self, params, images, input_ids, prompt_mask, stop_ids, rng, temperature,
-                top_k, top_p, max_new_tokens, *, new_bucket):
+                top_k, top_p, max_new_tokens, *, new_bucket, image_sizes=None,
+                tile_budget=None):
     """The jitted core: `_prefill` then a while_loop of `_decode` steps.
 
     Args:
       params: the parameter tree.
-      images: float[B, N, H, W, 3] or None.
+      images: float[B, N, H, W, 3] (anyres: tiles float[B, N, T, H, W, 3]) or None.
       input_ids: int32[B, Lp] left-padded prompts.
       prompt_mask: bool[B, Lp], True on real prompt tokens.
       stop_ids: int32[K] ids that end a row (padded with -1).
@@ -182,6 +199,8 @@ class Generator:
       temperature, top_k, top_p: sampling scalars.
       max_new_tokens: int32 scalar <= new_bucket.
       new_bucket: static Ln, the token buffer and cache tail size.
+      image_sizes: anyres only: int32[B, N, 2] original (height, width) of each image.
+      tile_budget: anyres only, static: tower slots for the real tiles (None: all tiles).
 
     Returns:
       (tokens int32[B, Ln] (pad after a row stops), num_tokens int32[B] up to and
@@ -191,7 +210,7 @@ class Generator:
     b, lp = input_ids.shape
     token, cache, full_mask, next_pos, rng = self._prefill(
         params, images, input_ids, prompt_mask, rng, temperature, top_k, top_p,
-        new_bucket=new_bucket)
+        new_bucket=new_bucket, image_sizes=image_sizes, tile_budget=tile_budget)
     tokens = jnp.full((b, new_bucket), self.pad_id, jnp.int32).at[:, 0].set(token)
     stopped = jnp.isin(token, stop_ids)
     num_tokens = jnp.ones((b,), jnp.int32)
@@ -220,9 +239,10 @@ class Generator:
     """Generates a continuation for each prompt, in one batch.
 
     Args:
-      prompts: token ids per row (with `tokens_per_image` image-token ids per image).
+      prompts: token ids per row (with `image_tokens(size)` image-token ids per image).
       images: per row, None or float[n, H, W, 3] / float[H, W, 3] normalized images (n may
-        differ between rows); None for an all-text batch.
+        differ between rows); None for an all-text batch. An anyres model takes per row
+        None, an `lvm.anyres_inputs.AnyresImage` or a list of them.
       max_new_tokens: the most tokens to generate per row.
       sampling: temperature / top-k / top-p / seed.
       stop_ids: token ids that end a row (e.g. the eos id); not included in the output.
@@ -248,7 +268,10 @@ class Generator:
       ids[r, lp - len(p):] = p
       mask[r, lp - len(p):] = True
     mask[rows:, -1] = True  # padding rows attend to one token so their softmax is defined
-    image_array = self._image_batch(images, prompts, b)
+    if self.anyres is None:
+      image_array, image_kw = self._image_batch(images, prompts, b), {}
+    else:
+      image_array, image_kw = self._tile_batch(images, ids, rows, b)
     stop = np.full((max(8, len(stop_ids)),), -1, np.int32)
     stop[:len(stop_ids)] = list(stop_ids)
     # From host arrays every process holds (images: its own rows filled), each process puts
@@ -261,7 +284,8 @@ class Generator:
           self.params, None if image_array is None else put(image_array), put(ids), put(mask),
           rep(stop), key, rep(np.float32(sampling.temperature)),
           rep(np.int32(sampling.top_k)), rep(np.float32(sampling.top_p)),
-          rep(np.int32(max_new_tokens)), new_bucket=ln)
+          rep(np.int32(max_new_tokens)), new_bucket=ln,
+          **{k: put(v) if isinstance(v, np.ndarray) else v for k, v in image_kw.items()})
     tokens, num_tokens, stopped = map(_to_host, (tokens, num_tokens, stopped))
     outputs = []
     for r in range(rows):
@@ -287,6 +311,21 @@ class Generator:
     spans = [index[0].indices(b) for index in
              self._batch_sharding(2).addressable_devices_indices_map((b, 1)).values()]
     return range(min(s[0] for s in spans), min(max(s[1] for s in spans), rows))
+
+  def _tile_batch(self, images, ids, rows, b):
+    """Anyres: (tiles float32[B, N, T', S, S, 3], {image_sizes, tile_budget}), or (None, {}).
+
+    Checks each row's image-token runs against its images' sizes before compiling.
+    """
+    batch = anyres_inputs.tile_batch(images, rows, b, self.anyres,
+                                     anyres_model.num_tiles(self.config.model),
+                                     self.bucket_tiles, self.batch_multiple)
+    sizes = np.zeros((b, 1, 2), np.int32) if batch is None else batch[1]
+    anyres_model.check_image_tokens(ids, sizes, self.image_token_id, self.anyres)
+    if batch is None:
+      return None, {}
+    tiles, sizes, budget = batch
+    return tiles, {'image_sizes': sizes, 'tile_budget': budget}
 
   def _image_batch(self, images, prompts, b):
     """Stacks per-row images into float32[B, N, H, W, 3] (zero padding), or None.
@@ -443,7 +482,7 @@ def main(argv):
   try:
     # Images first (with the run's preprocessing): a bad file fails before the model loads.
     run_config = checkpoint.load_config(path, log=lambda _: None)
-    images = (np.stack([images_lib.load_image(p, run_config) for p in flags.image])
+    images = (inference.stack_images([inference.load_image(run_config, p) for p in flags.image])
               if flags.image else None)
     _, _, text_gen = inference.from_run(path)
   except images_lib.ImageError as e:

@@ -11,8 +11,9 @@ from typing import Any, Sequence
 
 import flax.linen as nn
 import jax
-import jax.numpy as jnp
+import numpy as np
 
+from lvm import anyres_inputs
 from lvm import generate
 from lvm import models
 from lvm import optim
@@ -49,10 +50,17 @@ class TextGenerator:
         ids.add(int(token_id))
     self.stop_ids = tuple(sorted(ids))
 
-  def prompt_ids(self, turns) -> list[int]:
-    return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
-                                              self.generator.tokens_per_image,
-                                              self.system_prompt))
+  def prompt_ids(self, turns, image_sizes: Sequence[Sequence[int]] = ()) -> list[int]:
+    """The prompt's ids, each `<image>` expanded to its image tokens (anyres: the count of
+    the image of `image_sizes` (height, width) in the same order)."""
+    gen = self.generator
+    if gen.anyres is None:
+      return list(self._templates.render_prompt(self.template, turns, self.tokenizer,
+                                                gen.tokens_per_image, self.system_prompt))
+    ids = self._templates.render_prompt(self.template, turns, self.tokenizer, 1,
+                                        self.system_prompt)
+    return anyres_inputs.expand_image_tokens(
+        ids, [gen.image_tokens(s) for s in image_sizes], gen.image_token_id)
 
   def answer(self, conversations: Sequence[list[dict]], images: Sequence[Any] | None = None,
              max_new_tokens: int = 64, sampling: SamplingParams = SamplingParams(),
@@ -61,7 +69,8 @@ class TextGenerator:
 
     Args:
       conversations: per row, LLaVA turns ending with a human turn.
-      images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s.
+      images: per row, None or float[n, H, W, 3] preprocessed images for its `<image>`s
+        (anyres: an `AnyresImage` or a list of them; `load_image` makes either).
       max_new_tokens: per row.
       sampling: decoding knobs.
       min_batch: see `Generator.generate`.
@@ -69,7 +78,10 @@ class TextGenerator:
     Returns:
       Outputs whose `.text` is the answer, stripped and cut at the template's stop strings.
     """
-    prompts = [self.prompt_ids(turns) for turns in conversations]
+    rows = images if images is not None else [None] * len(conversations)
+    sizes = [[im.size for im in anyres_inputs.row_images(row)] if self.generator.anyres else ()
+             for row in rows]
+    prompts = [self.prompt_ids(turns, s) for turns, s in zip(conversations, sizes)]
     outs = self.generator.generate(prompts, images, max_new_tokens, sampling, self.stop_ids,
                                    min_batch)
     for out in outs:
@@ -78,6 +90,33 @@ class TextGenerator:
       if hit:
         out.finish = 'stop'
     return outs
+
+
+def load_image(config, image):
+  """One image for generation with `config`'s model, preprocessed as the run does.
+
+  Args:
+    config: the run config (`model`, and `data` for the mean, std and aspect handling).
+    image: a file path, encoded bytes, a PIL image or a uint8[H, W, 3] array.
+
+  Returns:
+    float32[H, W, 3] for a fixed-size model; an `lvm.anyres_inputs.AnyresImage` (tiles and
+    original size) for an anyres one.
+
+  Raises:
+    ImageError: missing, unreadable or too large (`lvm.data.images.open_image`).
+  """
+  from lvm.data import images as images_lib  # pylint: disable=g-import-not-at-top
+  if config.model.anyres.pinpoints:
+    return anyres_inputs.load(config, image)
+  return images_lib.load_image(image, config)
+
+
+def stack_images(images: Sequence[Any]):
+  """One row's images from `load_image`s, as `Generator.generate` takes them."""
+  if images and isinstance(images[0], anyres_inputs.AnyresImage):
+    return list(images)
+  return np.stack(images)
 
 
 def abstract_params(config, mesh):
@@ -89,10 +128,10 @@ def abstract_params(config, mesh):
   """
   model = models.build(config)
   rules = lvm_sharding.rules(config)
-  h = int(config.model.vision.image_size)
+  images, ids, kw = models.example_inputs(config)
   with jax.set_mesh(mesh), nn.logical_axis_rules(rules):
-    boxed = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, 1, h, h, 3), jnp.float32),
-                           jnp.zeros((1, 8), jnp.int32))['params']
+    boxed = jax.eval_shape(lambda k: model.init(k, images, ids, **kw),
+                           jax.random.key(0))['params']
   shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
   # A run with train.frozen_quantization saved its frozen kernels quantized (lvm.quantize).
   mode = config.train.frozen_quantization

@@ -60,3 +60,20 @@ def test_scored_tokens_drop_the_lm_head_at_unscored_positions(trainable, mult):
   assert lvm.flops.per_step(config, 8, 64, 1, trainable, scored_tokens=64) == every
   assert lvm.flops.per_step(config, 8, 64, 1, trainable, scored_tokens=20) == (
       every - 8 * (64 - 20) * mult * V * D)
+
+
+def test_anyres_counts_the_tiles_the_tower_runs_on():
+  """An anyres image costs its tiles x one fixed-size pass; model_flops counts given tiles."""
+  fixed = tiny.get_config()
+  config = tiny.get_config()
+  config.model.anyres.pinpoints = [[32, 64], [64, 32], [64, 64]]  # T = 1 + 4
+  one = lvm.flops.per_image(fixed, lvm.flops.FINETUNE)
+  assert lvm.flops.per_image(config, lvm.flops.FINETUNE, tiles=3)['total'] == 3 * one['total']
+  assert lvm.flops.per_image(config, lvm.flops.FINETUNE)['total'] == 5 * one['total']
+  every = lvm.flops.model_flops(config, 4, 64, 'prefill')  # 4 rows x 1 image x 5 slots
+  real = lvm.flops.model_flops(config, 4, 64, 'prefill', tiles=7)
+  tower = lvm.flops.per_image(fixed, r'$^')
+  assert every['parts']['vision'] == 20 * tower['vision']
+  assert real['parts']['vision'] == 7 * tower['vision']
+  assert real['parts']['projector'] == 7 * tower['projector'] and 'tiles=7' in real['formula']
+  assert real['parts']['decoder'] == every['parts']['decoder']

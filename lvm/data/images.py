@@ -148,18 +148,14 @@ def load(data: bytes, size: int, aspect: str, mean, std) -> np.ndarray:
   return preprocess(im, size, aspect, mean, std)
 
 
-def load_image(image, config) -> np.ndarray:
-  """The one image loader of inference: a file path, encoded bytes or a PIL image ->
-  float32[H, W, 3] preprocessed as the run's data pipeline does (`config.model.vision.
-  image_size`, `config.data.image_aspect`, `image_mean`, `image_std`).
+def open_image(image) -> Image.Image:
+  """A file path, encoded bytes, a PIL image or a uint8[H, W, 3] array -> an RGB PIL image.
 
   Raises:
     ImageError: missing_image, not_a_file, empty/corrupt/truncated image, image_too_large;
       for a path, the message names the file.
   """
   from etils import epath  # pylint: disable=g-import-not-at-top
-  size, aspect = int(config.model.vision.image_size), config.data.image_aspect
-  mean, std = config.data.image_mean, config.data.image_std
   if isinstance(image, (str, os.PathLike)):
     path = epath.Path(image)
     if not path.exists():
@@ -167,10 +163,25 @@ def load_image(image, config) -> np.ndarray:
     if path.is_dir():
       raise ImageError('not_a_file', f'{image}: is a folder, not an image file')
     try:
-      return load(path.read_bytes(), size, aspect, mean, std)
+      return decode(path.read_bytes())[0]
     except ImageError as e:
       raise ImageError(e.reason, f'{image}: {str(e).removeprefix(e.reason + ": ")} '
                        '(not a readable image file)') from e
   if isinstance(image, bytes):
-    return load(image, size, aspect, mean, std)
-  return preprocess(to_rgb(image)[0], size, aspect, mean, std)
+    return decode(image)[0]
+  if isinstance(image, np.ndarray):
+    return Image.fromarray(np.asarray(image, np.uint8)).convert('RGB')
+  return to_rgb(image)[0]
+
+
+def load_image(image, config) -> np.ndarray:
+  """The one image loader of inference: a file path, encoded bytes or a PIL image ->
+  float32[H, W, 3] preprocessed as the run's data pipeline does (`config.model.vision.
+  image_size`, `config.data.image_aspect`, `image_mean`, `image_std`).
+
+  Raises:
+    ImageError: as `open_image`.
+  """
+  size, aspect = int(config.model.vision.image_size), config.data.image_aspect
+  return preprocess(open_image(image), size, aspect, config.data.image_mean,
+                    config.data.image_std)

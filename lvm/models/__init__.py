@@ -93,6 +93,21 @@ def max_image_tokens(config) -> int:
   return num_image_tokens(config) if layout is None else layout.max_len
 
 
+def example_inputs(config):
+  """Zero inputs that `build(config).init` accepts: (images, input_ids, kwargs).
+
+  images float32[1, 1, H, W, 3] (anyres: [1, 1, T, H, W, 3] with image_sizes (0, 0) in the
+  kwargs, an absent image), input_ids int32[1, 8] of zeros.
+  """
+  config = _model(config)
+  h = config.vision.image_size
+  if anyres_model.layout(config) is None:
+    return jnp.zeros((1, 1, h, h, 3), jnp.float32), jnp.zeros((1, 8), jnp.int32), {}
+  t = anyres_model.num_tiles(config)
+  return (jnp.zeros((1, 1, t, h, h, 3), jnp.float32), jnp.zeros((1, 8), jnp.int32),
+          {'image_sizes': jnp.zeros((1, 1, 2), jnp.int32)})
+
+
 def abstract_params(config, scan_layers: bool | None = None) -> dict:
   """'/'-joined path -> jax.ShapeDtypeStruct of every parameter; allocates nothing.
 
@@ -133,7 +148,7 @@ def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
   return traverse_util.unflatten_dict(flat, sep='/')
 
 
-__all__ = ['abstract_params', 'build', 'build_decoder', 'build_projector', 'build_vision',
+__all__ = ['abstract_params', 'build', 'example_inputs', 'build_decoder', 'build_projector', 'build_vision',
            'dtype', 'feature_layers', 'max_image_tokens', 'num_image_tokens', 'random_params',
            'stack_layers', 'unstack_layers', 'DTYPES', 'LLaVA', 'VisionTower', 'Projector',
            'Decoder']

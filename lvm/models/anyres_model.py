@@ -15,11 +15,17 @@ tile, unpadded grid map, `image_newline` after each row, OneVision's bilinear do
 a row's images are concatenated without gaps (`anyres.stream_index`) into its image-token
 positions.
 
-Compute: all B * N * T tiles go through the tower and projector, the zero tiles of small
-grids and of absent images included, whose features are never read (the tables point only
-at the image's own tiles, so they change nothing). With LLaVA-NeXT's pinpoints (T = 5), a
-1x2 grid wastes 2 of 5 tile passes; with OneVision's 6x6 (T = 37), a 2x2 image wastes 32.
-Skipping them (a ragged tile batch) is a later optimisation.
+Compute: by default all B * N * T tiles go through the tower and projector, the zero tiles of
+small grids and of absent images included, whose features are never read (the tables point
+only at the image's own tiles, so they change nothing). With LLaVA-NeXT's pinpoints (T = 5),
+a 1x2 grid wastes 2 of 5 tile passes; with OneVision's 6x6 (T = 37), a 2x2 image wastes 32.
+`tile_budget=R` (static) skips them: the real tiles (`anyres_tables.num_tiles` of each image,
+from the traced sizes) are gathered into R slots, the tower and projector run on R tiles, and
+their features are scattered back (`real_tile_features`); zero features stand in for the rest.
+`tile_groups=G` splits the batch into G equal groups of rows with R / G slots each, so that
+with G = the number of batch shards no tile crosses a device. The caller picks R >= the real
+tiles of every group (`lvm.anyres_inputs` does); eagerly a smaller R raises, under jit the
+tiles past it would get the features of another tile.
 
 Token counts: called eagerly (concrete ids and sizes), `check_image_tokens` raises naming the
 row and image whose count does not match; under jit nothing can be checked, and a mismatch
@@ -137,3 +143,45 @@ def newline_param(module: nn.Module, width: int, param_dtype) -> jnp.ndarray:
   init = nn.initializers.normal(stddev=width ** -0.5)
   return module.param('image_newline', nn.with_logical_partitioning(init, ('embed',)),
                       (width,), param_dtype)
+
+
+def real_tile_features(embed, images, image_sizes, lay: anyres_tables.Layout, budget: int,
+                       groups: int = 1):
+  """`embed` (tower + projector) run on the real tiles only, zero features for the others.
+
+  Args:
+    embed: float[R, H, W, 3] -> float[R, P, D].
+    images: float[B, N, T, H, W, 3] tiles (T may be fewer than the layout's maximum).
+    image_sizes: int[B, N, 2].
+    lay: the static layout.
+    budget: R, static: tile slots the tower runs on (a multiple of `groups`).
+    groups: G, static: equal groups of rows that each gather their own R / G real tiles.
+
+  Returns:
+    float[B, N, T, P, D].
+  """
+  b, n, t = images.shape[:3]
+  if budget % groups or b % groups:
+    raise ValueError(f'tile_budget {budget} and the batch size {b} must be multiples of '
+                     f'tile_groups {groups}')
+  slots = budget // groups
+  try:  # concrete sizes (eager): counted on the host, and the budget checked
+    sizes = np.asarray(image_sizes)
+  except (jax.errors.TracerArrayConversionError, jax.errors.ConcretizationTypeError):
+    used = anyres_tables.num_tiles(lay, image_sizes)  # traced: the caller keeps the budget
+  else:
+    used = np.asarray([0 if min(hw) <= 0 else 1 + int(np.prod(data_anyres.grid_shape(
+        hw, lay.pinpoints, lay.tile_size))) for hw in sizes.reshape(-1, 2)]).reshape(b, n)
+    most = int(used.reshape(groups, -1).sum(-1).max())
+    if most > slots:
+      raise ValueError(f'{most} real tiles in a group of rows exceed tile_budget / tile_groups '
+                       f'= {slots}; raise tile_budget')
+  real = (jnp.arange(t) < jnp.asarray(used)[..., None]).reshape(groups, -1)  # [G, B/G*N*T]
+  flat = images.reshape(groups, -1, *images.shape[3:])
+  picked = jax.vmap(lambda m: jnp.nonzero(m, size=slots, fill_value=0)[0])(real)  # [G, R/G]
+  feats = embed(jax.vmap(lambda x, i: x[i])(flat, picked).reshape(budget, *images.shape[3:]))
+  feats = feats.reshape(groups, slots, *feats.shape[1:])
+  slot = jnp.clip(jnp.cumsum(real, axis=1) - 1, 0, slots - 1)  # each tile's compact slot
+  full = jax.vmap(lambda f, i: f[i])(feats, slot)  # [G, M, P, D]
+  full = jnp.where(real[..., None, None], full, jnp.zeros((), full.dtype))
+  return full.reshape(b, n, t, *feats.shape[2:])

@@ -139,6 +139,27 @@ def _select(layout: Layout, h, w):
   return jnp.argmax(best, -1)
 
 
+def num_tiles(layout: Layout, image_sizes):
+  """Tiles each image uses, the base tile and its grid's (`1 + rows * cols`); 0 for an absent
+  image (height or width <= 0). Traceable.
+
+  Args:
+    layout: the static layout.
+    image_sizes: int[..., 2] original (height, width).
+
+  Returns:
+    int32[...].
+  """
+  image_sizes = jnp.asarray(image_sizes, jnp.int32)
+  lead = image_sizes.shape[:-1]
+  h = jnp.clip(image_sizes[..., 0].reshape(-1), 1, MAX_SIDE)
+  w = jnp.clip(image_sizes[..., 1].reshape(-1), 1, MAX_SIDE)
+  present = (image_sizes[..., 0] > 0).reshape(-1) & (image_sizes[..., 1] > 0).reshape(-1)
+  pins = np.asarray(layout.pinpoints, np.int32) // layout.tile_size
+  grid = jnp.asarray(pins[:, 0] * pins[:, 1])[_select(layout, h, w)]
+  return jnp.where(present, 1 + grid, 0).reshape(lead).astype(jnp.int32)
+
+
 @functools.lru_cache(maxsize=16)
 def _downscale_table(layout: Layout) -> np.ndarray:
   """int32[R + 1, C + 1, 2]: `anyres.downscaled_shape` of every unpadded map size."""

@@ -87,17 +87,21 @@ class LLaVA(nn.Module):
     tokens = self.projector(feats)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
-  def embed_tiles(self, images):
+  def embed_tiles(self, images, image_sizes=None, tile_budget=None, tile_groups=1):
     """Anyres tiles float[B, N, T, H, W, 3] -> projected features float[B, N, T, P, D].
 
-    Every tile goes through the tower, zero ones included (see `anyres_model`).
+    Every tile goes through the tower, zero ones included, unless `tile_budget` R (static)
+    is given: then only the real tiles do, in R slots (see `anyres_model`).
     """
     b, n, t = images.shape[:3]
-    feats = self.vision(images.reshape(b * n * t, *images.shape[3:]))
-    tokens = self.projector(feats)
+    embed = lambda x: self.projector(self.vision(x))
+    if tile_budget is not None and tile_budget < b * n * t:
+      return anyres_model.real_tile_features(embed, images, image_sizes, self.anyres,
+                                             tile_budget, tile_groups)
+    tokens = embed(images.reshape(b * n * t, *images.shape[3:]))
     return tokens.reshape(b, n, t, *tokens.shape[1:])
 
-  def embed_anyres(self, images, input_ids, image_sizes):
+  def embed_anyres(self, images, input_ids, image_sizes, tile_budget=None, tile_groups=1):
     """The visual-token stream float[B, L, D] of an anyres batch, in image-token order."""
     if image_sizes is None:
       raise ValueError('an anyres model (model.anyres.pinpoints set) needs image_sizes '
@@ -110,21 +114,23 @@ class LLaVA(nn.Module):
                        f'the tower and projector give {self.tokens_per_image} (use the '
                        "'default' feature selection that drops CLIP's class token)")
     anyres_model.check_image_tokens(input_ids, image_sizes, self.image_token_id, self.anyres)
-    return anyres_model.pack_images(self.embed_tiles(images), image_sizes, self.image_newline,
-                                    self.anyres, input_ids.shape[1])
+    feats = self.embed_tiles(images, image_sizes, tile_budget, tile_groups)
+    return anyres_model.pack_images(feats, image_sizes, self.image_newline, self.anyres,
+                                    input_ids.shape[1])
 
   def embed_text(self, input_ids):
     """int[B, L] -> float[B, L, D]; image-token ids embed as token 0 (overwritten later)."""
     return self.decoder.embed(jnp.where(input_ids == self.image_token_id, 0, input_ids))
 
-  def embed(self, images, input_ids, image_sizes=None):
+  def embed(self, images, input_ids, image_sizes=None, tile_budget=None, tile_groups=1):
     """The decoder's input embeddings float[B, L, D] with the visual tokens in place."""
     is_image = input_ids == self.image_token_id
     num_images = 0 if images is None else images.shape[1]
     x = self.embed_text(input_ids)
     if self.anyres is not None:
       if num_images:
-        x = merge_visual_tokens(x, self.embed_anyres(images, input_ids, image_sizes), is_image)
+        tokens = self.embed_anyres(images, input_ids, image_sizes, tile_budget, tile_groups)
+        x = merge_visual_tokens(x, tokens, is_image)
       elif self.is_initializing():
         self.image_newline  # pylint: disable=pointless-statement  (created for text-only init)
       return x
@@ -134,9 +140,10 @@ class LLaVA(nn.Module):
     return x
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
-              cache_index=None, logit_positions=None, image_sizes=None, segment_ids=None):
+              cache_index=None, logit_positions=None, image_sizes=None, segment_ids=None,
+              tile_budget=None, tile_groups=1):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
-    x = self.embed(images, input_ids, image_sizes)
+    x = self.embed(images, input_ids, image_sizes, tile_budget, tile_groups)
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
                         cache_index=cache_index, logit_positions=logit_positions,
                         segment_ids=segment_ids)
@@ -148,7 +155,8 @@ class LLaVA(nn.Module):
                         cache_index=cache_index)
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
-               logit_positions=None, image_sizes=None, segment_ids=None):
+               logit_positions=None, image_sizes=None, segment_ids=None, tile_budget=None,
+               tile_groups=1):
     """Logits for a batch.
 
     Args:
@@ -164,10 +172,14 @@ class LLaVA(nn.Module):
       segment_ids: optional int[B, L] of a packed batch (`lvm.data.packing`): several
         samples per row, 0 on padding; attention stays within a segment. The row's images
         are its samples' images in order; pass `positions` restarting per segment.
+      tile_budget, tile_groups: static ints, anyres only: run the tower on `tile_budget` slots
+        holding the real tiles (`tile_groups` groups of rows, each with its own share), not
+        on all B x N x T (see `lvm.models.anyres_model`); None: all tiles.
 
     Returns:
       logits float[B, L, V] (or [B, P, V]) in the compute dtype.
     """
     return self.forward(images, input_ids, attention_mask, positions,
                         logit_positions=logit_positions, image_sizes=image_sizes,
-                        segment_ids=segment_ids)[0]
+                        segment_ids=segment_ids, tile_budget=tile_budget,
+                        tile_groups=tile_groups)[0]
