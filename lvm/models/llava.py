@@ -144,9 +144,10 @@ class LLaVA(nn.Module):
               tile_budget=None, tile_groups=1):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
     x = self.embed(images, input_ids, image_sizes, tile_budget, tile_groups)
+    # Only packed batches pass segments, so a registered decoder without packing still fits.
+    packed = {} if segment_ids is None else {'segment_ids': segment_ids}
     return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index, logit_positions=logit_positions,
-                        segment_ids=segment_ids)
+                        cache_index=cache_index, logit_positions=logit_positions, **packed)
 
   def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
     """Text-only continuation with a cache (images were written at prefill)."""
