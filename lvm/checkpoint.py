@@ -299,7 +299,15 @@ def load_params(path: PathLike, abstract_params=None,
   def read(step_dir):
     config = _read_config(step_dir)
     target = abstract_params(config) if callable(abstract_params) else abstract_params
-    return config, _restore_params(step_dir, target)
+    from lvm import lora  # pylint: disable=g-import-not-at-top
+    if lora.saves_base(config):
+      return config, _restore_params(step_dir, target)
+    # A LoRA run saved only its trainable parameters: read those, rebuild the base.
+    from lvm import optim  # pylint: disable=g-import-not-at-top
+    saved_target = None if target is None else optim.split(target,
+                                                            lora.trainable_regex(config))[0]
+    saved = _restore_params(step_dir, saved_target)
+    return config, lora.complete_params(config, saved, target, log)
   return _first_whole(path, read, log)
 
 

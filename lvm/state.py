@@ -14,6 +14,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm import checkpoint as ckpt_lib
+from lvm import lora
 from lvm import models
 from lvm import optim
 from lvm import sharding
@@ -66,7 +67,7 @@ class StateFactory:
   def __init__(self, config, model, tx, mesh, axis_rules):
     self.config, self.model, self.tx, self.mesh = config, model, tx, mesh
     self.rules = axis_rules
-    self.trainable = optim.trainable_regex(config.train)
+    self.trainable = lora.trainable_regex(config)  # with LoRA: adapters (+ train_full)
     batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     images, ids = dummy_inputs(config, batch)
 
@@ -96,10 +97,35 @@ class StateFactory:
   def abstract_params(self):
     return self.abstract['params']
 
+  @property
+  def saves_base(self) -> bool:
+    """Whether checkpoints hold every parameter (else only the trainable ones: LoRA)."""
+    return lora.saves_base(self.config)
+
+  def to_checkpoint(self, state):
+    """What a checkpoint holds of `state`: all of it, or (LoRA, `config.lora.save_base`
+    off) its params cut to the trainable ones; the frozen base is `config.init`'s."""
+    if self.saves_base:
+      return state
+    return {**state, 'params': optim.split(state['params'], self.trainable)[0]}
+
+  @property
+  def checkpoint_abstract(self):
+    """`to_checkpoint` of the abstract state: what `restore` reads."""
+    return self.to_checkpoint(self.abstract)
+
+  def from_checkpoint(self, saved, log=print):
+    """The train state from a restored `to_checkpoint(state)`: the frozen base rebuilt
+    from `config.init` (deterministic) under the saved trainable parameters."""
+    if self.saves_base:
+      return saved
+    base = optim.split(initial_params(self.config, self, log), self.trainable)[1]
+    return {**saved, 'params': optim.merge(saved['params'], base)}
+
   def random_params(self, rng):
     """Randomly initialized params, created directly in their shardings."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(lambda r: models.random_params(self.config.model, r, *self._init_inputs),
+      return jax.jit(lambda r: models.random_params(self.config, r, *self._init_inputs),
                      out_shardings=self.param_shardings)(rng)
 
   def from_params(self, params):

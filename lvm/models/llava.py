@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm import lora as lora_lib
 from lvm.models import anyres_model
 from lvm.models import anyres_tables
 
@@ -69,6 +70,9 @@ class LLaVA(nn.Module):
   decoder: nn.Module
   image_token_id: int
   anyres: anyres_tables.Layout | None = None  # None: a fixed-size model
+  # LoRA adapters on the Dense layers `lora.targets` selects (lvm.lora); None: none. The
+  # parts run under `lora_lib.adapters`, which adds each adapter beside its base weight.
+  lora: lora_lib.Spec | None = None
 
   def setup(self):
     if self.anyres is not None:
@@ -83,8 +87,9 @@ class LLaVA(nn.Module):
   def embed_image(self, images):
     """images float[B, N, H, W, 3] -> visual tokens float[B, N*P, D]."""
     b, n = images.shape[:2]
-    feats = self.vision(images.reshape(b * n, *images.shape[2:]))
-    tokens = self.projector(feats)
+    with lora_lib.adapters(self.lora):
+      feats = self.vision(images.reshape(b * n, *images.shape[2:]))
+      tokens = self.projector(feats)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
   def embed_tiles(self, images):
@@ -93,8 +98,9 @@ class LLaVA(nn.Module):
     Every tile goes through the tower, zero ones included (see `anyres_model`).
     """
     b, n, t = images.shape[:3]
-    feats = self.vision(images.reshape(b * n * t, *images.shape[3:]))
-    tokens = self.projector(feats)
+    with lora_lib.adapters(self.lora):
+      feats = self.vision(images.reshape(b * n * t, *images.shape[3:]))
+      tokens = self.projector(feats)
     return tokens.reshape(b, n, t, *tokens.shape[1:])
 
   def embed_anyres(self, images, input_ids, image_sizes):
@@ -137,14 +143,16 @@ class LLaVA(nn.Module):
               cache_index=None, logit_positions=None, image_sizes=None):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
     x = self.embed(images, input_ids, image_sizes)
-    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index, logit_positions=logit_positions)
+    with lora_lib.adapters(self.lora):
+      return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                          cache_index=cache_index, logit_positions=logit_positions)
 
   def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
     """Text-only continuation with a cache (images were written at prefill)."""
     x = self.embed_text(input_ids)
-    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index)
+    with lora_lib.adapters(self.lora):
+      return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                          cache_index=cache_index)
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
                logit_positions=None, image_sizes=None):
