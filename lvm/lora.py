@@ -33,7 +33,6 @@ import jax.numpy as jnp
 import numpy as np
 
 from lvm import kernels
-from lvm.models import layers
 
 LEAVES = ('lora_a', 'lora_b')
 # Matches the '/'-joined path of an adapter parameter.
@@ -77,6 +76,8 @@ def _a_init(key, shape, dtype):
 
 
 def _interceptor(s: Spec):
+  # Imported here: lvm.models imports this module (LLaVA's `lora` field).
+  from lvm.models import layers  # pylint: disable=import-outside-toplevel
   pattern = re.compile(s.targets)
 
   def intercept(next_fun, args, kwargs, context):
