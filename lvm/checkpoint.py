@@ -16,6 +16,7 @@ import socket
 from typing import Any, Callable
 
 from etils import epath
+from flax import traverse_util
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -230,7 +231,11 @@ def _restore_params(step_dir: epath.Path, abstract_params):
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item={'params': abstract_params}, restore_args={'params': restore_args},
       partial_restore=True))
-  return restored['params']
+  # Leaves of the target that the checkpoint lacks come back abstract: leave them out (a
+  # LoRA run started from a checkpoint written without adapters keeps its fresh ones).
+  flat = traverse_util.flatten_dict(restored['params'], sep='/')
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if not isinstance(v, jax.ShapeDtypeStruct)}, sep='/')
 
 
 def _first_whole(path: PathLike, read: Callable[[epath.Path], Any], log) -> Any:
