@@ -126,3 +126,22 @@ def test_adapters_of_other_shapes_are_refused_naming_the_parameter():
   bad = {'decoder': {'layers': {'mlp': {'up_proj': {'lora_a': np.zeros((2, 64, 8))}}}}}
   with pytest.raises(ValueError, match=r'decoder/layers/mlp/up_proj/lora_a has shape'):
     state_lib.overlay_params(base, bad, 'LoRA checkpoint')
+
+
+def test_llava15_lora_recipe_trains_adapters_and_projector_with_state_for_them_only():
+  from configs import llava15  # pylint: disable=import-outside-toplevel
+  config = llava15.get_config('size=7b,lora=1')
+  config.mesh.data, config.mesh.fsdp = 1, 8
+  factory = _factory(config)  # abstract: nothing of the 7B model is allocated
+  flat = optim.flatten(factory.abstract_params)
+  trainable = optim.flatten(optim.split(factory.abstract_params, factory.trainable)[0])
+  size = lambda keys: sum(int(np.prod(flat[k].shape)) for k in keys)
+  d, f, layers = 4096, 11008, 32
+  adapters = layers * 128 * (4 * (d + d) + 2 * (d + f) + (f + d))  # q k v o, gate up, down
+  assert size(k for k in trainable if lora.is_adapter(k)) == adapters == 319_815_680
+  projector = 1024 * d + d + d * d + d
+  assert sorted({k.split('/')[0] for k in trainable}) == ['decoder', 'projector']
+  assert size(trainable) == adapters + projector
+  opt = sum(int(np.prod(x.shape)) for x in jax.tree.leaves(factory.abstract['opt_state'])
+            if x.ndim)
+  assert opt == 2 * (adapters + projector)  # Adam's mu and nu, nothing for the base
