@@ -24,16 +24,16 @@ from lvm import train
 import synthetic_data  # pylint: disable=import-error
 import train_utils  # pylint: disable=import-error
 
-STEPS = 4
+STEPS = 3
 TOL = 1e-4
 
 
 class _SigtermAt(synthetic_data.SyntheticIterator):
-  """Sends this process SIGTERM when train batch 2 is requested (a preemption: the run
+  """Sends this process SIGTERM when train batch 1 is requested (a preemption: the run
   saves and stops within a step or two)."""
 
   def __next__(self):
-    if self.index == 2 and self.split == 'train':
+    if self.index == 1 and self.split == 'train':
       os.kill(os.getpid(), signal.SIGTERM)
     return super().__next__()
 
@@ -55,7 +55,8 @@ def _saved_state(step_dir):
 
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
-  """An uninterrupted run and one preempted after step 2 then resumed."""
+  """An uninterrupted run, one preempted then resumed, and the first one's params loaded
+  for inference (`load_params`: the base rebuilt under the saved adapters)."""
   root = tmp_path_factory.mktemp('lora_runs')
   kw = dict(num_examples=synthetic_data.num_examples)
   full, parts = str(root / 'full'), str(root / 'parts')
@@ -64,11 +65,14 @@ def runs(tmp_path_factory):
   train.train_and_evaluate(_config(), parts, make_iterator=make, **kw)
   assert len(_losses(parts)) < STEPS, 'the preempted run should stop early'
   train.train_and_evaluate(_config(), parts, make_iterator=synthetic_data.make_iterator, **kw)
-  return full, parts
+  config, params = checkpoint.load_params(full)
+  apply = jax.jit(models.build(config).apply)
+  logits = lambda p, images, ids: np.asarray(apply({'params': p}, images, ids))
+  return full, parts, config, jax.device_get(params), logits
 
 
 def test_lora_run_trains_and_saves_only_adapters_and_resumes_bit_exact(runs):
-  full, parts = runs
+  full, parts, _, params, _ = runs
   losses = _losses(full)
   assert len(losses) == STEPS and _losses(parts) == losses  # bit for bit, the dropout masks included
 
@@ -86,8 +90,7 @@ def test_lora_run_trains_and_saves_only_adapters_and_resumes_bit_exact(runs):
 
   # Loaded for inference, the run is whole: the frozen base (config.init, here the seeded
   # random init) under the trained adapters and projector; the base is untouched.
-  config, params = checkpoint.load_params(full)
-  flat = optim.flatten(jax.device_get(params))
+  flat = optim.flatten(params)
   config0 = _config()
   init = optim.flatten(jax.device_get(jax.jit(
       lambda r: models.random_params(config0, r, *_dummy(config0)))(
@@ -113,11 +116,6 @@ def _inputs(config):
   return images, ids, torch_inputs
 
 
-def _lvm_logits(workdir, images, ids):
-  config, params = checkpoint.load_params(workdir)
-  return np.asarray(jax.jit(models.build(config).apply)({'params': params}, images, ids))
-
-
 def _torch_logits(model, torch_inputs):
   with torch.no_grad():
     return model.eval()(**torch_inputs).logits.float().numpy()
@@ -128,26 +126,24 @@ def _rel(a, b):
 
 
 def test_export_merges_adapters_with_the_unmerged_logits(runs, tmp_path):
-  full, _ = runs
-  config = _config()
+  full, _, config, params, logits = runs
   images, ids, torch_inputs = _inputs(config)
-  ours = _lvm_logits(full, images, ids)
+  ours = logits(params, images, ids)
   model_config, merged = lvm.hf.load_converted(full)
   assert not any(lora.is_adapter(k) for k in optim.flatten(merged))
   lvm.hf.save(model_config, merged, str(tmp_path / 'merged'))
   hf = transformers.LlavaForConditionalGeneration.from_pretrained(str(tmp_path / 'merged'))
   assert _rel(_torch_logits(hf, torch_inputs), ours) < TOL
-  # The adapters matter at this tolerance: without them the logits are farther off.
-  _, base = lvm.hf.load_converted(full, merge_adapters=False)
-  base_logits = np.asarray(jax.jit(models.build(model_config).apply)(
-      {'params': base}, images, ids))
-  assert _rel(base_logits, ours) > 10 * TOL
+  # The adapters matter at this tolerance: with B zeroed the logits are farther off.
+  flat = optim.flatten(params)
+  zeroed = {k: np.zeros_like(v) if k.endswith('/lora_b') else v for k, v in flat.items()}
+  assert _rel(logits(optim.unflatten(zeroed), images, ids), ours) > 10 * TOL
 
 
 def test_peft_loads_the_adapters_onto_the_exported_base(runs, tmp_path):
   peft = pytest.importorskip('peft')
   from lvm.hf import __main__ as hf_main  # pylint: disable=import-outside-toplevel
-  full, _ = runs
+  full, _, config, params, logits = runs
   base_dir, adapter_dir = str(tmp_path / 'base'), str(tmp_path / 'adapter')
   from absl import flags  # pylint: disable=import-outside-toplevel
   flags.FLAGS(['lvm.hf', f'--adapters={adapter_dir}'])
@@ -156,12 +152,25 @@ def test_peft_loads_the_adapters_onto_the_exported_base(runs, tmp_path):
   finally:
     flags.FLAGS.unparse_flags()
   assert sorted(os.listdir(adapter_dir)) == ['adapter_config.json', 'adapter_model.safetensors']
-  config = _config()
   images, ids, torch_inputs = _inputs(config)
-  ours = _lvm_logits(full, images, ids)
+  ours = logits(params, images, ids)
   base = transformers.LlavaForConditionalGeneration.from_pretrained(base_dir)
   model = peft.PeftModel.from_pretrained(base, adapter_dir)
   got = _torch_logits(model, torch_inputs)
   assert _rel(got, ours) < TOL
   # And PEFT's own merge gives the same model.
   assert _rel(_torch_logits(model.merge_and_unload(), torch_inputs), ours) < TOL
+
+
+def test_generation_with_unmerged_adapters_follows_the_lora_logits(runs):
+  from lvm import generate  # pylint: disable=import-outside-toplevel
+  _, _, config, params, logits = runs
+  images, ids, _ = _inputs(config)
+  prompt = [int(t) for t in ids[0, :24]]  # the image's 16 tokens and some text
+  generator = generate.Generator(config, params)
+  assert generator.model.lora is not None  # the adapters run unmerged
+  out = generator.generate([prompt], [images[0]], max_new_tokens=3)[0].tokens
+  full = np.asarray([prompt + list(out)], np.int32)
+  # Greedy decoding with the cache = the argmax of the full forward pass at each step.
+  want = logits(params, images[:1], full)[0, len(prompt) - 1:-1].argmax(-1)
+  assert list(out) == list(want), (out, want)
