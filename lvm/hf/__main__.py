@@ -59,13 +59,9 @@ def main(argv):
     ckpt_dir, hf_dir = paths
     try:
       if _ADAPTERS.value:
-        from lvm import checkpoint, lora  # pylint: disable=g-import-not-at-top
         from lvm.hf import peft  # pylint: disable=g-import-not-at-top
-        config, full = checkpoint.load_params(ckpt_dir)
-        full = jax.tree.map(np.asarray, full)
-        model_config, params = config.model, lora.strip(full)
-        lvm.hf.save(model_config, params, hf_dir, overwrite=_OVERWRITE.value)
-        peft.save(config, full, _ADAPTERS.value, base_model=str(hf_dir))
+        model_config, params = peft.export(ckpt_dir, hf_dir, _ADAPTERS.value,
+                                           overwrite=_OVERWRITE.value)
         print(f'wrote the PEFT adapters to {_ADAPTERS.value}')
       else:
         model_config, params = lvm.hf.load_converted(ckpt_dir)

@@ -91,3 +91,23 @@ def save(config, params, out_dir: str, base_model: str = '') -> epath.Path:
                 metadata={'format': 'pt'})
   (out / CONFIG_FILE).write_text(json.dumps(adapter_config, indent=2))
   return out
+
+
+def export(ckpt_dir: str, hf_dir: str, adapter_dir: str, overwrite: bool = False):
+  """`python -m lvm.hf export CKPT_DIR HF_DIR --adapters=ADAPTER_DIR`: the run's base weights
+  (its fully trained modules included, adapters left out) as a transformers folder, and its
+  adapters as a PEFT folder whose `base_model_name_or_path` is that folder.
+
+  Returns:
+    (model config, the exported base params).
+  """
+  from lvm import checkpoint  # pylint: disable=import-outside-toplevel
+  import lvm.hf  # pylint: disable=import-outside-toplevel
+  config, params = checkpoint.load_params(ckpt_dir)
+  params = jax.tree.map(np.asarray, params)
+  if lora.spec(config) is None:  # before writing anything
+    raise ValueError(f'--adapters: {ckpt_dir} is not a LoRA run (config.lora.enable is False)')
+  base = lora.strip(params)
+  lvm.hf.save(config.model, base, hf_dir, overwrite=overwrite)
+  save(config, params, adapter_dir, base_model=str(hf_dir))
+  return config.model, base

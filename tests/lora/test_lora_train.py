@@ -142,15 +142,10 @@ def test_export_merges_adapters_with_the_unmerged_logits(runs, tmp_path):
 
 def test_peft_loads_the_adapters_onto_the_exported_base(runs, tmp_path):
   peft = pytest.importorskip('peft')
-  from lvm.hf import __main__ as hf_main  # pylint: disable=import-outside-toplevel
+  from lvm.hf import peft as lvm_peft  # pylint: disable=import-outside-toplevel
   full, _, config, params, logits = runs
   base_dir, adapter_dir = str(tmp_path / 'base'), str(tmp_path / 'adapter')
-  from absl import flags  # pylint: disable=import-outside-toplevel
-  flags.FLAGS(['lvm.hf', f'--adapters={adapter_dir}'])
-  try:
-    assert hf_main.main(['lvm.hf', 'export', full, base_dir]) == 0
-  finally:
-    flags.FLAGS.unparse_flags()
+  lvm_peft.export(full, base_dir, adapter_dir)  # python -m lvm.hf export ... --adapters=
   assert sorted(os.listdir(adapter_dir)) == ['adapter_config.json', 'adapter_model.safetensors']
   images, ids, torch_inputs = _inputs(config)
   ours = logits(params, images, ids)
