@@ -6,6 +6,10 @@
                                                          in seconds on a CPU (tests)
   --config=configs/llava15.py:...,packing=1              several samples per row instead
                                                          (lvm.data.packing; not LLaVA's batches)
+  --config=configs/llava15.py:size=7b,lora=1             stage 2 with LLaVA's LoRA recipe
+                                                         (finetune_lora.sh): r 128, alpha 256,
+                                                         dropout 0.05, lr 2e-4 on the adapters,
+                                                         the projector trained in full at 2e-5
 
 As scripts/v1_5/pretrain.sh and finetune.sh run it (side by side in docs/training.md): stage 1
 sets no image_aspect_ratio, so its images go through the CLIP processor's resize + center crop
@@ -31,7 +35,7 @@ TINY_RUN = dict(image_token_id=256, pad_token_id=257, batch_size=8, seq_len=128)
 
 
 def get_config(arg=None):
-  arg = base.parse_arg(arg, size='7b', stage='finetune', packing=False)
+  arg = base.parse_arg(arg, size='7b', stage='finetune', packing=False, lora=False)
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
   if arg.stage not in ('pretrain', 'finetune'):
@@ -71,6 +75,19 @@ def get_config(arg=None):
     config.init.kind = 'checkpoint'  # the stage-1 run's workdir
   if arg.packing:
     config.data.packing = True
+  if arg.lora:
+    if arg.stage != 'finetune':
+      raise ValueError('lora=1 is the stage-2 (finetune) recipe; stage 1 trains the projector '
+                       'alone, in full')
+    # LLaVA's scripts/v1_5/finetune_lora.sh: every decoder Linear but the LM head (its
+    # find_all_linear_names skips the tower, the projector and lm_head), the projector in full.
+    config.lora.enable = True
+    config.lora.rank = 128
+    config.lora.alpha = 256.0
+    config.lora.dropout = 0.05
+    config.lora.train_full = '^projector/'
+    config.optimizer.lr = 2e-4
+    config.optimizer.module_lr = {'^projector/': 2e-5}  # --mm_projector_lr 2e-5
   if arg.size == 'tiny':  # float32: bfloat16 matmuls are slow on a CPU
     config.model.vision = base.vision_config('clip', **TINY_VISION)
     config.model.image_token_id = TINY_RUN['image_token_id']
@@ -79,5 +96,7 @@ def get_config(arg=None):
     config.model.remat_policy = 'none'
     config.data.seq_len = TINY_RUN['seq_len']
     config.train.batch_size = TINY_RUN['batch_size']
+    if arg.lora:  # rank 128 exceeds the tiny decoder's width: same alpha / r
+      config.lora.rank, config.lora.alpha = 8, 16.0
   config.lock()  # Groups replaced above come unlocked: a mistyped key must fail.
   return config

@@ -16,6 +16,7 @@ import socket
 from typing import Any, Callable
 
 from etils import epath
+from flax import traverse_util
 import jax
 import ml_collections
 import orbax.checkpoint as ocp
@@ -230,7 +231,11 @@ def _restore_params(step_dir: epath.Path, abstract_params):
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item={'params': abstract_params}, restore_args={'params': restore_args},
       partial_restore=True))
-  return restored['params']
+  # Leaves of the target that the checkpoint lacks come back abstract: leave them out (a
+  # LoRA run started from a checkpoint written without adapters keeps its fresh ones).
+  flat = traverse_util.flatten_dict(restored['params'], sep='/')
+  return traverse_util.unflatten_dict(
+      {k: v for k, v in flat.items() if not isinstance(v, jax.ShapeDtypeStruct)}, sep='/')
 
 
 def _first_whole(path: PathLike, read: Callable[[epath.Path], Any], log) -> Any:
@@ -299,7 +304,15 @@ def load_params(path: PathLike, abstract_params=None,
   def read(step_dir):
     config = _read_config(step_dir)
     target = abstract_params(config) if callable(abstract_params) else abstract_params
-    return config, _restore_params(step_dir, target)
+    from lvm import lora  # pylint: disable=g-import-not-at-top
+    if lora.saves_base(config):
+      return config, _restore_params(step_dir, target)
+    # A LoRA run saved only its trainable parameters: read those, rebuild the base.
+    from lvm import optim  # pylint: disable=g-import-not-at-top
+    saved_target = None if target is None else optim.split(target,
+                                                            lora.trainable_regex(config))[0]
+    saved = _restore_params(step_dir, saved_target)
+    return config, lora.complete_params(config, saved, target, log)
   return _first_whole(path, read, log)
 
 

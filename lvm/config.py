@@ -276,6 +276,19 @@ def get_config(arg=None):
   config.init.vision_path = ''  # hf_parts: CLIP/SigLIP folder
   config.init.decoder_path = ''  # hf_parts: LLaMA folder
 
+  # LoRA (lvm/lora.py): low-rank adapters beside the Dense layers whose module path matches
+  # `targets`; base weights frozen (no optimizer state). Trainable: the adapters and the
+  # `train_full` parameters, within the stage's trainable set.
+  config.lora = ml_collections.ConfigDict()
+  config.lora.enable = False
+  config.lora.targets = r'^decoder/layers(_\d+)?/(self_attn|mlp)/\w+_proj$'  # re.search
+  config.lora.rank = 8
+  config.lora.alpha = 16.0  # scale alpha / rank (rslora: alpha / sqrt(rank))
+  config.lora.dropout = 0.0  # on the adapter's input, in training only
+  config.lora.rslora = False
+  config.lora.train_full = '^projector/'  # trained in full beside the adapters ('' = none)
+  config.lora.save_base = False  # checkpoints hold only what trains; the base is config.init's
+
   config.lock()  # A mistyped key in a config file fails here, not silently later.
   return config
 

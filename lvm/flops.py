@@ -39,7 +39,7 @@ from typing import Any
 import numpy as np
 
 import lvm.models
-from lvm import optim
+from lvm import lora
 from lvm.models import anyres_model
 
 # Dense bf16 peak TFLOP/s per chip (DESIGN.md), matched against `device.device_kind`
@@ -240,7 +240,8 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
   Returns:
     dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
   """
-  regex = optim.trainable_regex(config.train) if mode == 'train' else r'$^'  # $^: nothing
+  # With LoRA the base weights are frozen (adapter FLOPs, r/D of a layer's, are not counted).
+  regex = lora.trainable_regex(config) if mode == 'train' else r'$^'  # $^: nothing
   token = per_token(config, seq_len, regex)
   if mode == 'decode':
     d = config.model.decoder

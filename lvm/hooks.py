@@ -63,12 +63,17 @@ class Hook:
 class Checkpoint(Hook):
   """Saves the state and the data iterator's position every `checkpoint.interval` steps."""
 
-  def __init__(self, checkpointer, train_iter, config, steps: int, writer=None):
+  def __init__(self, checkpointer, train_iter, config, steps: int, writer=None,
+               to_checkpoint=None):
+    """`to_checkpoint`: state -> what is saved of it (default all; LoRA: the trainable
+    parameters, `lvm.state.StateFactory.to_checkpoint`)."""
     self.checkpointer, self.train_iter, self.config = checkpointer, train_iter, config
     self.steps, self.writer = steps, writer
+    self.to_checkpoint = to_checkpoint or (lambda state: state)
 
   def save(self, step: int, state) -> None:
-    self.checkpointer.save(step, state, self.train_iter.get_state(), self.config)
+    self.checkpointer.save(step, self.to_checkpoint(state), self.train_iter.get_state(),
+                           self.config)
     if self.writer is not None:
       self.writer.flush()  # metrics up to a checkpoint survive a kill on any file system
 

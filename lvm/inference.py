@@ -16,7 +16,7 @@ import numpy as np
 from lvm import anyres_inputs
 from lvm import generate
 from lvm import models
-from lvm import optim
+from lvm import lora
 from lvm import quantize
 from lvm import sharding as lvm_sharding
 from lvm.models import layers
@@ -135,7 +135,7 @@ def abstract_params(config, mesh):
   shardings = lvm_sharding.logical_shardings(boxed, mesh, rules)
   # A run with train.frozen_quantization saved its frozen kernels quantized (lvm.quantize).
   mode = config.train.frozen_quantization
-  axes = quantize.axes_tree(boxed, optim.trainable_regex(config.train), mode)
+  axes = quantize.axes_tree(boxed, lora.trainable_regex(config), mode)  # LoRA: base frozen
   abstract = jax.eval_shape(lambda p: quantize.quantize_params(p, axes, mode), nn.unbox(boxed))
   return jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                       abstract, quantize.quantized_shardings(shardings, axes))

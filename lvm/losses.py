@@ -75,7 +75,7 @@ def token_losses(logits, batch, scored=None):
   return (*terms, mask)
 
 
-def apply_model(model, params, batch, logit_positions=None):
+def apply_model(model, params, batch, logit_positions=None, rngs=None):
   """Logits of a right-padded batch (what lvm.data makes: tokens first, padding after).
 
   No attention mask is passed: under the causal mask a real token never sees the padding
@@ -91,10 +91,11 @@ def apply_model(model, params, batch, logit_positions=None):
   # batches each image's original (height, width).
   extra = {k: batch[k] for k in ('segment_ids', 'positions', 'image_sizes') if k in batch}
   return model.apply({'params': params}, images, batch['input_ids'],
-                     logit_positions=logit_positions, **extra)
+                     logit_positions=logit_positions, rngs=rngs, **extra)
 
 
-def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0):
+def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0,
+            rngs=None):
   """Summed supervised loss divided by the global supervised-token count.
 
   Args:
@@ -107,6 +108,7 @@ def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tok
     z_loss: weight of the log(Z)^2 regularizer.
     scored_tokens: P > 0: the LM head runs only at each row's first P supervised
       positions (`scored_positions`); 0: at every position.
+    rngs: flax rngs of the forward pass (LoRA dropout's 'dropout'), or None.
 
   Returns:
     (loss, aux) with aux = {'nll_sum', 'correct', 'unscored'}: sums over the (micro)batch.
@@ -115,7 +117,7 @@ def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tok
   if scored_tokens:
     positions, valid, unscored = scored_positions(batch['loss_mask'], scored_tokens)
     scored = (positions, valid)
-  logits = apply_model(model, params, batch, None if scored is None else scored[0])
+  logits = apply_model(model, params, batch, None if scored is None else scored[0], rngs)
   nll, log_z, correct, mask = token_losses(logits, batch, scored)
   nll_sum = jnp.sum(jnp.where(mask, nll, 0.0))
   total = nll_sum

@@ -15,6 +15,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm import checkpoint as ckpt_lib
+from lvm import lora
 from lvm import models
 from lvm import optim
 from lvm import quantize
@@ -86,7 +87,7 @@ class StateFactory:
   def __init__(self, config, model, tx, mesh, axis_rules):
     self.config, self.model, self.tx, self.mesh = config, model, tx, mesh
     self.rules = axis_rules
-    self.trainable = optim.trainable_regex(config.train)
+    self.trainable = lora.trainable_regex(config)  # with LoRA: adapters (+ train_full)
     batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
     inputs = dummy_inputs(config, batch)
 
@@ -124,10 +125,39 @@ class StateFactory:
     """The model's (float) params, as `random_params` makes and checkpoints load them."""
     return self._float_abstract
 
+  @property
+  def saves_base(self) -> bool:
+    """Whether checkpoints hold every parameter (else only the trainable ones: LoRA)."""
+    return lora.saves_base(self.config)
+
+  def to_checkpoint(self, state):
+    """What a checkpoint holds of `state`: all of it, or (LoRA, `config.lora.save_base`
+    off) its params cut to the trainable ones; the frozen base is `config.init`'s."""
+    if self.saves_base:
+      return state
+    return {**state, 'params': optim.split(state['params'], self.trainable)[0]}
+
+  @property
+  def checkpoint_abstract(self):
+    """`to_checkpoint` of the abstract state: what `restore` reads."""
+    return self.to_checkpoint(self.abstract)
+
+  def from_checkpoint(self, saved, log=print):
+    """The train state from a restored `to_checkpoint(state)`: the frozen base rebuilt
+    from `config.init` (deterministic) under the saved trainable parameters."""
+    if self.saves_base:
+      return saved
+    base = optim.split(initial_params(self.config, self, log), self.trainable)[1]
+    params = optim.merge(saved['params'], base)
+    if self.quantized_axes:  # the rebuilt base is float; train.frozen_quantization stores it so
+      with jax.set_mesh(self.mesh):
+        params = jax.jit(self.quantize, out_shardings=self.param_shardings)(params)
+    return {**saved, 'params': params}
+
   def random_params(self, rng):
     """Randomly initialized params, created directly in their shardings."""
     with jax.set_mesh(self.mesh), nn.logical_axis_rules(self.rules):
-      return jax.jit(lambda r: models.random_params(self.config.model, r, *self._init_inputs),
+      return jax.jit(lambda r: models.random_params(self.config, r, *self._init_inputs),
                      out_shardings=self._float_shardings)(rng)
 
   def from_params(self, params):

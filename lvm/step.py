@@ -51,9 +51,14 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
   params, frozen = optim.split(state['params'], trainable)
   num_tokens = jnp.maximum(jnp.sum(batch['loss_mask'][:, 1:].astype(jnp.float32)), 1.0)
 
+  # LoRA dropout draws its masks from the step number: a resumed run draws the same ones.
+  rngs = None
+  if getattr(model, 'lora', None) is not None and model.lora.dropout:
+    rngs = {'dropout': jax.random.fold_in(jax.random.key(0), state['step'])}
+
   def loss(p, mb):
     return losses.loss_fn(optim.merge(p, frozen), mb, model=model, num_tokens=num_tokens,
-                          z_loss=z_loss, scored_tokens=scored_tokens)
+                          z_loss=z_loss, scored_tokens=scored_tokens, rngs=rngs)
 
   grad_fn = jax.value_and_grad(loss, has_aux=True)
   if accum_steps == 1:

@@ -158,9 +158,10 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   # and set aside), else start as config.init says.
   train_iter = make_iterator(config, config.data.train_split, mesh, shuffle=True,
                              num_epochs=None)
-  restored = checkpointer.restore_latest(factory.abstract, writer.log)
+  restored = checkpointer.restore_latest(factory.checkpoint_abstract, writer.log)
   if restored is not None:
     latest, state, data_state = restored
+    state = factory.from_checkpoint(state, writer.log)  # LoRA: the base from config.init
     if data_state:
       train_iter.set_state(data_state)
     writer.log(f'Resumed from {checkpointer.directory}/{latest}')
@@ -169,7 +170,8 @@ def _train_and_evaluate(config, workdir, make_iterator, num_examples) -> dict:
   step = int(jax.device_get(state['step']))
 
   # The periodic work between steps, in the order it runs.
-  checkpoint = hooks_lib.Checkpoint(checkpointer, train_iter, config, steps, writer)
+  checkpoint = hooks_lib.Checkpoint(checkpointer, train_iter, config, steps, writer,
+                                    factory.to_checkpoint)
   progress = hooks_lib.ReportProgress(writer, config, steps, step, lr_schedule)
   evaluator = hooks_lib.Evaluate(config, writer, step_lib.jit_eval_step(factory),
                                  make_iterator, steps, progress, eval_splits)

@@ -21,6 +21,7 @@ import flax.linen as nn
 import ml_collections
 
 from lvm import config as config_lib
+from lvm import lora
 from lvm import models
 from lvm import optim
 from lvm import quantize
@@ -378,6 +379,29 @@ def _check_checkpoint_and_init(p: registry.Problems, config):
       p.add(key, f"is empty but init.kind is {kind!r}", 'give the folder to load from')
 
 
+def _check_lora(p: registry.Problems, config):
+  """`config.lora`'s own settings (its fit to the parameters: `validate_trainable`)."""
+  lora = config.get('lora')
+  if lora is None or not lora.enable:
+    return
+  try:
+    re.compile(lora.targets)
+  except re.error as e:
+    p.add('lora.targets', f'{lora.targets!r} is not a valid regex ({e})', 'fix the regex')
+  if lora.train_full:
+    try:
+      re.compile(lora.train_full)
+    except re.error as e:
+      p.add('lora.train_full', f'{lora.train_full!r} is not a valid regex ({e})',
+            "fix the regex ('' trains only the adapters)")
+  if not isinstance(lora.rank, int) or lora.rank < 1:
+    p.add('lora.rank', f'must be a positive integer, got {lora.rank!r}', 'e.g. 8 or 128')
+  if not lora.alpha > 0:
+    p.add('lora.alpha', f'must be > 0, got {lora.alpha!r}', 'e.g. twice the rank')
+  if not 0 <= lora.dropout < 1:
+    p.add('lora.dropout', f'must be in [0, 1), got {lora.dropout!r}', 'e.g. 0.05')
+
+
 def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
   """Checks a full run config before anything is traced or compiled.
 
@@ -402,6 +426,7 @@ def validate_config(config, num_devices: int, num_processes: int = 1) -> None:
   _check_train(p, config, mesh, num_processes)
   _check_optimizer(p, config)
   _check_checkpoint_and_init(p, config)
+  _check_lora(p, config)
   p.raise_if_any('config')
 
 
@@ -411,7 +436,8 @@ def param_paths(params) -> list[str]:
 
 
 def validate_trainable(config, abstract_params: Any) -> list[str]:
-  """Checks that the stage trains something; returns the trainable paths.
+  """Checks that the stage (and LoRA, `lvm.lora.check`) trains something; returns the
+  trainable paths.
 
   Args:
     config: the run config.
@@ -422,8 +448,13 @@ def validate_trainable(config, abstract_params: Any) -> list[str]:
     ValueError: if the trainable pattern matches no parameter (naming the key, a sample of
       the paths it could match, and the fix).
   """
-  pattern = optim.trainable_regex(config.train)
+  pattern = lora.trainable_regex(config)
   paths = param_paths(abstract_params)
+  if lora.spec(config) is not None:
+    p = registry.Problems()
+    shapes = {k: tuple(v.shape) for k, v in optim.flatten(nn.unbox(abstract_params)).items()}
+    lora.check(config, shapes, p)
+    p.raise_if_any('LoRA config')
   regex = re.compile(pattern)
   matched = [path for path in paths if regex.search(path)]
   if not matched:

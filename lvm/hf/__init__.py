@@ -287,21 +287,29 @@ def save_converted(out_dir: str, model_config, params):
   (out / CONFIG_FILE).write_text(text)
 
 
-def load_converted(path: str, log=print):
+def load_converted(path: str, log=print, merge_adapters: bool = True):
   """(model_config, params) from `save_converted`'s folder or any lvm training checkpoint.
 
   Args:
     path: an imported folder, a run's workdir (its newest checkpoint that restores), its
       `checkpoints/` folder or a step folder.
     log: where a skipped (corrupt) newest checkpoint is reported.
+    merge_adapters: for a LoRA run, each adapted kernel `W + scale * A @ B` (the model
+      without adapters that gives the same logits); False: the base weights, adapters
+      dropped (write them with `lvm.hf.peft.save`).
 
   Returns:
-    (lvm `config.model`, nested dict of numpy params).
+    (lvm `config.model`, nested dict of numpy params, without adapters).
   """
   from lvm import checkpoint  # pylint: disable=g-import-not-at-top
+  from lvm import lora  # pylint: disable=g-import-not-at-top
   config, params = checkpoint.load_params(path, log=log)
   model_config = config.model if 'model' in config else config
-  return model_config, jax.tree.map(np.asarray, params)
+  params = jax.tree.map(np.asarray, params)
+  s = lora.spec(config)
+  if s is not None:
+    params = lora.merge(params, s) if merge_adapters else lora.strip(params)
+  return model_config, params
 
 
 __all__ = ['load', 'assemble', 'save', 'save_converted', 'load_converted', 'to_tensors',

@@ -3,6 +3,8 @@
   python -m lvm.hf import HF_DIR OUT_DIR         transformers LLaVA / LLaVA-NeXT / OneVision
                                                  folder -> lvm checkpoint
   python -m lvm.hf export CKPT_DIR HF_DIR        lvm checkpoint / run workdir -> transformers
+                                                 (a LoRA run: adapters merged, or with
+                                                 --adapters=DIR the base + a PEFT folder)
   python -m lvm.hf assemble VISION_DIR LLAMA_DIR OUT_DIR   CLIP/SigLIP + a decoder, new projector
 
 `export` refuses a non-empty HF_DIR unless --overwrite (which replaces its model files as a
@@ -17,6 +19,10 @@ from lvm import cli
 
 _OVERWRITE = flags.DEFINE_bool('overwrite', False,
                                'export: replace the model files of a non-empty HF_DIR.')
+_ADAPTERS = flags.DEFINE_string(
+    'adapters', '', 'export of a LoRA run: write HF_DIR with the base weights (the modules '
+    'trained in full included) and this folder with the adapters in PEFT format, which '
+    'peft.PeftModel.from_pretrained loads onto HF_DIR. Default: adapters merged into HF_DIR.')
 _UNSCANNED = flags.DEFINE_bool('unscanned', False, 'import/assemble: store layers as '
                                'layers_0, layers_1, ... instead of stacked.')
 _PROJECTOR = flags.DEFINE_string('projector', 'mlp2x_gelu', 'assemble: projector kind.')
@@ -52,9 +58,15 @@ def main(argv):
   if command == 'export':
     ckpt_dir, hf_dir = paths
     try:
-      model_config, params = lvm.hf.load_converted(ckpt_dir)
-      lvm.hf.save(model_config, params, hf_dir, overwrite=_OVERWRITE.value)
-    except (FileExistsError, FileNotFoundError, RuntimeError) as e:
+      if _ADAPTERS.value:
+        from lvm.hf import peft  # pylint: disable=g-import-not-at-top
+        model_config, params = peft.export(ckpt_dir, hf_dir, _ADAPTERS.value,
+                                           overwrite=_OVERWRITE.value)
+        print(f'wrote the PEFT adapters to {_ADAPTERS.value}')
+      else:
+        model_config, params = lvm.hf.load_converted(ckpt_dir)
+        lvm.hf.save(model_config, params, hf_dir, overwrite=_OVERWRITE.value)
+    except (FileExistsError, FileNotFoundError, RuntimeError, ValueError) as e:
       cli.fail(str(e))
     print(f'exported {_count(params):,} parameters ({_describe(model_config)}) to {hf_dir}')
     return 0

@@ -13,6 +13,7 @@ import jax
 import jax.numpy as jnp
 
 from lvm import kernels
+from lvm import lora
 from lvm import registry
 from lvm.models import anyres_model
 from lvm.models import families as _families  # noqa: F401  (registers the decoder families)
@@ -53,16 +54,18 @@ def build_decoder(config, impls: kernels.Impls | None = None) -> nn.Module:
 
 
 def build(config, backend: str | None = None) -> LLaVA:
-  """The LLaVA module for `config.model` (or a full config holding `.model`).
+  """The LLaVA module for `config.model` (or a full config holding `.model`, whose
+  `config.lora` then adds LoRA adapters: `lvm.lora`).
 
   Each part is built by the kind its config names (a registry lookup); 'auto' kernels
   resolve here, once, for `backend` (default: the default device's; see `lvm.kernels`).
   """
+  adapters = lora.spec(config)  # a full config's `lora` group (a model config has none)
   config = _model(config)
   impls = kernels.resolve_impls(config, backend)
   return LLaVA(vision=build_vision(config, impls), projector=build_projector(config, impls),
                decoder=build_decoder(config, impls), image_token_id=config.image_token_id,
-               anyres=anyres_model.layout(config))
+               anyres=anyres_model.layout(config), lora=adapters)
 
 
 def num_image_tokens(config, image_size=None) -> int:
@@ -130,6 +133,8 @@ def abstract_params(config, scan_layers: bool | None = None) -> dict:
 def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
   """Random params of `build(config)`, unboxed; traced, so call it under `jax.jit`.
 
+  `config` is the model config, or a full one (whose `lora` group adds adapters).
+
   An anyres model takes tiles `images float[B, N, T, H, W, 3]` with `image_sizes int[B, N, 2]`
   (all (0, 0) is fine: the parameters do not depend on the sizes).
 
@@ -139,10 +144,10 @@ def random_params(config, rng, images, input_ids, image_sizes=None) -> dict:
   gpu_llava15.py, unrolled, 11 s of compiling on the CPU instead of 54 s).
   """
   kw = {} if image_sizes is None else {'image_sizes': image_sizes}
-  if config.scan_layers:
+  if _model(config).scan_layers:
     return nn.unbox(build(config).init(rng, images, input_ids, **kw)['params'])
   twin = copy.deepcopy(config)
-  twin.scan_layers = True
+  _model(twin).scan_layers = True
   stacked = nn.unbox(build(twin).init(rng, images, input_ids, **kw)['params'])
   flat = unstack_layers(traverse_util.flatten_dict(stacked, sep='/'))
   return traverse_util.unflatten_dict(flat, sep='/')

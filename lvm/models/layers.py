@@ -185,7 +185,8 @@ def stack_blocks(block_cls, *, depth: int, scan: bool, remat_policy: str,
     block_cls = nn.remat(block_cls, policy=REMAT_POLICIES[remat_policy], prevent_cse=not scan,
                          static_argnums=static_argnums)
   if scan:
-    block_cls = nn.scan(block_cls, variable_axes={'params': 0}, split_rngs={'params': True},
+    block_cls = nn.scan(block_cls, variable_axes={'params': 0},
+                        split_rngs={'params': True, 'dropout': True},
                         in_axes=in_axes, length=depth,
                         metadata_params={nn.PARTITION_NAME: 'layers'})
   return block_cls

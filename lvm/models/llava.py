@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lvm import lora as lora_lib
 from lvm.models import anyres_model
 from lvm.models import anyres_tables
 
@@ -69,6 +70,9 @@ class LLaVA(nn.Module):
   decoder: nn.Module
   image_token_id: int
   anyres: anyres_tables.Layout | None = None  # None: a fixed-size model
+  # LoRA adapters on the Dense layers `lora.targets` selects (lvm.lora); None: none. The
+  # parts run under `lora_lib.adapters`, which adds each adapter beside its base weight.
+  lora: lora_lib.Spec | None = None
 
   def setup(self):
     if self.anyres is not None:
@@ -83,8 +87,9 @@ class LLaVA(nn.Module):
   def embed_image(self, images):
     """images float[B, N, H, W, 3] -> visual tokens float[B, N*P, D]."""
     b, n = images.shape[:2]
-    feats = self.vision(images.reshape(b * n, *images.shape[2:]))
-    tokens = self.projector(feats)
+    with lora_lib.adapters(self.lora):
+      feats = self.vision(images.reshape(b * n, *images.shape[2:]))
+      tokens = self.projector(feats)
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
   def embed_tiles(self, images, image_sizes=None, tile_budget=None, tile_groups=1):
@@ -94,7 +99,10 @@ class LLaVA(nn.Module):
     is given: then only the real tiles do, in R slots (see `anyres_model`).
     """
     b, n, t = images.shape[:3]
-    embed = lambda x: self.projector(self.vision(x))
+    def embed(x):
+      with lora_lib.adapters(self.lora):
+        return self.projector(self.vision(x))
+
     if tile_budget is not None and tile_budget < b * n * t:
       return anyres_model.real_tile_features(embed, images, image_sizes, self.anyres,
                                              tile_budget, tile_groups)
@@ -146,14 +154,16 @@ class LLaVA(nn.Module):
     x = self.embed(images, input_ids, image_sizes, tile_budget, tile_groups)
     # Only packed batches pass segments, so a registered decoder without packing still fits.
     packed = {} if segment_ids is None else {'segment_ids': segment_ids}
-    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index, logit_positions=logit_positions, **packed)
+    with lora_lib.adapters(self.lora):
+      return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                          cache_index=cache_index, logit_positions=logit_positions, **packed)
 
   def decode(self, input_ids, cache, cache_index, attention_mask=None, positions=None):
     """Text-only continuation with a cache (images were written at prefill)."""
     x = self.embed_text(input_ids)
-    return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
-                        cache_index=cache_index)
+    with lora_lib.adapters(self.lora):
+      return self.decoder(x, positions=positions, attention_mask=attention_mask, cache=cache,
+                          cache_index=cache_index)
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
                logit_positions=None, image_sizes=None, segment_ids=None, tile_budget=None,
