@@ -90,8 +90,10 @@ def apply_model(model, params, batch, logit_positions=None, rngs=None):
   # Packed batches (lvm.data.packing) bring their segments and per-sample positions; anyres
   # batches each image's original (height, width).
   extra = {k: batch[k] for k in ('segment_ids', 'positions', 'image_sizes') if k in batch}
+  if rngs is not None:  # LoRA dropout
+    extra['rngs'] = rngs
   return model.apply({'params': params}, images, batch['input_ids'],
-                     logit_positions=logit_positions, rngs=rngs, **extra)
+                     logit_positions=logit_positions, **extra)
 
 
 def loss_fn(params, batch, *, model, num_tokens, z_loss: float = 0.0, scored_tokens: int = 0,

@@ -258,6 +258,7 @@ def test_validate_names_the_key_before_compiling(folders):
 class _FakeGenerator:
   """Stands in for `lvm.generate.Generator`: 'generates' `tokens`, stopping at a stop id."""
   tokens_per_image = 3
+  anyres = None
 
   def __init__(self, tokens):
     self.tokens, self.stop_ids = tokens, None

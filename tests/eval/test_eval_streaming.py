@@ -38,7 +38,7 @@ def test_prefetch_map_keeps_order_and_bounds_work_in_flight():
 
 
 def test_peak_memory_is_flat_in_the_number_of_questions():
-  """2000 questions peak within a few MiB of 200, in a fresh process with glibc's per-thread
+  """2000 questions peak within ~20 MiB of 200 (measured 4-11 MiB), in a fresh process with glibc's per-thread
   arenas capped (their bounded creep is not the harness's); keeping each preprocessed 64 px
   image (48 KiB) as the harness did before would add 84 MiB."""
   results = eval_memory.measure_in_subprocess([200, 2000], malloc_arena_max=2, batch_size=64,
@@ -47,4 +47,4 @@ def test_peak_memory_is_flat_in_the_number_of_questions():
     assert r['num_scored'] == r['num_questions'] == n
   held = 1800 * 64 * 64 * 3 * 4 / 2 ** 20
   growth = results[2000]['rss_peak_mb'] - results[200]['rss_peak_mb']
-  assert growth < held / 8, results
+  assert growth < held / 4, results
