@@ -33,8 +33,10 @@ devices.
 """
 
 import argparse
+import functools
 import json
 import os
+import resource
 import shutil
 import sys
 import tempfile
@@ -234,13 +236,16 @@ def time_pipeline(config, batches):
   try:
     it.next_local()  # warm-up: thread pool, tokenizer, first reads
     wall, cpu = time.perf_counter(), time.process_time()
+    sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     out = [it.next_local() for _ in range(batches)]
     wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0  # kernel: page faults
     stats = it.stats
   finally:
     it.close()
   samples, pad, empty, rows = count(out)
-  return {'samples': samples, 'rows': rows, 'wall_s': wall, 'cpu_s': cpu, 'pad': pad,
+  return {'samples': samples, 'rows': rows, 'wall_s': wall, 'cpu_s': cpu, 'sys_s': sys_s,
+          'pad': pad,
           'empty_slots': empty, 'samples_per_row': samples / rows, 'drops': stats,
           'samples_per_cpu_s': samples / cpu, 'samples_per_s': samples / wall,
           'image_slots': int(out[0]['images'].shape[1])}
@@ -289,19 +294,27 @@ def breakdown(config, n):
   return {k: v / n for k, v in t.items()}
 
 
-def h100_rows_per_s(size, stage, images_per_row):
-  """Rows of 2048 tokens one H100 trains per second: at run 22's measured model-FLOP rate,
-  scaled by `lvm.flops` to the model size, stage and images per row (exact for run 22's own
-  shape: size=2b, stage 2, one image per row)."""
+@functools.lru_cache
+def _row_flops(size, stage):
+  """(decoder, per image) model FLOPs of one 2048-token row (`lvm.flops`)."""
   from benchmarks.configs import gpu_llava15  # pylint: disable=g-import-not-at-top
   from lvm import flops  # pylint: disable=g-import-not-at-top
-  def row_flops(size, stage, images):
-    c = gpu_llava15.get_config(f'size={size},attention=xla')  # counts only, no cuDNN here
-    c.train.stage = 'pretrain' if stage == 1 else 'finetune'
-    c.data.max_images = images
-    return flops.model_flops(c, 1, 2048)['total']
-  rate = H100_ROWS * row_flops('2b', 2, 1) / H100_STEP_S  # model FLOP/s measured (run 22)
-  return rate / row_flops(size, stage, images_per_row), rate
+  c = gpu_llava15.get_config(f'size={size},attention=xla')  # counts only, no cuDNN here
+  c.train.stage = 'pretrain' if stage == 1 else 'finetune'
+  c.data.max_images = 1
+  parts = flops.model_flops(c, 1, 2048)['parts']
+  return parts['decoder'], parts['vision'] + parts['projector']
+
+
+def h100_rows_per_s(size, stage, images_per_row):
+  """(rows of 2048 tokens one H100 trains per second, model FLOP/s): run 22's measured
+  model-FLOP rate divided by one row's FLOPs for the model size, stage and image slots of
+  a row (the tower runs on every slot). Exact for run 22's own shape (size=2b, stage 2, one
+  image per row); any other shape assumes the same FLOP rate."""
+  decoder, image = _row_flops('2b', 2)
+  rate = H100_ROWS * (decoder + image) / H100_STEP_S
+  decoder, image = _row_flops(size, stage)
+  return rate / (decoder + images_per_row * image), rate
 
 
 def run(args) -> dict:
@@ -312,7 +325,7 @@ def run(args) -> dict:
       make_dataset(root, args.stage, args.samples, args.images)
     jpeg_bytes = np.mean([os.path.getsize(os.path.join(root, 'manual', 'images', f))
                           for f in os.listdir(os.path.join(root, 'manual', 'images'))])
-    tok = make_tokenizer(root, args.vocab_size)
+    tok = make_tokenizer(root, args.vocab_size, args.corpus_words)
     from lvm import data  # pylint: disable=g-import-not-at-top
     results = {'jpeg_kib': jpeg_bytes / 1024, 'work_dir': root}
     data.prepare(make_config(root, args.stage, tok, False, args.batch, 0))
@@ -371,6 +384,7 @@ def parse(argv=None):
   p.add_argument('--workers', type=int, default=2, help='data.num_workers of the wall run')
   p.add_argument('--breakdown', type=int, default=120, help='records timed stage by stage')
   p.add_argument('--vocab_size', type=int, default=32000)
+  p.add_argument('--corpus_words', type=int, default=400_000, help='tokenizer training text')
   p.add_argument('--size', default='7b', help='gpu_llava15 model size the H100 rate is '
                  'scaled to (2b = the measured model itself)')
   p.add_argument('--work_dir', default='', help='keep and reuse the data here')
@@ -392,12 +406,13 @@ def main(argv=None):
         f'{t["mean"]:.0f}, p10 {t["p10"]:.0f}, p50 {t["p50"]:.0f}, p90 {t["p90"]:.0f}, max '
         f'{t["max"]}')
   print(f'{args.batches} batches x {args.batch} rows per layout after one warm-up batch')
-  print('layout    samples/row  pad_tokens  empty_slots  CPU ms/sample  samples/CPU-s '
+  print('layout    samples/row  pad_tokens  empty_slots  CPU ms/sample (kernel)  samples/CPU-s '
         f' wall samples/s ({args.workers} workers)  H100 samples/s  cores/H100')
   for name in ('unpacked', 'packed'):
     x = r[name]
     print(f'{name:9s} {x["samples_per_row"]:11.2f}  {x["pad"]:10.1%}  {x["empty_slots"]:11.1%}'
-          f'  {1e3 * x["cpu_s"] / x["samples"]:13.1f}  {x["samples_per_cpu_s"]:13.1f}  '
+          f'  {1e3 * x["cpu_s"] / x["samples"]:13.1f} ({1e3 * x["sys_s"] / x["samples"]:4.1f})'
+          f'  {x["samples_per_cpu_s"]:13.1f}  '
           f'{x["threaded"]["samples_per_s"]:28.1f}  {x["h100_samples_per_s"]:14.1f}  '
           f'{x["cores_per_h100"]:10.2f}')
   print('samples/CPU-s = samples / process CPU seconds (all threads, num_workers=0) = samples/s'
