@@ -171,7 +171,7 @@ def make_dataset(root, stage, samples, images, seed=0):
 def make_tokenizer(root, vocab_size=32000, corpus_words=400_000, seed=1):
   """Trains a LLaMA-like BPE (`tokenizer.json` + `tokenizer_config.json`); returns its path."""
   import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top,line-too-long
   path = os.path.join(root, 'tokenizer', 'tokenizer.json')
   if os.path.exists(path):
     return path
@@ -212,20 +212,27 @@ def make_config(root, stage, tokenizer, packing, batch, workers):
   return config
 
 
-def count(batches):
-  """(samples, token padding fraction, empty image-slot fraction, rows) of numpy batches."""
-  samples = real = total = slots = used = 0
-  for b in batches:
+class Counter:
+  """Samples, padding and empty image slots of the batches it is shown (not kept: a training
+  loop drops each batch after its step, and holding them all would time the kernel faulting
+  in fresh memory for every batch instead of the pipeline)."""
+
+  def __init__(self):
+    self.samples = self.rows = self.real = self.total = self.slots = self.used = 0
+    self.image_slots = 0
+
+  def add(self, b):
     if 'segment_ids' in b:
-      samples += int(b['segment_ids'].max(axis=1).sum())
+      self.samples += int(b['segment_ids'].max(axis=1).sum())
     else:
-      samples += int(b['attention_mask'].any(axis=1).sum())
-    real += int(b['attention_mask'].sum())
-    total += b['attention_mask'].size
+      self.samples += int(b['attention_mask'].any(axis=1).sum())
+    self.rows += len(b['input_ids'])
+    self.real += int(b['attention_mask'].sum())
+    self.total += b['attention_mask'].size
     im = b['images'].reshape(*b['images'].shape[:2], -1)
-    slots += im.shape[0] * im.shape[1]
-    used += int((im != 0).any(-1).sum())
-  return samples, 1 - real / total, 1 - used / slots, sum(len(b['input_ids']) for b in batches)
+    self.image_slots = im.shape[1]
+    self.slots += im.shape[0] * im.shape[1]
+    self.used += int((im != 0).any(-1).sum())
 
 
 def time_pipeline(config, batches):
@@ -233,22 +240,30 @@ def time_pipeline(config, batches):
   from lvm import sharding  # pylint: disable=g-import-not-at-top
   from lvm.data import pipeline  # pylint: disable=g-import-not-at-top
   it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
+  n = Counter()
   try:
     it.next_local()  # warm-up: thread pool, tokenizer, first reads
     wall, cpu = time.perf_counter(), time.process_time()
     sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
-    out = [it.next_local() for _ in range(batches)]
-    wall, cpu = time.perf_counter() - wall, time.process_time() - cpu
+    counting_wall = counting_cpu = 0.0  # the counting is not the pipeline's: left out
+    for _ in range(batches):
+      batch = it.next_local()
+      w, c = time.perf_counter(), time.process_time()
+      n.add(batch)
+      counting_wall += time.perf_counter() - w
+      counting_cpu += time.process_time() - c
+      del batch
+    wall = time.perf_counter() - wall - counting_wall
+    cpu = time.process_time() - cpu - counting_cpu
     sys_s = resource.getrusage(resource.RUSAGE_SELF).ru_stime - sys0  # kernel: page faults
     stats = it.stats
   finally:
     it.close()
-  samples, pad, empty, rows = count(out)
-  return {'samples': samples, 'rows': rows, 'wall_s': wall, 'cpu_s': cpu, 'sys_s': sys_s,
-          'pad': pad,
-          'empty_slots': empty, 'samples_per_row': samples / rows, 'drops': stats,
-          'samples_per_cpu_s': samples / cpu, 'samples_per_s': samples / wall,
-          'image_slots': int(out[0]['images'].shape[1])}
+  return {'samples': n.samples, 'rows': n.rows, 'wall_s': wall, 'cpu_s': cpu, 'sys_s': sys_s,
+          'pad': 1 - n.real / n.total, 'empty_slots': 1 - n.used / n.slots,
+          'samples_per_row': n.samples / n.rows, 'drops': stats,
+          'samples_per_cpu_s': n.samples / cpu, 'samples_per_s': n.samples / wall,
+          'image_slots': n.image_slots}
 
 
 def breakdown(config, n):

@@ -1,13 +1,14 @@
-"""benchmarks/host_pipeline.py at tiny scale (stage 1: captions, `resize`, `plain`): every sample produced is counted, the numbers
-are finite and positive, and packing puts more samples in a row with less padding."""
+"""benchmarks/host_pipeline.py at tiny scale (stage 1: captions, `resize`, `plain`): every
+sample produced is counted, the numbers are positive, and packing puts more samples in a row
+with less padding."""
 
 from benchmarks import host_pipeline
 
 
 def test_host_pipeline_benchmark_tiny(tmp_path):
   args = host_pipeline.parse([
-      '--stage=1', '--size=2b', '--samples=24', '--images=3', '--batch=8', '--batches=2', '--workers=2',
-      '--breakdown=4', '--vocab_size=400', '--corpus_words=4000',
+      '--stage=1', '--size=2b', '--samples=24', '--images=3', '--batch=8', '--batches=2',
+      '--workers=2', '--breakdown=4', '--vocab_size=400', '--corpus_words=4000',
       f'--work_dir={tmp_path}'])
   r = host_pipeline.run(args)
   assert 1 <= r['text_tokens']['p10'] <= r['text_tokens']['p90'] <= 2048
