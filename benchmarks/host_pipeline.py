@@ -135,10 +135,14 @@ def conversation(words, source, rng):
   return turns, image
 
 
+def manual_dir(root, stage):
+  return os.path.join(root, f'manual_stage{stage}')
+
+
 def make_dataset(root, stage, samples, images, seed=0):
-  """Writes `root/manual` (mix.json + images/*.jpg); returns the mean JPEG size in bytes."""
+  """Writes `manual_dir(root, stage)` (mix.json + images/*.jpg); returns the mean JPEG bytes."""
   rng = np.random.default_rng(seed)
-  manual = os.path.join(root, 'manual')
+  manual = manual_dir(root, stage)
   os.makedirs(os.path.join(manual, 'images'), exist_ok=True)
   sizes, weights = zip(*IMAGE_SIZES)
   total = 0
@@ -200,7 +204,7 @@ def make_config(root, stage, tokenizer, packing, batch, workers):
   from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
   config = llava15.get_config(f'size=7b,stage={"pretrain" if stage == 1 else "finetune"},'
                               f'packing={int(packing)}')
-  config.data.manual_dir = os.path.join(root, 'manual')
+  config.data.manual_dir = manual_dir(root, stage)
   config.data.data_dir = os.path.join(root, 'tfds')
   config.data.llava_json.validation_fraction = 0.0
   config.data.tokenizer = tokenizer
@@ -301,7 +305,7 @@ def breakdown(config, n):
       scale = np.float32(1 / 255) / np.asarray(proc.std, np.float32)
       out = np.multiply(a, scale, dtype=np.float32)
       out -= np.asarray(proc.mean, np.float32) / np.asarray(proc.std, np.float32)
-      c4 = clock()
+      c4 = clock()  # the steps of images.preprocess, one by one
       t['jpeg_decode'] += c1 - c0
       t['pad'] += c2 - c1
       t['resize'] += c3 - c2
@@ -336,10 +340,11 @@ def run(args) -> dict:
   """Generates the data (unless present), times both layouts; returns the measurements."""
   root = args.work_dir or tempfile.mkdtemp(prefix='host_pipeline_')
   try:
-    if not os.path.exists(os.path.join(root, 'manual', 'mix.json')):
+    manual = manual_dir(root, args.stage)
+    if not os.path.exists(os.path.join(manual, 'mix.json')):
       make_dataset(root, args.stage, args.samples, args.images)
-    jpeg_bytes = np.mean([os.path.getsize(os.path.join(root, 'manual', 'images', f))
-                          for f in os.listdir(os.path.join(root, 'manual', 'images'))])
+    jpeg_bytes = np.mean([os.path.getsize(os.path.join(manual, 'images', f))
+                          for f in os.listdir(os.path.join(manual, 'images'))])
     tok = make_tokenizer(root, args.vocab_size, args.corpus_words)
     from lvm import data  # pylint: disable=g-import-not-at-top
     results = {'jpeg_kib': jpeg_bytes / 1024, 'work_dir': root}
