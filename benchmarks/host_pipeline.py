@@ -174,8 +174,10 @@ def make_dataset(root, stage, samples, images, seed=0):
 
 def make_tokenizer(root, vocab_size=32000, corpus_words=400_000, seed=1):
   """Trains a LLaMA-like BPE (`tokenizer.json` + `tokenizer_config.json`); returns its path."""
-  import tokenizers  # pylint: disable=g-import-not-at-top
-  from tokenizers import decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top,line-too-long
+  # pylint: disable=g-import-not-at-top
+  import tokenizers
+  from tokenizers import decoders, models, pre_tokenizers, trainers
+  # pylint: enable=g-import-not-at-top
   path = os.path.join(root, 'tokenizer', 'tokenizer.json')
   if os.path.exists(path):
     return path
