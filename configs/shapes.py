@@ -111,18 +111,23 @@ def get_config(arg=None):
 def _anyres(config, arg):
   """`anyres=1`: LLaVA-NeXT tiling on scenes of varied aspect ratio (docs/training.md).
 
-  Scenes are 64 px on their long side with width / height in [1/3, 3]; tiles are 32 px with
-  LLaVA-NeXT's five grids scaled down from 336 to 32 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles; no
-  64 px scene needs 1x3), so a wide scene is seen at full resolution through a 1x2 grid, a
-  squarish one through 2x2, each plus the squashed base tile. 8 px patches give 4x4 features
-  per tile and no pixel-shuffle projector (anyres packs the tower's n x n features per tile):
-  a square scene takes 16 + 8 x (8 + 1) = 88 visual tokens, a 64x21 one 16 + 2 x (8 + 1) = 34
-  (the unpadded rows, each with its newline: transformers' count). `tiles=max` pads every
-  batch to 5 tiles instead of bucketing (buckets 1, 2, 4, 5).
+  Scenes are 96 px on their long side with width / height in [1/3, 3]; tiles are 48 px with
+  LLaVA-NeXT's five grids scaled down from 336 to 48 px (1x2, 2x1, 2x2, 1x3, 3x1 tiles; no
+  96 px scene needs 1x3), so a wide scene is seen at full resolution through a 1x2 grid, a
+  squarish one through 2x2, each plus the squashed base tile. 16 px patches give 3x3 features
+  per tile, and on the base tile one per cell of the scene's 3x3 grid, as the square demo's 9
+  tokens (no pixel-shuffle projector: anyres packs the tower's n x n features per tile): a
+  square scene takes 9 + 6 x (6 + 1) = 51 visual tokens, a 32x96 one 9 + 3 x (6 + 1) = 30
+  (the unpadded rows, each with its newline: transformers' count). The first layout tried,
+  32 px tiles of 8 px patches (4x4 features, 34 to 88 tokens, 64 px scenes), ran twice as slow
+  a step and was still at the image-blind baseline after 400 x 16 (docs/training.md).
+  `tiles=max` pads every batch to 5 tiles instead of bucketing (buckets 1, 2, 4, 5).
   """
-  config.model.vision.image_size = 32
+  config.model.vision.image_size = 48
+  config.model.vision.patch_size = 16
   config.model.projector = base.projector_config('mlp2x_gelu')
-  config.model.anyres.pinpoints = [[32, 64], [64, 32], [64, 64], [32, 96], [96, 32]]
+  config.model.anyres.pinpoints = [[48, 96], [96, 48], [96, 96], [48, 144], [144, 48]]
+  config.data.shapes.image_size = 96
   config.data.shapes.max_aspect = 3.0
   config.data.anyres_tiles = arg.tiles
-  config.data.seq_len = 184  # the longest training sample is 176 (python -m lvm.data.inspect)
+  config.data.seq_len = 144  # the longest training sample is 136 (python -m lvm.data.inspect)
