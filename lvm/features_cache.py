@@ -20,6 +20,7 @@ One process: on several hosts, build on one (the tower is small next to the deco
 
 import collections
 import concurrent.futures
+import math
 import os
 import time
 
@@ -57,12 +58,20 @@ class _Tower:
     tx, _ = optim.make(config.optimizer, 1)
     factory = state_lib.StateFactory(config, models.build(config), tx, mesh,
                                      sharding.rules(config))
-    params = state_lib.initial_params(config, factory, log)
-    self.params = params['vision']
-    del params
     self.context = lambda: step_lib.mesh_context(mesh, sharding.rules(config))
+    shardings = factory.param_shardings['vision']
+    if config.init.kind == 'random':
+      # The tower's subtree of the run's own random init (same seed, same tracing inputs);
+      # XLA drops the rest of the model's init, which costs most of the compile.
+      batch = math.prod(mesh.shape[a] for a in sharding.BATCH_AXES)
+      inputs = state_lib.dummy_inputs(config, batch)
+      with self.context():
+        self.params = jax.jit(lambda r: models.random_params(config, r, *inputs)['vision'],
+                              out_shardings=shardings)(jax.random.key(config.train.seed))
+    else:
+      self.params = state_lib.initial_params(config, factory, log)['vision']
     self.jitted = jax.jit(lambda p, x: self.module.apply({'params': p}, x),
-                          in_shardings=(factory.param_shardings['vision'],
+                          in_shardings=(shardings,
                                         sharding.batch_sharding(mesh, 4)),
                           out_shardings=sharding.batch_sharding(mesh, 3))
 
