@@ -29,6 +29,7 @@ fields differ is refused, naming the keys.
 
 import json
 import os
+import re
 import struct
 import threading
 
@@ -37,6 +38,11 @@ import numpy as np
 FORMAT = 'lvm.feature_cache/1'
 MANIFEST = 'manifest.json'
 INDEX_KEY = '_feature_cache_index'  # the record's index in the split, added by IndexedSource
+# Tower parameter paths a trainable pattern is tried on before the model is traced (the
+# exact check, on every path, is `check_trainable`).
+_TOWER_PATHS = ('vision/patch_embedding', 'vision/class_embedding', 'vision/position_embedding',
+                'vision/pre_layrnorm/scale', 'vision/layers/self_attn/q_proj/kernel',
+                'vision/layers/mlp/fc1/kernel', 'vision/layers_0/layer_norm1/scale')
 
 
 def fingerprint(config) -> dict:
@@ -231,6 +237,17 @@ def check_config(config, problems):
     problems.add(key, f'the cache holds the float tower\'s features, but train.'
                  f'frozen_quantization={config.train.frozen_quantization!r} quantizes it',
                  "set train.frozen_quantization='none' or unset data.vision_features_cache")
+  try:
+    from lvm import lora  # pylint: disable=g-import-not-at-top  (imports the models)
+    pattern = re.compile(lora.trainable_regex(config))
+  except (ValueError, re.error):
+    pattern = None  # a bad stage or regex is reported under its own key
+  trained = [p for p in _TOWER_PATHS if pattern is not None and pattern.search(p)]
+  if trained:
+    stage_key = 'train.trainable' if config.train.stage == 'custom' else 'train.stage'
+    problems.add(key, f'config.{stage_key} ({config.train.stage!r}) trains the vision tower '
+                 f'(e.g. {trained[0]}), but cached features are those of a frozen tower',
+                 "freeze it (train.stage='pretrain' or 'finetune') or unset the key")
   for problem in cache_problems(config, cache_dir):
     problems.add(key, f'{cache_dir!r}: {problem}',
                  'rebuild it with python -m lvm.features_cache --config=(this config) '

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 
 from lvm import features_cache
+from lvm import flops
 from lvm import losses
 from lvm import models
 from lvm import optim
@@ -134,6 +135,13 @@ def test_cached_run_resumes_onto_the_live_losses(shapes_dir, cache, tmp_path):
   assert live[3] < live[1]
 
 
+def test_cached_steps_count_no_tower_flops(shapes_dir, tmp_path):
+  live = flops.model_flops(_config(shapes_dir), 8, 64)
+  cached = flops.model_flops(_config(shapes_dir, tmp_path), 8, 64)
+  assert live['parts']['vision'] > 0 and cached['parts']['vision'] == 0
+  assert cached['total'] == live['total'] - live['parts']['vision']
+
+
 def _problems(config):
   with pytest.raises(ValueError) as e:
     validate.validate_config(config, 8)
@@ -154,6 +162,7 @@ def test_unfit_caches_are_refused_naming_the_key(shapes_dir, cache, tmp_path):
 
   trains_tower = _config(shapes_dir, cache['dir'])
   trains_tower.train.stage = 'full'
+  assert "config.train.stage ('full') trains the vision tower" in _problems(trains_tower)
   mesh = sharding.make_mesh(trains_tower.mesh)
   tx, _ = optim.make(trains_tower.optimizer, 5)
   with pytest.raises(ValueError, match=r'config.train.stage .* trains \d+ vision tower'):
