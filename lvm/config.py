@@ -217,6 +217,10 @@ def get_config(arg=None):
   config.data.pack_max_images = 0
   # LLaVA's --group_by_modality_length (lvm.data.length_groups): the alternative to packing.
   config.data.group_by_modality_length = False
+  # Training split only: read the frozen tower's features from this cache (built by
+  # `python -m lvm.features_cache`, lvm.data.feature_cache) instead of running the tower
+  # ('' = run it). Refused when the tower trains or the cache was made for another config.
+  config.data.vision_features_cache = ''
   _dataset_groups(config.data)
 
   config.train = ml_collections.ConfigDict()

@@ -263,6 +263,9 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
     formula = (f"B*L x ({token['formula']}) + {'tiles' if config.model.anyres.pinpoints else 'B*N'}"
                f" x ({image['formula']}); B={batch_size} L={seq_len} N={config.data.max_images}"
                + (f' tiles={images}' if config.model.anyres.pinpoints else ''))
+    if mode == 'train' and config.data.get('vision_features_cache'):
+      parts['vision'] = 0  # the step reads the tower's features (lvm.data.feature_cache)
+      formula += '; vision cached (data.vision_features_cache): not run'
     scored = int(config.train.max_scored_tokens) if mode == 'train' else 0
     if scored:  # the LM head runs at P positions of a row, not L
       head = lm_head_per_position(config, regex)

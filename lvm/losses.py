@@ -88,8 +88,10 @@ def apply_model(model, params, batch, logit_positions=None, rngs=None):
   if images is not None and images.shape[1] == 0:
     images = None
   # Packed batches (lvm.data.packing) bring their segments and per-sample positions; anyres
-  # batches each image's original (height, width).
-  extra = {k: batch[k] for k in ('segment_ids', 'positions', 'image_sizes') if k in batch}
+  # batches each image's original (height, width); batches from a feature cache
+  # (lvm.data.feature_cache) the tower's output in place of images.
+  extra = {k: batch[k] for k in ('segment_ids', 'positions', 'image_sizes', 'image_features')
+           if k in batch}
   if rngs is not None:  # LoRA dropout
     extra['rngs'] = rngs
   return model.apply({'params': params}, images, batch['input_ids'],

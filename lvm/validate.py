@@ -27,6 +27,7 @@ from lvm import optim
 from lvm import quantize
 from lvm import registry
 from lvm import sharding
+from lvm.data import feature_cache
 from lvm.data import images
 from lvm.data import length_groups
 from lvm.data import packing
@@ -230,6 +231,7 @@ def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
           'set it to the most images a sample may carry (LLaVA-1.5: 1)')
   packing.check_config(config, p)
   length_groups.check_config(config, p)
+  feature_cache.check_config(config, p)
   seq_len = _get(config, 'data.seq_len')
   if not isinstance(seq_len, int) or seq_len < 2:
     p.add('data.seq_len', f'must be an integer >= 2, got {seq_len!r}', 'set a longer length')
@@ -466,4 +468,5 @@ def validate_trainable(config, abstract_params: Any) -> list[str]:
         f'matches none of the {len(paths)} parameters, so nothing would train. Parameter '
         f"paths are '/'-joined, e.g. {sample}; top-level modules: {tops}. Fix: use a regex "
         "that matches some of them (re.search), e.g. '^projector/' or '^decoder/layers'.")
+  feature_cache.check_trainable(config, matched)
   return matched

@@ -23,6 +23,12 @@ most `len(tile_buckets(config))` shapes; 'max' always pads to the maximum (one s
 model ignores tiles past an image's own, so both give the same numbers. With several
 processes the bucket is agreed on (the maximum over processes), so the global batch is the
 same for any process count. `batch_shapes` lists the shapes delivered so far.
+
+With `config.data.vision_features_cache` (the training split only; `lvm.data.feature_cache`)
+a row carries the frozen tower's features of its images, `image_features [N, Pv, Dv]` in the
+cache's dtype (absent slots zero), instead of `images`: the stream, its state and its counted
+skips are those of the live pipeline, a record the cache marks undecodable being dropped
+under the same reason.
 """
 
 import atexit
@@ -39,6 +45,7 @@ import numpy as np
 
 from lvm import sharding as sharding_lib
 from lvm.data import anyres as anyres_lib
+from lvm.data import feature_cache
 from lvm.data import images as images_lib
 from lvm.data import length_groups
 from lvm.data import packing
@@ -165,8 +172,11 @@ class Processor:
   bucket) with `image_sizes int32[N, 2]`.
   """
 
-  def __init__(self, config, tokenizer, num_image_tokens=None, train=False):
+  def __init__(self, config, tokenizer, num_image_tokens=None, train=False, features=None):
     d = config.data
+    # A `feature_cache.FeatureCache`: rows get `image_features` from it (records must come
+    # from a `feature_cache.IndexedSource`), not decoded images.
+    self.features = features
     self.template, self.seq_len, self.max_images = d.template, d.seq_len, d.max_images
     self.system = d.system_prompt
     # Caption turns are a training target only: evaluation scores the dataset's own answers.
@@ -211,10 +221,28 @@ class Processor:
     if self.layout is not None:
       return self._anyres(record)
     ids, mask, images = self.text(record)
+    if self.features is not None:
+      return self._cached(record, ids, mask, len(images))
     pixels = np.zeros((self.max_images, self.size, self.size, 3), np.float32)
     for k, data in enumerate(images):
       pixels[k] = images_lib.load(data, self.size, self.aspect, self.mean, self.std)
     return self.pad(ids, mask, pixels)
+
+  def _cached(self, record, ids, mask, num_images):
+    feats, error = self.features.record(record[feature_cache.INDEX_KEY])
+    if error:  # the builder could not decode an image of this record
+      raise images_lib.ImageError(error, 'recorded by the feature cache')
+    if len(feats) != num_images:
+      raise ValueError(f'feature cache record {record[feature_cache.INDEX_KEY]} has '
+                       f'{len(feats)} images but the record has {num_images}: the cache does '
+                       'not match data.vision_features_cache\'s dataset')
+    out = self.pad(ids, mask, None)
+    out['image_features'] = self.empty_features()
+    out['image_features'][:num_images] = feats
+    return out
+
+  def empty_features(self):
+    return np.zeros((self.max_images, *self.features.shape), self.features.dtype)
 
   def _anyres(self, record):
     _, encoded = record_turns(record, self.template, self.caption_prompt)
@@ -241,11 +269,16 @@ class Processor:
     out_mask[:n] = mask
     attention = np.zeros((self.seq_len,), bool)
     attention[:n] = True
-    return {'images': pixels, 'input_ids': out_ids, 'loss_mask': out_mask,
-            'attention_mask': attention}
+    out = {'input_ids': out_ids, 'loss_mask': out_mask, 'attention_mask': attention}
+    if pixels is not None:
+      out['images'] = pixels
+    return out
 
   def empty(self):
     """A padding row (after the end of a finite stream): nothing attended or supervised."""
+    if self.features is not None:
+      return {**self.pad(np.zeros((0,), np.int32), np.zeros((0,), bool), None),
+              'image_features': self.empty_features()}
     tiles = (self.tiles,) if self.layout is not None else ()
     out = self.pad(np.zeros((0,), np.int32), np.zeros((0,), bool),
                    np.zeros((self.max_images, *tiles, self.size, self.size, 3), np.float32))
@@ -288,7 +321,10 @@ class DataIterator:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
     train = split == config.data.train_split
-    self.processor = Processor(config, tok, train=train)
+    self.features = feature_cache.open_for(config, split, self.size)
+    if self.features is not None:
+      self.source = feature_cache.IndexedSource(self.source)
+    self.processor = Processor(config, tok, train=train, features=self.features)
     anyres = self.processor.layout is not None
     self.buckets = tile_buckets(config) if anyres else None
     self._batch_shapes = []  # image shapes delivered so far, in order of first appearance
@@ -306,9 +342,11 @@ class DataIterator:
     self._stop = threading.Event()
     workers = int(config.data.num_workers)
     self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
-    ndims = {'images': 6 if anyres else 5, 'image_sizes': 3}
+    ndims = {'images': 6 if anyres else 5, 'image_sizes': 3, 'image_features': 4}
     keys = packing.BATCH_KEYS if self.packer else packing.BATCH_KEYS[:4]
     keys += ('image_sizes',) if anyres else ()
+    if self.features is not None:
+      keys = ('image_features',) + keys[1:]
     self._shardings = {k: sharding_lib.batch_sharding(mesh, ndims.get(k, 2)) for k in keys}
 
   # --- the stream ----------------------------------------------------------------------------
@@ -466,9 +504,10 @@ class DataIterator:
       self._close_thread()
       raise StopIteration
     batch = self._bucket(batch)
-    shape = (self.batch_size,) + batch['images'].shape[1:]
-    if self.buckets is not None and shape not in self._batch_shapes:
-      self._batch_shapes.append(shape)
+    if self.buckets is not None:
+      shape = (self.batch_size,) + batch['images'].shape[1:]
+      if shape not in self._batch_shapes:
+        self._batch_shapes.append(shape)
     return self._global(batch)
 
   def next_local(self) -> dict[str, np.ndarray]:
@@ -523,6 +562,8 @@ class DataIterator:
 
   def close(self):
     self._close_thread()
+    if self.features is not None:
+      self.features.close()
     if self._pool:
       self._pool.shutdown()
 

@@ -89,7 +89,17 @@ class LLaVA(nn.Module):
     b, n = images.shape[:2]
     with lora_lib.adapters(self.lora):
       feats = self.vision(images.reshape(b * n, *images.shape[2:]))
-      tokens = self.projector(feats)
+    return self.project_features(feats.reshape(b, n, *feats.shape[1:]))
+
+  def project_features(self, features):
+    """The tower's selected features float[B, N, Pv, Dv] -> visual tokens float[B, N*P, D].
+
+    What `embed_image` does after the tower; a run with cached features
+    (`lvm.data.feature_cache`) starts here.
+    """
+    b, n = features.shape[:2]
+    with lora_lib.adapters(self.lora):
+      tokens = self.projector(features.reshape(b * n, *features.shape[2:]))
     return tokens.reshape(b, n * tokens.shape[1], tokens.shape[2])
 
   def embed_tiles(self, images, image_sizes=None, tile_budget=None, tile_groups=1):
@@ -130,9 +140,20 @@ class LLaVA(nn.Module):
     """int[B, L] -> float[B, L, D]; image-token ids embed as token 0 (overwritten later)."""
     return self.decoder.embed(jnp.where(input_ids == self.image_token_id, 0, input_ids))
 
-  def embed(self, images, input_ids, image_sizes=None, tile_budget=None, tile_groups=1):
+  def embed(self, images, input_ids, image_sizes=None, tile_budget=None, tile_groups=1,
+            image_features=None):
     """The decoder's input embeddings float[B, L, D] with the visual tokens in place."""
     is_image = input_ids == self.image_token_id
+    if image_features is not None:  # the tower's output, precomputed: skip the tower
+      if images is not None or self.anyres is not None:
+        raise ValueError('image_features float[B, N, Pv, Dv] replace images of a fixed-size '
+                         'model: pass images=None (and no anyres layout)')
+      num_images = image_features.shape[1]
+      check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
+      x = self.embed_text(input_ids)
+      if num_images:
+        x = merge_visual_tokens(x, self.project_features(image_features), is_image)
+      return x
     num_images = 0 if images is None else images.shape[1]
     x = self.embed_text(input_ids)
     if self.anyres is not None:
@@ -149,9 +170,9 @@ class LLaVA(nn.Module):
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
               cache_index=None, logit_positions=None, image_sizes=None, segment_ids=None,
-              tile_budget=None, tile_groups=1):
+              tile_budget=None, tile_groups=1, image_features=None):
     """Like __call__, with a KV cache: returns (logits float[B, L, V], new cache)."""
-    x = self.embed(images, input_ids, image_sizes, tile_budget, tile_groups)
+    x = self.embed(images, input_ids, image_sizes, tile_budget, tile_groups, image_features)
     # Only packed batches pass segments, so a registered decoder without packing still fits.
     packed = {} if segment_ids is None else {'segment_ids': segment_ids}
     with lora_lib.adapters(self.lora):
@@ -167,7 +188,7 @@ class LLaVA(nn.Module):
 
   def __call__(self, images, input_ids, attention_mask=None, positions=None,
                logit_positions=None, image_sizes=None, segment_ids=None, tile_budget=None,
-               tile_groups=1):
+               tile_groups=1, image_features=None):
     """Logits for a batch.
 
     Args:
@@ -186,6 +207,8 @@ class LLaVA(nn.Module):
       tile_budget, tile_groups: static ints, anyres only: run the tower on `tile_budget` slots
         holding the real tiles (`tile_groups` groups of rows, each with its own share), not
         on all B x N x T (see `lvm.models.anyres_model`); None: all tiles.
+      image_features: float[B, N, Pv, Dv], the tower's selected features of the images
+        (`lvm.data.feature_cache`), in place of `images` (then None): the tower is skipped.
 
     Returns:
       logits float[B, L, V] (or [B, P, V]) in the compute dtype.
@@ -193,4 +216,4 @@ class LLaVA(nn.Module):
     return self.forward(images, input_ids, attention_mask, positions,
                         logit_positions=logit_positions, image_sizes=image_sizes,
                         segment_ids=segment_ids, tile_budget=tile_budget,
-                        tile_groups=tile_groups)[0]
+                        tile_groups=tile_groups, image_features=image_features)[0]
