@@ -217,6 +217,10 @@ def get_config(arg=None):
   config.data.pack_max_images = 0
   # LLaVA's --group_by_modality_length (lvm.data.length_groups): the alternative to packing.
   config.data.group_by_modality_length = False
+  # Training split only: a weighted mixture of datasets, each source a dict {'dataset',
+  # 'weight', optional 'name', overrides of data_dir / manual_dir / train_split / dataset
+  # group fields} (lvm.data.mixture; docs/data.md). () = config.data.dataset alone.
+  config.data.mixture = ()
   _dataset_groups(config.data)
 
   config.train = ml_collections.ConfigDict()

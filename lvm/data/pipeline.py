@@ -41,11 +41,13 @@ from lvm import sharding as sharding_lib
 from lvm.data import anyres as anyres_lib
 from lvm.data import images as images_lib
 from lvm.data import length_groups
+from lvm.data import mixture as mixture_lib
 from lvm.data import packing
 from lvm.data import templates
 from lvm.data import tokenizer as tokenizer_lib
 
 STATE_VERSION = 1
+TAKEN = 'mixture/'  # stats keys counting the samples taken from each mixture source
 _LIVE = weakref.WeakSet()  # Iterators whose prefetch threads must stop before exit.
 
 
@@ -78,7 +80,10 @@ def splits(config) -> list[str]:
 
 
 def num_examples(config, split) -> int:
-  """Records in `split` (before any sample is dropped by the pipeline)."""
+  """Records in `split` (before any sample is dropped by the pipeline); a mixture's training
+  split: the records of all its sources together."""
+  if mixture_lib.applies(config, split):
+    return mixture_lib.Mixture(config).size
   return len(data_source(config, split))
 
 
@@ -282,8 +287,14 @@ class DataIterator:
     if self.batch_size % axes:
       raise ValueError(f'config.train.batch_size={self.batch_size} must be divisible by the '
                        f'batch mesh axes data*fsdp={axes}.')
-    self.source = data_source(config, split) if source is None else source
-    self.size = len(self.source)
+    # The training split of a mixture (lvm.data.mixture) is drawn from its sources.
+    self.mixture = (mixture_lib.Mixture(config, shuffle) if source is None
+                    and mixture_lib.applies(config, split) else None)
+    if self.mixture is not None:
+      self.source, self.size = None, self.mixture.size
+    else:
+      self.source = data_source(config, split) if source is None else source
+      self.size = len(self.source)
     if self.size == 0:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
@@ -337,14 +348,31 @@ class DataIterator:
         f'(dropped by reason: {dict(drops)}); check data.seq_len, data.template, '
         'data.max_images and the tokenizer (python -m lvm.data.inspect).')
 
+  def _record(self, position):
+    """(record, source name or None) at a stream position: a mixture's source, or the split."""
+    if self.mixture is not None:
+      s, record = self.mixture.record(position)
+      return record, self.mixture.names[s]
+    return self.source[self._index(position)], None
+
   def _fill_row(self, row, cursor):
-    """(example, new cursor, Counter of drops) for one row starting at `cursor`."""
+    """(example, new cursor, Counter of drops) for one row starting at `cursor`.
+
+    With a mixture, the Counter also counts the samples taken from each source (keys
+    `TAKEN + name`; `stats` leaves them out, `mixture_counts` has them).
+    """
     if self.packer:
       def read(c):
         position = row + self.batch_size * c
-        return None if self._exhausted(position) else self.source[self._index(position)]
-      return self.packer.fill_row(read, cursor, max(self.size // self.batch_size, 1) + 100,
-                                  self._too_many_drops)
+        return None if self._exhausted(position) else self._record(position)[0]
+      taken = []
+      example, new, drops = self.packer.fill_row(
+          read, cursor, max(self.size // self.batch_size, 1) + 100, self._too_many_drops,
+          taken=taken)
+      if self.mixture is not None:
+        for c in taken:
+          drops[TAKEN + self._record_source(row + self.batch_size * c)] += 1
+      return example, new, drops
     drops = collections.Counter()
     while True:
       position = row + self.batch_size * cursor
@@ -352,11 +380,19 @@ class DataIterator:
         return None, cursor, drops
       cursor += 1
       try:
-        return self.processor(self.source[self._index(position)]), cursor, drops
+        record, name = self._record(position)
+        example = self.processor(record)
       except (templates.SampleError, images_lib.ImageError) as e:
         drops[e.reason] += 1
         if sum(drops.values()) > max(self.size // self.batch_size, 1) + 100:
           raise self._too_many_drops(e, drops) from e
+        continue
+      if name is not None:
+        drops[TAKEN + name] += 1
+      return example, cursor, drops
+
+  def _record_source(self, position) -> str:
+    return self.mixture.names[self.mixture.locate(position)[0]]
 
   def _next_local(self, cursors):
     rows = self.rows
@@ -482,7 +518,15 @@ class DataIterator:
   @property
   def stats(self) -> dict[str, int]:
     """Samples this process dropped so far (of the delivered batches), by reason."""
-    return dict(self._stats)
+    return {k: v for k, v in self._stats.items() if not k.startswith(TAKEN)}
+
+  @property
+  def mixture_counts(self) -> dict[str, int]:
+    """With a mixture: samples this process took from each source so far (of the delivered
+    batches), every source named; else empty."""
+    if self.mixture is None:
+      return {}
+    return {name: self._stats.get(TAKEN + name, 0) for name in self.mixture.names}
 
   def _close_thread(self):
     if self._thread is not None:
@@ -502,7 +546,8 @@ class DataIterator:
     return {'version': STATE_VERSION, 'split': self.split, 'seed': self.seed,
             'shuffle': self.shuffle, 'num_examples': self.size, 'batch_size': self.batch_size,
             'cursors': [int(c) for c in cursors], 'stats': stats,
-            'packing': bool(self.packer), 'grouping': bool(self.grouping)}
+            'packing': bool(self.packer), 'grouping': bool(self.grouping),
+            **({'mixture': self._mixture_key()} if self.mixture is not None else {})}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores `get_state()`; the batch size, seed and split size must match."""
@@ -516,10 +561,19 @@ class DataIterator:
         raise ValueError(f'Data iterator state has {key}={state.get(key, False)!r} but this '
                          f'run has {mine!r} (data.packing / data.group_by_modality_length); '
                          'the stream cannot be resumed exactly.')
+    mine = self._mixture_key() if self.mixture is not None else None
+    if state.get('mixture') != mine:
+      raise ValueError(f'Data iterator state has mixture={state.get("mixture")!r} but this run '
+                       f'has {mine!r} (data.mixture); the stream cannot be resumed exactly.')
     self._close_thread()
     self._finished = False
     self.cursors = {r: int(state['cursors'][r]) for r in self.rows}
     self._stats = collections.Counter(state.get('stats', {}))
+
+  def _mixture_key(self):
+    """What the stream of a mixture depends on: its sources' names, weights and sizes."""
+    m = self.mixture
+    return [[n, s.weight, size] for n, s, size in zip(m.names, m.sources, m.sizes)]
 
   def close(self):
     self._close_thread()
