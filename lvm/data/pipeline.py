@@ -551,6 +551,10 @@ class DataIterator:
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores `get_state()`; the batch size, seed and split size must match."""
+    mine = self._mixture_key() if self.mixture is not None else None
+    if state.get('mixture') != mine:
+      raise ValueError(f'Data iterator state has mixture={state.get("mixture")!r} but this run '
+                       f'has {mine!r} (data.mixture); the stream cannot be resumed exactly.')
     for key, mine in (('batch_size', self.batch_size), ('seed', self.seed),
                       ('num_examples', self.size), ('shuffle', self.shuffle)):
       if state.get(key) != mine:
@@ -561,10 +565,6 @@ class DataIterator:
         raise ValueError(f'Data iterator state has {key}={state.get(key, False)!r} but this '
                          f'run has {mine!r} (data.packing / data.group_by_modality_length); '
                          'the stream cannot be resumed exactly.')
-    mine = self._mixture_key() if self.mixture is not None else None
-    if state.get('mixture') != mine:
-      raise ValueError(f'Data iterator state has mixture={state.get("mixture")!r} but this run '
-                       f'has {mine!r} (data.mixture); the stream cannot be resumed exactly.')
     self._close_thread()
     self._finished = False
     self.cursors = {r: int(state['cursors'][r]) for r in self.rows}
