@@ -27,13 +27,18 @@ def main(argv):
   b = data.builder(config)
   print(f'{config.data.dataset}: {b.data_dir}')
   for split in b.info.splits:
-    print(f'  {split}: {pipeline.num_examples(config, split)} records')
+    print(f'  {split}: {len(pipeline.data_source(config, split))} records')
   for line in getattr(data.dataset(config), 'summary', lambda _: [])(config):
     print(f'  {line}')
   if config.data.mixture:
     print(f'training split {config.data.train_split!r} from data.mixture:')
     for line in mixture.summary(config):
       print(f'  {line}')
+    for source in mixture.sources(config):
+      kind = data.dataset(source.config)
+      print(f'  source {source.name}: {kind.builder(source.config).data_dir}')
+      for line in getattr(kind, 'summary', lambda _: [])(source.config):
+        print(f'    {line}')
 
 
 if __name__ == '__main__':
