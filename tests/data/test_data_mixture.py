@@ -196,3 +196,12 @@ def test_a_source_without_usable_samples_fails_naming_its_key(shapes_dir, tmp_pa
   with pytest.raises(ValueError, match=r'config\.data\.mixture\[1\] \(llava_json\): dataset '
                      "'llava_json' could not be prepared"):
     data.prepare(config)
+
+
+def test_inspect_names_each_samples_source(mix_dir):
+  from lvm.data import inspect  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config(mix_dir, mixture=MIX)
+  mix = mixture.Mixture(config, shuffle=False)
+  got = [d['source'] for d in inspect.inspect(config, 'train', 12)]
+  assert got == [mix.names[mix.locate(p)[0]] for p in range(12)] and set(got) == set(mix.names)
+  assert all('source' not in d for d in inspect.inspect(config, 'validation', 2))
