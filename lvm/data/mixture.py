@@ -83,8 +83,8 @@ def _override_problem(config, key: str) -> str | None:
   if key in config.data:
     return (f'config.data.{key} is shared by every source (it shapes the rows); only '
             f'{list(_SHARED_DATA_KEYS)} and dataset groups ({groups}) differ per source')
-  return f'unknown key (a source has {list(_OWN_KEYS)}, {list(_SHARED_DATA_KEYS)}, ' \
-         f'and dataset group fields such as {groups[0]}.FIELD)'
+  return (f'unknown key (a source has {list(_OWN_KEYS)}, {list(_SHARED_DATA_KEYS)} and '
+          f'dataset group fields such as {groups[0]}.FIELD)')
 
 
 def check_config(config, problems: registry.Problems) -> None:
@@ -101,11 +101,13 @@ def check_config(config, problems: registry.Problems) -> None:
     problems.add('data.group_by_modality_length',
                  "orders one dataset's epochs; a mixture interleaves several",
                  'turn off data.group_by_modality_length (data.packing cuts padding instead)')
-  total, names = 0.0, {}
+  total, names, bad_weight = 0.0, {}, False
   for i, entry in enumerate(mixture):
     flat = _flat(entry)
+    before = len(problems.lines)
     kind = flat.get('dataset')
-    if kind not in registry.DATASET:
+    known = isinstance(kind, str) and kind in registry.DATASET
+    if not known:
       problems.add(_key(i, 'dataset'), f'{kind!r} is not a registered dataset',
                    f'use one of {list(registry.DATASET.names())}')
     weight = flat.get('weight')
@@ -113,28 +115,25 @@ def check_config(config, problems: registry.Problems) -> None:
         or not math.isfinite(weight) or weight < 0):
       problems.add(_key(i, 'weight'), f'must be a finite number >= 0, got {weight!r}',
                    'give each source a relative weight such as 1 or 0.25')
+      bad_weight = True
     else:
       total += weight
     for key in flat:
-      if key in _OWN_KEYS:
-        continue
-      why = _override_problem(config, key)
+      why = None if key in _OWN_KEYS else _override_problem(config, key)
       if why:
         problems.add(_key(i, key), why, 'remove it, or set it on config.data for all sources')
-    if kind in registry.DATASET and not any(_key(i) in line for line in problems.lines):
-      source = _source_config(config, flat)
-      check = registry.DATASET.get(kind).check
-      if check is not None:
-        own = registry.Problems()
-        check(source, own)
-        for line in own.lines:
-          problems.lines.append(line.replace('config.', f'config.{_key(i)}: config.', 1))
+    check = registry.DATASET.get(kind).check if known else None
+    if check is not None and len(problems.lines) == before:  # the source's own fields
+      own = registry.Problems()
+      check(_source_config(config, flat), own)
+      problems.lines += [line.replace('config.', f'config.{_key(i)}: config.', 1)
+                         for line in own.lines]
     name = source_name(mixture, i)
     if name in names:
       problems.add(_key(i, 'name'), f'{name!r} is also the name of data.mixture[{names[name]}]',
                    "give the sources distinct 'name's")
     names[name] = i
-  if total <= 0 and not any('.weight' in line for line in problems.lines):
+  if total <= 0 and not bad_weight:
     problems.add('data.mixture', 'the weights sum to zero: no source would be read',
                  'give at least one source a positive weight')
 
@@ -215,8 +214,10 @@ class Mixture:
     self.size = sum(self.sizes)  # one "epoch" of the mixture: as many samples as it holds
     self.seed, self.shuffle = int(config.data.shuffle_seed), bool(shuffle)
     weights = np.array([s.weight for s in self.sources], np.float64)
-    self.cdf = np.cumsum(weights / weights.sum())
-    self.cdf[-1] = 1.0
+    cumulative = np.cumsum(weights)
+    self.cdf = cumulative / cumulative[-1]
+    # Exactly 1 from the last positive weight on: no draw u < 1 reaches a later weight 0.
+    self.cdf[cumulative >= cumulative[-1]] = 1.0
     self._lock = threading.Lock()
     self._starts = [np.zeros(len(self.sources), np.int64)]  # counts before each block
     self._blocks = {}  # block -> (source of each position, its rank within its source)
