@@ -47,7 +47,8 @@ from lvm.data import templates
 from lvm.data import tokenizer as tokenizer_lib
 
 STATE_VERSION = 1
-TAKEN = 'mixture/'  # stats keys counting the samples taken from each mixture source
+# Stats keys counting the samples taken from / dropped of each mixture source.
+TAKEN, DROPPED = 'mixture/', 'mixture_dropped/'
 _LIVE = weakref.WeakSet()  # Iterators whose prefetch threads must stop before exit.
 
 
@@ -358,8 +359,8 @@ class DataIterator:
   def _fill_row(self, row, cursor):
     """(example, new cursor, Counter of drops) for one row starting at `cursor`.
 
-    With a mixture, the Counter also counts the samples taken from each source (keys
-    `TAKEN + name`; `stats` leaves them out, `mixture_counts` has them).
+    With a mixture, the Counter also counts each source's samples taken and dropped (keys
+    `TAKEN + name`, `DROPPED + name`; `stats` leaves them out).
     """
     if self.packer:
       def read(c):
@@ -370,26 +371,29 @@ class DataIterator:
           read, cursor, max(self.size // self.batch_size, 1) + 100, self._too_many_drops,
           taken=taken)
       if self.mixture is not None:
-        for c in taken:
-          drops[TAKEN + self._record_source(row + self.batch_size * c)] += 1
+        for c in range(cursor, new):  # consumed: packed, or dropped
+          name = self._record_source(row + self.batch_size * c)
+          drops[(TAKEN if c in taken else DROPPED) + name] += 1
       return example, new, drops
-    drops = collections.Counter()
+    drops, by_source = collections.Counter(), collections.Counter()
     while True:
       position = row + self.batch_size * cursor
       if self._exhausted(position):
-        return None, cursor, drops
+        return None, cursor, drops + by_source
       cursor += 1
+      record, name = self._record(position)
       try:
-        record, name = self._record(position)
         example = self.processor(record)
       except (templates.SampleError, images_lib.ImageError) as e:
         drops[e.reason] += 1
+        if name is not None:
+          by_source[DROPPED + name] += 1
         if sum(drops.values()) > max(self.size // self.batch_size, 1) + 100:
           raise self._too_many_drops(e, drops) from e
         continue
       if name is not None:
-        drops[TAKEN + name] += 1
-      return example, cursor, drops
+        by_source[TAKEN + name] += 1
+      return example, cursor, drops + by_source
 
   def _record_source(self, position) -> str:
     return self.mixture.names[self.mixture.locate(position)[0]]
@@ -497,6 +501,7 @@ class DataIterator:
       stats = collections.Counter(self._stats)
       stats.update(drops)
     self.cursors, self._stats = cursors, stats
+    self._check_sources()
     if self._all_done(done):
       self._finished = True
       self._close_thread()
@@ -511,6 +516,7 @@ class DataIterator:
     """This process's rows of the next batch as numpy (no prefetch thread, no device put)."""
     batch, self.cursors, drops, _ = self._next_local(self.cursors)
     self._stats.update(drops)
+    self._check_sources()
     return self._bucket(batch, agree=False)
 
   # --- state ---------------------------------------------------------------------------------
@@ -518,7 +524,7 @@ class DataIterator:
   @property
   def stats(self) -> dict[str, int]:
     """Samples this process dropped so far (of the delivered batches), by reason."""
-    return {k: v for k, v in self._stats.items() if not k.startswith(TAKEN)}
+    return {k: v for k, v in self._stats.items() if not k.startswith((TAKEN, DROPPED))}
 
   @property
   def mixture_counts(self) -> dict[str, int]:
@@ -527,6 +533,27 @@ class DataIterator:
     if self.mixture is None:
       return {}
     return {name: self._stats.get(TAKEN + name, 0) for name in self.mixture.names}
+
+  @property
+  def mixture_drops(self) -> dict[str, int]:
+    """With a mixture: samples of each source this process dropped so far; else empty."""
+    if self.mixture is None:
+      return {}
+    return {name: self._stats.get(DROPPED + name, 0) for name in self.mixture.names}
+
+  def _check_sources(self):
+    """A source of positive weight of which only dropped samples were seen, more of them
+    than it holds (+ 100), has no usable sample: an error naming its key."""
+    if self.mixture is None:
+      return
+    for i, (name, size) in enumerate(zip(self.mixture.names, self.mixture.sizes)):
+      dropped = self._stats.get(DROPPED + name, 0)
+      if dropped > size + 100 and not self._stats.get(TAKEN + name):
+        raise ValueError(
+            f'config.data.mixture[{i}] ({name}): no usable sample ({dropped} dropped, none '
+            f'taken; all sources\' drops by reason: {self.stats}); check data.seq_len, '
+            'data.template, data.max_images and the tokenizer against this source '
+            '(python -m lvm.data.inspect), or set its weight to 0.')
 
   def _close_thread(self):
     if self._thread is not None:

@@ -205,3 +205,78 @@ def test_inspect_names_each_samples_source(mix_dir):
   got = [d['source'] for d in inspect.inspect(config, 'train', 12)]
   assert got == [mix.names[mix.locate(p)[0]] for p in range(12)] and set(got) == set(mix.names)
   assert all('source' not in d for d in inspect.inspect(config, 'validation', 2))
+
+
+def test_a_source_the_pipeline_drops_entirely_fails_naming_its_key(mix_dir, tmp_path):
+  """Samples of two images with data.max_images=1: all dropped, counted per source, then
+  an error naming the source's key (a whole epoch of it + 100 seen, none usable)."""
+  from PIL import Image  # pylint: disable=g-import-not-at-top
+  folder = tmp_path / 'two_images'
+  folder.mkdir()
+  samples = []
+  for i in range(4):
+    for k in range(2):
+      Image.new('RGB', (8, 8), (40 * i, 80 * k, 0)).save(folder / f'{i}_{k}.png')
+    samples.append({'id': str(i), 'image': [f'{i}_0.png', f'{i}_1.png'], 'conversations': [
+        {'from': 'human', 'value': '<image>\n<image>\nSame colour?'},
+        {'from': 'gpt', 'value': 'no'}]})
+  (folder / 'data.json').write_text(json.dumps(samples))
+  source = {'dataset': 'llava_json', 'weight': 1, 'name': 'pairs', 'manual_dir': str(folder),
+            'data_dir': str(tmp_path / 'tfds'), 'llava_json.validation_fraction': 0.0}
+  config = tiny_shapes_config(mix_dir, mixture=(MIX[0], source))
+  data.prepare(config)
+  it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
+  next(it)
+  assert it.mixture_drops['pairs'] > 0 and it.mixture_counts['pairs'] == 0
+  assert it.mixture_drops['pairs'] == sum(it.stats.values())  # by reason, all sources
+  with pytest.raises(ValueError, match=r'config\.data\.mixture\[1\] \(pairs\): no usable sample'):
+    for _ in range(60):
+      next(it)
+
+
+WORKER = '''
+import json, sys
+import jax
+jax.config.update('jax_cpu_collectives_implementation', 'gloo')
+port, pid, data_dir, out = sys.argv[1], int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jax.distributed.initialize(f'127.0.0.1:{port}', num_processes=2, process_id=pid)
+from jax.experimental import multihost_utils
+from lvm import sharding
+from lvm.data import pipeline
+from tests.data.conftest import tiny_shapes_config
+from tests.data.test_data_mixture import MIX, PACKED
+config = tiny_shapes_config(data_dir, mixture=MIX, **PACKED)
+it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
+batches = [{k: multihost_utils.process_allgather(v, tiled=True).tolist()
+            for k, v in next(it).items() if k != 'images'} for _ in range(2)]
+state = it.get_state()
+with open(out, 'w') as f:
+  json.dump({'batches': batches, 'cursors': state['cursors'], 'counts': it.mixture_counts}, f)
+'''
+
+
+def test_two_processes_give_the_one_process_batches(mix_dir, tmp_path):
+  import socket  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  with socket.socket() as s:
+    s.bind(('127.0.0.1', 0))
+    port = s.getsockname()[1]
+  env = dict(os.environ, XLA_FLAGS='--xla_force_host_platform_device_count=4',
+             JAX_PLATFORMS='cpu', PYTHONPATH=root)
+  outs = [tmp_path / f'p{i}.json' for i in range(2)]
+  procs = [subprocess.Popen([sys.executable, '-c', WORKER, str(port), str(i), str(mix_dir),
+                             str(outs[i])], env=env, cwd=root, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT) for i in range(2)]
+  logs = [p.communicate(timeout=240)[0].decode()[-3000:] for p in procs]
+  assert all(p.returncode == 0 for p in procs), logs
+  res = [json.load(open(o)) for o in outs]
+  single = _iterator(mix_dir, **PACKED)
+  want = _take(single, 2)
+  for got, batch in zip(res[0]['batches'], want):
+    for k in got:
+      np.testing.assert_array_equal(np.asarray(got[k]), batch[k], err_msg=k)
+  assert res[0]['cursors'] == res[1]['cursors'] == single.get_state()['cursors']
+  both = {n: res[0]['counts'][n] + res[1]['counts'][n] for n in single.mixture_counts}
+  assert both == single.mixture_counts and min(res[0]['counts'].values()) > 0
