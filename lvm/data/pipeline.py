@@ -8,6 +8,9 @@ own position in the stream, so:
     global batch is the same for any number of processes;
   * the state is one cursor per row (`get_state` / `set_state`), and a restored iterator
     continues with exactly the batches an uninterrupted one would have produced.
+With `config.data.mixture`, the training split's stream position p reads from a source drawn
+as a pure function of (`shuffle_seed`, p), each source with its own epochs
+(`lvm.data.mixture`): the same guarantees hold, and `.mixture_counts` counts each source.
 Host preprocessing of the rows runs in `config.data.num_workers` threads (PIL and numpy
 release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread.
 
