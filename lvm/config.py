@@ -221,6 +221,10 @@ def get_config(arg=None):
   # `python -m lvm.features_cache`, lvm.data.feature_cache) instead of running the tower
   # ('' = run it). Refused when the tower trains or the cache was made for another config.
   config.data.vision_features_cache = ''
+  # Training split only: a weighted mixture of datasets, each source a dict {'dataset',
+  # 'weight', optional 'name', overrides of data_dir / manual_dir / train_split / dataset
+  # group fields} (lvm.data.mixture; docs/data.md). () = config.data.dataset alone.
+  config.data.mixture = ()
   _dataset_groups(config.data)
 
   config.train = ml_collections.ConfigDict()

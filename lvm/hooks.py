@@ -183,7 +183,9 @@ class NanStop(Hook):
 
 
 class SkippedReport(Hook):
-  """Samples the input pipeline skipped so far (this process's rows), by reason; and, where
+  """Samples the input pipeline skipped so far (this process's rows), by reason; with a
+  mixture, the samples taken from and dropped of each source, and the taken fractions
+  (`mixture_NAME_samples`, `_fraction`, `_dropped`; this process's rows); and, where
   the pipeline buckets its batches (anyres tiles), the batch shapes so far, each of which
   compiles the train step once (`batch_shapes` in the metrics)."""
 
@@ -198,6 +200,13 @@ class SkippedReport(Hook):
     if skipped != self.last:
       self.log(f'data: samples skipped so far, by reason: {skipped}')
       self.last = skipped
+    taken = getattr(self.train_iter, 'mixture_counts', None) or {}
+    total = sum(taken.values())
+    dropped = getattr(self.train_iter, 'mixture_drops', None) or {}
+    for name, count in taken.items():
+      metrics[f'mixture_{name}_samples'] = count
+      metrics[f'mixture_{name}_fraction'] = count / total if total else 0.0
+      metrics[f'mixture_{name}_dropped'] = dropped.get(name, 0)
     shapes = getattr(self.train_iter, 'batch_shapes', None)
     if shapes:
       metrics['batch_shapes'] = len(shapes)

@@ -30,6 +30,7 @@ from lvm import sharding
 from lvm.data import feature_cache
 from lvm.data import images
 from lvm.data import length_groups
+from lvm.data import mixture
 from lvm.data import packing
 
 # The families whose kind a config selects; each kind brings its own `check`. A new kind is
@@ -232,6 +233,7 @@ def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
   packing.check_config(config, p)
   length_groups.check_config(config, p)
   feature_cache.check_config(config, p)
+  mixture.check_config(config, p)
   seq_len = _get(config, 'data.seq_len')
   if not isinstance(seq_len, int) or seq_len < 2:
     p.add('data.seq_len', f'must be an integer >= 2, got {seq_len!r}', 'set a longer length')

@@ -19,6 +19,7 @@ from lvm import registry
 # dataset defaults through them.
 from lvm.data import family_templates  # pylint: disable=unused-import
 from lvm.data import llava_json  # pylint: disable=unused-import
+from lvm.data import mixture
 from lvm.data import shapes  # pylint: disable=unused-import
 from lvm.data import templates  # pylint: disable=unused-import
 
@@ -38,8 +39,10 @@ def prepare(config) -> None:
 
   shapes: also trains its SentencePiece tokenizer and writes the image-blind baseline.
   llava_json: writes `prepare_report.json` with the skipped/fixed counts by reason.
+  With `config.data.mixture`, every source's dataset is built too.
   """
   dataset(config).prepare(config)
+  mixture.prepare(config)
   logging.info('data: %s ready in %s', config.data.dataset,
                config.data.data_dir or '~/tensorflow_datasets')
 

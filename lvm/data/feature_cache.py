@@ -230,6 +230,10 @@ def check_config(config, problems):
   if config.data.get('packing'):
     problems.add(key, 'packed rows (data.packing) do not read cached features yet',
                  'set data.packing=False, or unset data.vision_features_cache')
+  if config.data.get('mixture'):
+    problems.add(key, 'a mixture (data.mixture) reads several datasets, but the cache holds '
+                 "the features of data.dataset's training split only",
+                 'unset data.mixture or data.vision_features_cache')
   if config.model.get('anyres') and config.model.anyres.get('pinpoints'):
     problems.add(key, 'anyres models (model.anyres.pinpoints) cannot use cached features: '
                  'their tiles depend on each image', 'unset data.vision_features_cache')

@@ -11,7 +11,9 @@ tokenizer folder's chat template: chatml, mistral, gemma, llama3 with a model's 
 and for an anyres model (`model.anyres.pinpoints` set) `images`: per image its original
 `size` [height, width], the `grid` [rows, cols] of tiles chosen for it, its `tiles` (grid
 tiles + the base tile) and `num_image_tokens`. Any template shows with
-`--config.data.template=NAME`. The dataset is prepared first if needed.
+`--config.data.template=NAME`. The dataset is prepared first if needed. With
+`config.data.mixture`, the training split shows the mixture's stream (its first positions,
+each source's records in order) and each sample names its `source`.
 """
 
 import collections
@@ -91,11 +93,17 @@ def inspect(config, split, num):
   data.prepare(config)
   tok = tokenizer_lib.load(config)
   proc = pipeline.Processor(config, tok, train=split == config.data.train_split)
-  source = pipeline.data_source(config, split)
+  from lvm.data import mixture  # pylint: disable=g-import-not-at-top
+  mix = mixture.Mixture(config, shuffle=False) if mixture.applies(config, split) else None
+  source = pipeline.data_source(config, split) if mix is None else None
   checked = (templates.get(config.data.template).messages is not None
              and tok.chat_template is not None)
-  for i in range(min(num, len(source))):
-    record = source[i]
+  for i in range(min(num, len(source) if mix is None else mix.size)):
+    if mix is None:
+      record, name = source[i], None
+    else:
+      s, record = mix.record(i)
+      name = mix.names[s]
     rid = pipeline._text(record.get('id', str(i)))  # pylint: disable=protected-access
     try:
       _, encoded = pipeline.record_turns(record, config.data.template, proc.caption_prompt)
@@ -112,6 +120,8 @@ def inspect(config, split, num):
            'dropped': e.reason, 'message': str(e)}
     d['id'] = rid
     d['chat_template_checked'] = checked
+    if name is not None:
+      d['source'] = name
     yield d
 
 
@@ -126,8 +136,8 @@ def main(argv):
       print(json.dumps(d))
       continue
     checked = ', checked against the chat template' if d['chat_template_checked'] else ''
-    print(f'=== {d["id"]} ({config.data.dataset}/{split}, template {config.data.template}'
-          f'{checked})')
+    print(f'=== {d["id"]} ({d.get("source", config.data.dataset)}/{split}, template '
+          f'{config.data.template}{checked})')
     if d['dropped']:
       print(f'DROPPED: {d["message"]}')
       continue

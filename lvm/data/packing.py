@@ -86,7 +86,8 @@ class Packer:
     self.seq_len = processor.seq_len
 
   def fill_row(self, read: Callable[[int], dict | None], cursor: int, max_drops: int,
-               too_many_drops: Callable[[Exception, collections.Counter], Exception]):
+               too_many_drops: Callable[[Exception, collections.Counter], Exception],
+               taken: list[int] | None = None):
     """(packed row or None, new cursor, Counter of drops) starting at `cursor`.
 
     Args:
@@ -94,9 +95,10 @@ class Packer:
       cursor: the row's cursor.
       max_drops: unusable samples in a row after which the split is declared unusable.
       too_many_drops: (last error, drops) -> the exception to raise then.
+      taken: if given, the cursor of each sample packed into the row is appended to it.
     """
     drops = collections.Counter()
-    taken, tokens, images = [], 0, 0
+    samples, tokens, images = [], 0, 0
     while True:
       record = read(cursor)
       if record is None:
@@ -109,7 +111,7 @@ class Packer:
         if sum(drops.values()) > max_drops:
           raise too_many_drops(e, drops) from e
         continue
-      if taken and (tokens + len(ids) > self.seq_len or images + len(encoded) > self.num_slots):
+      if samples and (tokens + len(ids) > self.seq_len or images + len(encoded) > self.num_slots):
         break  # not consumed: the next batch's row starts with it
       cursor += 1
       try:
@@ -120,10 +122,12 @@ class Packer:
         if sum(drops.values()) > max_drops:
           raise too_many_drops(e, drops) from e
         continue
-      taken.append((ids, mask, pixels))
+      samples.append((ids, mask, pixels))
+      if taken is not None:
+        taken.append(cursor - 1)
       tokens += len(ids)
       images += len(encoded)
-    return (self.pack(taken) if taken else None), cursor, drops
+    return (self.pack(samples) if samples else None), cursor, drops
 
   def pack(self, samples) -> dict[str, np.ndarray]:
     """One packed row (see the module doc) of [(ids, loss_mask, [image f32[H, W, 3]])]."""

@@ -8,6 +8,9 @@ own position in the stream, so:
     global batch is the same for any number of processes;
   * the state is one cursor per row (`get_state` / `set_state`), and a restored iterator
     continues with exactly the batches an uninterrupted one would have produced.
+With `config.data.mixture`, the training split's stream position p reads from a source drawn
+as a pure function of (`shuffle_seed`, p), each source with its own epochs
+(`lvm.data.mixture`): the same guarantees hold, and `.mixture_counts` counts each source.
 Host preprocessing of the rows runs in `config.data.num_workers` threads (PIL and numpy
 release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread.
 
@@ -48,11 +51,14 @@ from lvm.data import anyres as anyres_lib
 from lvm.data import feature_cache
 from lvm.data import images as images_lib
 from lvm.data import length_groups
+from lvm.data import mixture as mixture_lib
 from lvm.data import packing
 from lvm.data import templates
 from lvm.data import tokenizer as tokenizer_lib
 
 STATE_VERSION = 1
+# Stats keys counting the samples taken from / dropped of each mixture source.
+TAKEN, DROPPED = 'mixture/', 'mixture_dropped/'
 _LIVE = weakref.WeakSet()  # Iterators whose prefetch threads must stop before exit.
 
 
@@ -85,7 +91,10 @@ def splits(config) -> list[str]:
 
 
 def num_examples(config, split) -> int:
-  """Records in `split` (before any sample is dropped by the pipeline)."""
+  """Records in `split` (before any sample is dropped by the pipeline); a mixture's training
+  split: the records of all its sources together."""
+  if mixture_lib.applies(config, split):
+    return mixture_lib.Mixture(config).size
   return len(data_source(config, split))
 
 
@@ -315,8 +324,14 @@ class DataIterator:
     if self.batch_size % axes:
       raise ValueError(f'config.train.batch_size={self.batch_size} must be divisible by the '
                        f'batch mesh axes data*fsdp={axes}.')
-    self.source = data_source(config, split) if source is None else source
-    self.size = len(self.source)
+    # The training split of a mixture (lvm.data.mixture) is drawn from its sources.
+    self.mixture = (mixture_lib.Mixture(config, shuffle) if source is None
+                    and mixture_lib.applies(config, split) else None)
+    if self.mixture is not None:
+      self.source, self.size = None, self.mixture.size
+    else:
+      self.source = data_source(config, split) if source is None else source
+      self.size = len(self.source)
     if self.size == 0:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
@@ -375,26 +390,54 @@ class DataIterator:
         f'(dropped by reason: {dict(drops)}); check data.seq_len, data.template, '
         'data.max_images and the tokenizer (python -m lvm.data.inspect).')
 
+  def _record(self, position):
+    """(record, source name or None) at a stream position: a mixture's source, or the split."""
+    if self.mixture is not None:
+      s, record = self.mixture.record(position)
+      return record, self.mixture.names[s]
+    return self.source[self._index(position)], None
+
   def _fill_row(self, row, cursor):
-    """(example, new cursor, Counter of drops) for one row starting at `cursor`."""
+    """(example, new cursor, Counter of drops) for one row starting at `cursor`.
+
+    With a mixture, the Counter also counts each source's samples taken and dropped (keys
+    `TAKEN + name`, `DROPPED + name`; `stats` leaves them out).
+    """
     if self.packer:
       def read(c):
         position = row + self.batch_size * c
-        return None if self._exhausted(position) else self.source[self._index(position)]
-      return self.packer.fill_row(read, cursor, max(self.size // self.batch_size, 1) + 100,
-                                  self._too_many_drops)
-    drops = collections.Counter()
+        return None if self._exhausted(position) else self._record(position)[0]
+      taken = []
+      example, new, drops = self.packer.fill_row(
+          read, cursor, max(self.size // self.batch_size, 1) + 100, self._too_many_drops,
+          taken=taken)
+      if self.mixture is not None:
+        for c in range(cursor, new):  # consumed: packed, or dropped
+          name = self._record_source(row + self.batch_size * c)
+          drops[(TAKEN if c in taken else DROPPED) + name] += 1
+      return example, new, drops
+    drops, by_source = collections.Counter(), collections.Counter()
     while True:
       position = row + self.batch_size * cursor
       if self._exhausted(position):
-        return None, cursor, drops
+        return None, cursor, drops + by_source
       cursor += 1
+      record, name = self._record(position)
       try:
-        return self.processor(self.source[self._index(position)]), cursor, drops
+        example = self.processor(record)
       except (templates.SampleError, images_lib.ImageError) as e:
         drops[e.reason] += 1
+        if name is not None:
+          by_source[DROPPED + name] += 1
         if sum(drops.values()) > max(self.size // self.batch_size, 1) + 100:
           raise self._too_many_drops(e, drops) from e
+        continue
+      if name is not None:
+        by_source[TAKEN + name] += 1
+      return example, cursor, drops + by_source
+
+  def _record_source(self, position) -> str:
+    return self.mixture.names[self.mixture.locate(position)[0]]
 
   def _next_local(self, cursors):
     rows = self.rows
@@ -499,6 +542,7 @@ class DataIterator:
       stats = collections.Counter(self._stats)
       stats.update(drops)
     self.cursors, self._stats = cursors, stats
+    self._check_sources()
     if self._all_done(done):
       self._finished = True
       self._close_thread()
@@ -514,6 +558,7 @@ class DataIterator:
     """This process's rows of the next batch as numpy (no prefetch thread, no device put)."""
     batch, self.cursors, drops, _ = self._next_local(self.cursors)
     self._stats.update(drops)
+    self._check_sources()
     return self._bucket(batch, agree=False)
 
   # --- state ---------------------------------------------------------------------------------
@@ -521,7 +566,36 @@ class DataIterator:
   @property
   def stats(self) -> dict[str, int]:
     """Samples this process dropped so far (of the delivered batches), by reason."""
-    return dict(self._stats)
+    return {k: v for k, v in self._stats.items() if not k.startswith((TAKEN, DROPPED))}
+
+  @property
+  def mixture_counts(self) -> dict[str, int]:
+    """With a mixture: samples this process took from each source so far (of the delivered
+    batches), every source named; else empty."""
+    if self.mixture is None:
+      return {}
+    return {name: self._stats.get(TAKEN + name, 0) for name in self.mixture.names}
+
+  @property
+  def mixture_drops(self) -> dict[str, int]:
+    """With a mixture: samples of each source this process dropped so far; else empty."""
+    if self.mixture is None:
+      return {}
+    return {name: self._stats.get(DROPPED + name, 0) for name in self.mixture.names}
+
+  def _check_sources(self):
+    """A source of positive weight of which only dropped samples were seen, more of them
+    than it holds (+ 100), has no usable sample: an error naming its key."""
+    if self.mixture is None:
+      return
+    for i, (name, size) in enumerate(zip(self.mixture.names, self.mixture.sizes)):
+      dropped = self._stats.get(DROPPED + name, 0)
+      if dropped > size + 100 and not self._stats.get(TAKEN + name):
+        raise ValueError(
+            f'config.data.mixture[{i}] ({name}): no usable sample ({dropped} dropped, none '
+            f'taken; all sources\' drops by reason: {self.stats}); check data.seq_len, '
+            'data.template, data.max_images and the tokenizer against this source '
+            '(python -m lvm.data.inspect), or set its weight to 0.')
 
   def _close_thread(self):
     if self._thread is not None:
@@ -541,10 +615,15 @@ class DataIterator:
     return {'version': STATE_VERSION, 'split': self.split, 'seed': self.seed,
             'shuffle': self.shuffle, 'num_examples': self.size, 'batch_size': self.batch_size,
             'cursors': [int(c) for c in cursors], 'stats': stats,
-            'packing': bool(self.packer), 'grouping': bool(self.grouping)}
+            'packing': bool(self.packer), 'grouping': bool(self.grouping),
+            **({'mixture': self._mixture_key()} if self.mixture is not None else {})}
 
   def set_state(self, state: dict[str, Any]) -> None:
     """Restores `get_state()`; the batch size, seed and split size must match."""
+    mine = self._mixture_key() if self.mixture is not None else None
+    if state.get('mixture') != mine:
+      raise ValueError(f'Data iterator state has mixture={state.get("mixture")!r} but this run '
+                       f'has {mine!r} (data.mixture); the stream cannot be resumed exactly.')
     for key, mine in (('batch_size', self.batch_size), ('seed', self.seed),
                       ('num_examples', self.size), ('shuffle', self.shuffle)):
       if state.get(key) != mine:
@@ -559,6 +638,11 @@ class DataIterator:
     self._finished = False
     self.cursors = {r: int(state['cursors'][r]) for r in self.rows}
     self._stats = collections.Counter(state.get('stats', {}))
+
+  def _mixture_key(self):
+    """What the stream of a mixture depends on: its sources' names, weights and sizes."""
+    m = self.mixture
+    return [[n, s.weight, size] for n, s, size in zip(m.names, m.sources, m.sizes)]
 
   def close(self):
     self._close_thread()

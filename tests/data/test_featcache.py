@@ -159,6 +159,9 @@ def test_unfit_caches_are_refused_naming_the_key(shapes_dir, cache, tmp_path):
   assert "data.image_aspect: cache 'pad', this run 'resize'" in message
   assert 'data.packing' in _problems(_config(shapes_dir, cache['dir'], packing=True))
   assert 'no manifest.json' in _problems(_config(shapes_dir, tmp_path))
+  mixed = _config(shapes_dir, cache['dir'])
+  mixed.data.mixture = ({'dataset': 'shapes', 'weight': 1},)
+  assert 'a mixture (data.mixture) reads several datasets' in _problems(mixed)
 
   trains_tower = _config(shapes_dir, cache['dir'])
   trains_tower.train.stage = 'full'
