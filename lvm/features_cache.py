@@ -219,25 +219,29 @@ def build(config, cache_dir: str, *, batch_size: int = 0, shard_size: int = DEFA
   return stats
 
 
-_CONFIG = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:args].',
-                                          lock_config=True)
-_CACHE_DIR = flags.DEFINE_string('cache_dir', None, 'Cache folder (default: the config\'s '
-                                 'data.vision_features_cache).')
-_BATCH_SIZE = flags.DEFINE_integer('batch_size', 0, 'Images per tower call (0: train.batch_size).')
-_SHARD_SIZE = flags.DEFINE_integer('shard_size', DEFAULT_SHARD_SIZE, 'Records per shard file.')
-flags.mark_flags_as_required(['config'])
+def _define_flags():
+  """The command's flags, defined only when it runs (importing this module from a test or
+  another command must not claim --config)."""
+  flags.DEFINE_string('cache_dir', None, 'Cache folder (default: the config\'s '
+                      'data.vision_features_cache).')
+  flags.DEFINE_integer('batch_size', 0, 'Images per tower call (0: train.batch_size).')
+  flags.DEFINE_integer('shard_size', DEFAULT_SHARD_SIZE, 'Records per shard file.')
+  config = config_flags.DEFINE_config_file('config', None, 'Experiment config file[:args].',
+                                           lock_config=True)
+  flags.mark_flags_as_required(['config'])
+  return config
 
 
 def main(argv):
   if len(argv) > 1:
     cli.fail(f'Unexpected arguments: {argv[1:]}')
   config = _CONFIG.value
-  cache_dir = _CACHE_DIR.value or config.data.vision_features_cache
+  cache_dir = flags.FLAGS.cache_dir or config.data.vision_features_cache
   if not cache_dir:
     cli.fail('give --cache_dir (or --config.data.vision_features_cache)')
   try:
-    stats = build(config, cache_dir, batch_size=_BATCH_SIZE.value,
-                  shard_size=_SHARD_SIZE.value)
+    stats = build(config, cache_dir, batch_size=flags.FLAGS.batch_size,
+                  shard_size=flags.FLAGS.shard_size)
   except ValueError as e:
     cli.fail(str(e))
   print(f'features: {stats["records"]} records in {stats["shards"]} shards at {cache_dir} '
@@ -246,4 +250,5 @@ def main(argv):
 
 
 if __name__ == '__main__':
+  _CONFIG = _define_flags()
   cli.run(main)
