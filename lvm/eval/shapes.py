@@ -23,7 +23,10 @@ def load(data_dir: str, config) -> list[Example]:
   s = shapes.settings(config)
   examples = []
   for key, ex in shapes.examples(s, config.data.test_split):
-    image = shapes.draw([tuple(o) for o in json.loads(ex['scene'])], s.image_size)
+    # The scene at its own aspect ratio (varied when `data.shapes.max_aspect` > 1, as anyres
+    # runs train on).
+    image = shapes.draw([tuple(o) for o in json.loads(ex['scene'])], s.image_size,
+                        tuple(ex['shape']))
     turns = ex['conversations']
     for k in range(0, len(turns), 2):
       question = turns[k]['value'].replace('<image>\n', '').replace('<image>', '').strip()

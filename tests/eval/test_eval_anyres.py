@@ -65,3 +65,18 @@ def test_pope_with_an_anyres_run(tmp_path):
   assert [a['question_id'] for a in answers] == ['random/1', 'random/2', 'random/3']
   image = inference.load_image(run_config, str(data / 'val2014' / '1.png'))
   assert isinstance(image, anyres_inputs.AnyresImage) and image.size == (20, 40)
+
+
+def test_shapes_benchmark_draws_each_scene_at_its_aspect_ratio():
+  """The `shapes` benchmark's test images have the shapes the dataset gives them (anyres runs
+  train on scenes from 1/3 to 3), not the square `image_size`."""
+  from lvm.data import shapes  # pylint: disable=g-import-not-at-top
+  from lvm.eval import shapes as shapes_benchmark  # pylint: disable=g-import-not-at-top
+  config = tiny.get_config()
+  config.data.shapes.max_aspect = 3
+  config.data.shapes.test = 12
+  s = shapes.settings(config)
+  want = {f'{key}/0': tuple(ex['shape']) for key, ex in shapes.examples(s, config.data.test_split)}
+  got = {e.question_id: (e.image.height, e.image.width)
+         for e in shapes_benchmark.load('', config) if e.question_id.endswith('/0')}
+  assert got == want and len(set(got.values())) > 1
