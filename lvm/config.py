@@ -210,6 +210,10 @@ def get_config(arg=None):
   config.data.shuffle_seed = 0
   config.data.num_workers = 0  # host-side parallel preprocessing workers
   config.data.prefetch = 2
+  # Who runs the per-row work (read, decode, preprocess, tokenize, pack): 'threads'
+  # (num_workers threads) or 'grain' (num_workers grain worker processes; same batches,
+  # lvm.data.grain_rows).
+  config.data.loader = 'threads'
   # Training split only. Several samples per row, attention kept within each
   # (lvm.data.packing); pack_max_images: image slots per packed row (0: as many images as
   # data.seq_len holds tokens for, at least data.max_images).

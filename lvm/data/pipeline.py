@@ -12,7 +12,9 @@ With `config.data.mixture`, the training split's stream position p reads from a 
 as a pure function of (`shuffle_seed`, p), each source with its own epochs
 (`lvm.data.mixture`): the same guarantees hold, and `.mixture_counts` counts each source.
 Host preprocessing of the rows runs in `config.data.num_workers` threads (PIL and numpy
-release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread.
+release the GIL) and `config.data.prefetch` batches are prepared ahead in a background thread;
+with `config.data.loader='grain'`, in that many grain worker processes instead
+(`lvm.data.grain_rows`), the batches bit-identical.
 
 Anyres models (`config.model.anyres.pinpoints` set; LLaVA-NeXT, OneVision) get each image as
 tiles (`lvm.data.anyres.tiles`: base tile, then its grid) and its original size: `images
@@ -49,6 +51,7 @@ import numpy as np
 from lvm import sharding as sharding_lib
 from lvm.data import anyres as anyres_lib
 from lvm.data import feature_cache
+from lvm.data import grain_rows
 from lvm.data import images as images_lib
 from lvm.data import length_groups
 from lvm.data import mixture as mixture_lib
@@ -66,6 +69,7 @@ _LIVE = weakref.WeakSet()  # Iterators whose prefetch threads must stop before e
 def _stop_all():
   for it in list(_LIVE):
     it._close_thread()  # pylint: disable=protected-access
+    it._close_grain()  # pylint: disable=protected-access
 
 
 def data_source(config, split):
@@ -356,7 +360,10 @@ class DataIterator:
     self._finished = False
     self._stop = threading.Event()
     workers = int(config.data.num_workers)
-    self._pool = concurrent.futures.ThreadPoolExecutor(workers) if workers > 0 else None
+    self._grain = None  # a grain_rows.Loader, started from the cursors at the first batch
+    self._use_grain = config.data.get('loader', 'threads') == 'grain'
+    self._pool = (concurrent.futures.ThreadPoolExecutor(workers)
+                  if workers > 0 and not self._use_grain else None)
     ndims = {'images': 6 if anyres else 5, 'image_sizes': 3, 'image_features': 4}
     keys = packing.BATCH_KEYS if self.packer else packing.BATCH_KEYS[:4]
     keys += ('image_sizes',) if anyres else ()
@@ -439,10 +446,38 @@ class DataIterator:
   def _record_source(self, position) -> str:
     return self.mixture.names[self.mixture.locate(position)[0]]
 
+  # Picklable as its stream only (what `_fill_row` reads): grain's worker processes get it.
+  _STREAM = ('config', 'split', 'shuffle', 'num_epochs', 'seed', 'batch_size', 'mixture',
+             'source', 'size', 'processor', 'packer', 'grouping', 'features')
+
+  def __getstate__(self):
+    return {k: getattr(self, k) for k in self._STREAM}
+
+  def __setstate__(self, state):
+    self.__dict__.update(state)
+    self._perms, self._lock = collections.OrderedDict(), threading.Lock()
+    self._thread = self._grain = self._pool = None
+
+  def _rows_by_grain(self, cursors):
+    if self._grain is None:
+      _LIVE.add(self)
+      self._grain = grain_rows.Loader(self, self.rows, cursors,
+                                      int(self.config.data.num_workers),
+                                      max(int(self.config.data.prefetch), 1))
+    return self._grain.next_rows(cursors)
+
+  def _close_grain(self):
+    if self._grain is not None:
+      self._grain.close()
+      self._grain = None
+
   def _next_local(self, cursors):
     rows = self.rows
     fn = lambda r: self._fill_row(r, cursors[r])
-    results = list(self._pool.map(fn, rows)) if self._pool else [fn(r) for r in rows]
+    if self._use_grain:
+      results = self._rows_by_grain(cursors)
+    else:
+      results = list(self._pool.map(fn, rows)) if self._pool else [fn(r) for r in rows]
     drops = collections.Counter()
     examples, new = [], {}
     for r, (ex, c, d) in zip(rows, results):
@@ -546,6 +581,7 @@ class DataIterator:
     if self._all_done(done):
       self._finished = True
       self._close_thread()
+      self._close_grain()
       raise StopIteration
     batch = self._bucket(batch)
     if self.buckets is not None:
@@ -635,6 +671,7 @@ class DataIterator:
                          f'run has {mine!r} (data.packing / data.group_by_modality_length); '
                          'the stream cannot be resumed exactly.')
     self._close_thread()
+    self._close_grain()
     self._finished = False
     self.cursors = {r: int(state['cursors'][r]) for r in self.rows}
     self._stats = collections.Counter(state.get('stats', {}))
@@ -646,6 +683,7 @@ class DataIterator:
 
   def close(self):
     self._close_thread()
+    self._close_grain()
     if self.features is not None:
       self.features.close()
     if self._pool:
@@ -654,6 +692,7 @@ class DataIterator:
   def __del__(self):
     try:
       self._close_thread()
+      self._close_grain()
     except Exception:  # pylint: disable=broad-except
       pass
 
