@@ -223,6 +223,19 @@ class Mixture:
     self._blocks = {}  # block -> (source of each position, its rank within its source)
     self._perms = {}
 
+  # Picklable for grain's worker processes (data.loader='grain'): the sources are reopened
+  # there from their configs (a TFDS source pickled by value would bring its builder class,
+  # which TFDS would register again).
+  def __getstate__(self):
+    return {k: v for k, v in self.__dict__.items() if k not in ('_lock', 'data')}
+
+  def __setstate__(self, state):
+    from lvm.data import pipeline  # pylint: disable=g-import-not-at-top
+    self.__dict__.update(state)
+    self._lock = threading.Lock()
+    self.data = [pipeline.data_source(s.config, s.config.data.train_split)
+                 for s in self.sources]
+
   @property
   def weights(self) -> np.ndarray:
     """The target fraction of each source."""

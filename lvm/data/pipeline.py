@@ -336,6 +336,7 @@ class DataIterator:
     else:
       self.source = data_source(config, split) if source is None else source
       self.size = len(self.source)
+    self._own_source = source is None  # reopened from the config where unpickled
     if self.size == 0:
       raise ValueError(f'Split {split!r} of {config.data.dataset!r} is empty.')
     tok = tokenizer or tokenizer_lib.load(config)
@@ -362,6 +363,9 @@ class DataIterator:
     workers = int(config.data.num_workers)
     self._grain = None  # a grain_rows.Loader, started from the cursors at the first batch
     self._use_grain = config.data.get('loader', 'threads') == 'grain'
+    if self._use_grain and self.features is not None:
+      raise ValueError("config.data.loader='grain' does not read "
+                       "data.vision_features_cache yet; use data.loader='threads'.")
     self._pool = (concurrent.futures.ThreadPoolExecutor(workers)
                   if workers > 0 and not self._use_grain else None)
     ndims = {'images': 6 if anyres else 5, 'image_sizes': 3, 'image_features': 4}
@@ -451,10 +455,17 @@ class DataIterator:
              'source', 'size', 'processor', 'packer', 'grouping', 'features')
 
   def __getstate__(self):
-    return {k: getattr(self, k) for k in self._STREAM}
+    state = {k: getattr(self, k) for k in self._STREAM + ('_own_source',)}
+    if self._own_source and self.mixture is None:
+      # Reopened from the config: a TFDS source pickled by value would bring its builder
+      # class, which TFDS would register again in the worker.
+      state['source'] = None
+    return state
 
   def __setstate__(self, state):
     self.__dict__.update(state)
+    if self.source is None and self.mixture is None:
+      self.source = data_source(self.config, self.split)
     self._perms, self._lock = collections.OrderedDict(), threading.Lock()
     self._thread = self._grain = self._pool = None
 
