@@ -1,7 +1,7 @@
 r"""Host input pipeline throughput at LLaVA-1.5 settings, per host core, packed and not.
 
   python -m benchmarks.host_pipeline [--stage=2] [--samples=480] [--images=160]
-      [--batch=16] [--batches=12] [--workers=2] [--work_dir=DIR]
+      [--batch=16] [--batches=12] [--workers=2] [--loader=threads|grain|both] [--work_dir=DIR]
 
 Builds, in a temporary folder (or `--work_dir`, reused when it already holds them):
   * a `llava_json` dataset: `--images` real JPEG files of COCO-like sizes (640x480, 640x427,
@@ -20,7 +20,9 @@ seq_len 2048) over it, unpacked and packed, and reports per layout:
     honest on a machine shared with other jobs; it is measured with the rows preprocessed
     in the calling thread (`data.num_workers=0`);
   * wall-clock samples/s with `--workers` threads (`data.num_workers`), which on a shared
-    machine measures the contention as much as the code;
+    machine measures the contention as much as the code; with `--loader=grain` (or `both`),
+    also with `--workers` grain worker processes (`data.loader='grain'`, the same batches;
+    their CPU time is in the workers, so only the wall figure compares);
   * token padding fraction, empty image slots, samples per row;
   * where one sample's CPU time goes (JPEG decode, pad, resize, crop + normalize, template +
     tokenize, read), timed stage by stage with `time.thread_time`, the rest (row assembly,
@@ -200,7 +202,7 @@ def make_tokenizer(root, vocab_size=32000, corpus_words=400_000, seed=1):
   return path
 
 
-def make_config(root, stage, tokenizer, packing, batch, workers):
+def make_config(root, stage, tokenizer, packing, batch, workers, loader='threads'):
   """configs/llava15.py of the stage over the generated data, sized for the host only."""
   from configs import llava15  # pylint: disable=g-import-not-at-top
   from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -214,6 +216,7 @@ def make_config(root, stage, tokenizer, packing, batch, workers):
   config.model.image_token_id, config.model.pad_token_id = vocab, vocab + 1
   config.train.batch_size = batch
   config.data.num_workers = workers
+  config.data.loader = loader
   config.data.prefetch = 0
   return config
 
@@ -248,7 +251,7 @@ def time_pipeline(config, batches):
   it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
   n = Counter()
   try:
-    it.next_local()  # warm-up: thread pool, tokenizer, first reads
+    it.next_local()  # warm-up: thread pool or worker processes, tokenizer, first reads
     wall, cpu = time.perf_counter(), time.process_time()
     sys0 = resource.getrusage(resource.RUSAGE_SELF).ru_stime
     counting_wall = counting_cpu = 0.0  # the counting is not the pipeline's: left out
@@ -355,9 +358,13 @@ def run(args) -> dict:
       name = 'packed' if packing else 'unpacked'
       serial = time_pipeline(make_config(root, args.stage, tok, packing, args.batch, 0),
                              args.batches)
-      threaded = time_pipeline(make_config(root, args.stage, tok, packing, args.batch,
-                                           args.workers), args.batches)
-      results[name] = {**serial, 'threaded': threaded}
+      results[name] = dict(serial)
+      if args.loader in ('threads', 'both'):
+        results[name]['threaded'] = time_pipeline(make_config(
+            root, args.stage, tok, packing, args.batch, args.workers), args.batches)
+      if args.loader in ('grain', 'both'):
+        results[name]['grain'] = time_pipeline(make_config(
+            root, args.stage, tok, packing, args.batch, args.workers, 'grain'), args.batches)
     config = make_config(root, args.stage, tok, False, args.batch, 0)
     results['aspect'], results['template'] = config.data.image_aspect, config.data.template
     from lvm.data import tokenizer as tokenizer_lib  # pylint: disable=g-import-not-at-top
@@ -404,6 +411,8 @@ def parse(argv=None):
   p.add_argument('--batch', type=int, default=16, help='rows per host batch')
   p.add_argument('--batches', type=int, default=12, help='timed batches per layout')
   p.add_argument('--workers', type=int, default=2, help='data.num_workers of the wall run')
+  p.add_argument('--loader', choices=('threads', 'grain', 'both'), default='threads',
+                 help='data.loader of the wall run(s): worker threads, grain worker processes')
   p.add_argument('--breakdown', type=int, default=120, help='records timed stage by stage')
   p.add_argument('--vocab_size', type=int, default=32000)
   p.add_argument('--corpus_words', type=int, default=400_000, help='tokenizer training text')
@@ -435,8 +444,13 @@ def main(argv=None):
     print(f'{name:9s} {x["samples_per_row"]:11.2f}  {x["pad"]:10.1%}  {x["empty_slots"]:11.1%}'
           f'  {1e3 * x["cpu_s"] / x["samples"]:13.1f} ({1e3 * x["sys_s"] / x["samples"]:4.1f})'
           f'  {x["samples_per_cpu_s"]:13.1f}  '
-          f'{x["threaded"]["samples_per_s"]:28.1f}  {x["h100_samples_per_s"]:14.1f}  '
+          f'{x["threaded"]["samples_per_s"] if "threaded" in x else float("nan"):28.1f}  '
+          f'{x["h100_samples_per_s"]:14.1f}  '
           f'{x["cores_per_h100"]:10.2f}')
+  for name in ('unpacked', 'packed'):
+    if 'grain' in r[name]:
+      print(f'{name}: wall samples/s with {args.workers} grain worker processes '
+            f'(data.loader=grain): {r[name]["grain"]["samples_per_s"]:.1f}')
   print('samples/CPU-s = samples / process CPU seconds (all threads, num_workers=0) = samples/s'
         ' per fully used core')
   print(f'H100 samples/s = rows/s x samples/row; rows/s = {r["h100_model_flops_per_s"] / 1e12:.1f}'
