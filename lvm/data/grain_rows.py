@@ -7,7 +7,7 @@ grain takes over is the work: each of `data.num_workers` worker processes (grain
 `mp_prefetch`, spawned, so jax in the parent is never forked) owns every W-th local row and
 fills that row batch after batch (`DataIterator._fill_row`: read the array_record record,
 decode the JPEG, resize / pad / normalize, template + tokenize, pack), running ahead of the
-trainer by `data.prefetch` rows. grain interleaves the workers round-robin, which gives back
+trainer by `data.prefetch` batches. grain interleaves the workers round-robin, which gives back
 the rows in order, so a batch is bit-identical to the 'threads' loader's.
 
 grain's own checkpointable iterator state is not used: lvm's state (one cursor per row) is
@@ -106,9 +106,10 @@ class Loader:
     self.rows = list(rows)
     self.workers = max(int(workers), 1)
     ds = RowStream(filler, rows, cursors)
-    if workers > 0:
+    if workers > 0:  # `buffer` batches ahead: each worker's share of rows of that many
+      per_worker = -(-len(self.rows) // self.workers)
       ds = ds.mp_prefetch(grain.MultiprocessingOptions(
-          num_workers=self.workers, per_worker_buffer_size=max(int(buffer), 1)))
+          num_workers=self.workers, per_worker_buffer_size=max(int(buffer), 1) * per_worker))
     self.cursors = dict(cursors)
     self.iterator = iter(ds)
 
