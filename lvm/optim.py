@@ -25,6 +25,12 @@ STAGES = {
 NO_DECAY_LEAVES = ('bias', 'scale')
 
 
+def trainable_key(train_config) -> str:
+  """The config key that sets what trains, for error messages: `train.trainable` for stage
+  'custom', else `train.stage`."""
+  return 'train.trainable' if train_config.stage == 'custom' else 'train.stage'
+
+
 def trainable_regex(train_config) -> str:
   """The regex over parameter paths that selects the trainable ones.
 

@@ -466,7 +466,7 @@ def validate_trainable(config, abstract_params: Any) -> list[str]:
   if not matched:
     tops = sorted({path.split('/')[0] for path in paths})
     sample = ', '.join(paths[:3] + ['...'] + paths[-2:]) if len(paths) > 5 else ', '.join(paths)
-    key = 'train.trainable' if config.train.stage == 'custom' else 'train.stage'
+    key = optim.trainable_key(config.train)
     raise ValueError(
         f'config.{key}: the trainable pattern {pattern!r} (stage {config.train.stage!r}) '
         f'matches none of the {len(paths)} parameters, so nothing would train. Parameter '

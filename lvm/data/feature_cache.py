@@ -248,7 +248,8 @@ def check_config(config, problems):
     pattern = None  # a bad stage or regex is reported under its own key
   trained = [p for p in _TOWER_PATHS if pattern is not None and pattern.search(p)]
   if trained:
-    stage_key = 'train.trainable' if config.train.stage == 'custom' else 'train.stage'
+    from lvm import optim  # pylint: disable=g-import-not-at-top
+    stage_key = optim.trainable_key(config.train)
     problems.add(key, f'config.{stage_key} ({config.train.stage!r}) trains the vision tower '
                  f'(e.g. {trained[0]}), but cached features are those of a frozen tower',
                  "freeze it (train.stage='pretrain' or 'finetune') or unset the key")
@@ -265,7 +266,8 @@ def check_trainable(config, trainable_paths) -> None:
     return
   tower = [p for p in trainable_paths if p.startswith('vision/')]
   if tower:
-    key = 'train.trainable' if config.train.stage == 'custom' else 'train.stage'
+    from lvm import optim  # pylint: disable=g-import-not-at-top
+    key = optim.trainable_key(config.train)
     raise ValueError(
         f'config.data.vision_features_cache is set but config.{key} '
         f'({config.train.stage!r}) trains {len(tower)} vision tower parameters (e.g. '

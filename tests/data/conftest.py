@@ -1,8 +1,11 @@
-"""Shared fixtures: a tiny prepared `shapes` dataset and small test tokenizers."""
+"""Shared fixtures: a tiny prepared `shapes` dataset, small test tokenizers, and helpers to
+read and compare training batches."""
 
 import json
 import os
 
+import jax
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -24,6 +27,38 @@ def tiny_shapes_config(data_dir, **data):
       node = node[g]
     node[last] = value
   return config
+
+
+def make_iterator(data_dir, state=None, num_epochs=None, **data):
+  """The training-split iterator of `tiny_shapes_config(data_dir, **data)`, resumed at `state`
+  (an iterator state) when given."""
+  from lvm import sharding  # pylint: disable=g-import-not-at-top
+  from lvm.data import pipeline  # pylint: disable=g-import-not-at-top
+  config = tiny_shapes_config(data_dir, **data)
+  it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh),
+                              num_epochs=num_epochs)
+  if state is not None:
+    it.set_state(state)
+  return it
+
+
+def take_batches(it, n=None):
+  """The next `n` batches of `it` (all that are left when None) as host numpy arrays."""
+  out = []
+  for batch in it:
+    out.append(jax.tree.map(np.asarray, batch))
+    if len(out) == n:
+      break
+  return out
+
+
+def assert_same_batches(a, b):
+  """Two lists of batches are equal, key by key, to the bit."""
+  assert len(a) == len(b)
+  for x, y in zip(a, b):
+    assert x.keys() == y.keys()
+    for k in x:
+      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 @pytest.fixture(scope='session')

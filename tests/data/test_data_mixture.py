@@ -5,7 +5,6 @@ import json
 import os
 import shutil
 
-import jax
 import numpy as np
 import pytest
 
@@ -14,6 +13,9 @@ from lvm import sharding
 from lvm import validate
 from lvm.data import mixture
 from lvm.data import pipeline
+from tests.data.conftest import assert_same_batches
+from tests.data.conftest import make_iterator
+from tests.data.conftest import take_batches
 from tests.data.conftest import tiny_shapes_config
 
 # A second shapes dataset (other seed, 16 records) beside the fixture's 96-record one.
@@ -30,22 +32,7 @@ def mix_dir(shapes_dir):
 
 
 def _iterator(mix_dir, state=None, **kw):
-  config = tiny_shapes_config(mix_dir, **{'mixture': MIX, **kw})
-  it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
-  if state is not None:
-    it.set_state(state)
-  return it
-
-
-def _take(it, n):
-  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
-
-
-def _assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
+  return make_iterator(mix_dir, state, **{'mixture': MIX, **kw})
 
 
 def test_proportions_within_binomial_tolerance(mix_dir):
@@ -79,15 +66,15 @@ def test_proportions_within_binomial_tolerance(mix_dir):
 def test_deterministic_resumes_and_counts_by_source(mix_dir, packed):
   kw = dict(PACKED if packed else {}, prefetch=2, num_workers=2)
   it = _iterator(mix_dir, **kw)
-  first = _take(it, 3)
+  first = take_batches(it, 3)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
   counts = it.mixture_counts
-  rest = _take(it, 3)
+  rest = take_batches(it, 3)
   again = _iterator(mix_dir, **kw)
-  _assert_same(first + rest, _take(again, 6))  # two instances, the same stream
+  assert_same_batches(first + rest, take_batches(again, 6))  # two instances, the same stream
   resumed = _iterator(mix_dir, state, **kw)
   assert resumed.mixture_counts == counts
-  _assert_same(rest, _take(resumed, 3))
+  assert_same_batches(rest, take_batches(resumed, 3))
   assert resumed.mixture_counts == it.mixture_counts and it.stats == {}
   # The counts are the sources of the samples delivered: 8 rows x 6 (unpacked).
   total = sum(it.mixture_counts.values())
@@ -273,7 +260,7 @@ def test_two_processes_give_the_one_process_batches(mix_dir, tmp_path):
   assert all(p.returncode == 0 for p in procs), logs
   res = [json.load(open(o)) for o in outs]
   single = _iterator(mix_dir, **PACKED)
-  want = _take(single, 2)
+  want = take_batches(single, 2)
   for got, batch in zip(res[0]['batches'], want):
     for k in got:
       np.testing.assert_array_equal(np.asarray(got[k]), batch[k], err_msg=k)

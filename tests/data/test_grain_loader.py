@@ -5,14 +5,13 @@ refused naming its key."""
 
 import json
 
-import jax
-import numpy as np
 import pytest
 
 from lvm import data
-from lvm import sharding
 from lvm import validate
-from lvm.data import pipeline
+from tests.data.conftest import assert_same_batches
+from tests.data.conftest import make_iterator
+from tests.data.conftest import take_batches
 from tests.data.conftest import tiny_shapes_config
 
 MIX = ({'dataset': 'shapes', 'weight': 3},
@@ -21,57 +20,31 @@ MIX = ({'dataset': 'shapes', 'weight': 3},
 PACKED = dict(seq_len=256, packing=True, pack_max_images=4)
 
 
-def _iterator(data_dir, state=None, num_epochs=None, **kw):
-  config = tiny_shapes_config(data_dir, **kw)
-  it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh),
-                              num_epochs=num_epochs)
-  if state is not None:
-    it.set_state(state)
-  return it
-
-
-def _take(it, n=None):
-  out = []
-  for batch in it:
-    out.append(jax.tree.map(np.asarray, batch))
-    if len(out) == n:
-      break
-  return out
-
-
-def _assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    assert x.keys() == y.keys()
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
-
-
 def test_grain_gives_the_threads_batches_to_the_end_of_an_epoch(shapes_dir):
   # 8 rows over 3 worker processes: each worker fills 3 slots a batch, one a padding slot.
   kw = dict(num_workers=3, prefetch=2)
-  want = _take(_iterator(shapes_dir, num_epochs=1, **kw))
-  it = _iterator(shapes_dir, num_epochs=1, loader='grain', **kw)
-  got = _take(it)
+  want = take_batches(make_iterator(shapes_dir, num_epochs=1, **kw))
+  it = make_iterator(shapes_dir, num_epochs=1, loader='grain', **kw)
+  got = take_batches(it)
   assert len(want) == 12  # 96 records, 8 rows
-  _assert_same(want, got)
+  assert_same_batches(want, got)
   assert it.stats == {} and it.get_state()['cursors'] == [12] * 8
 
 
 def test_grain_packed_mixture_equals_threads_and_resumes_exactly(shapes_dir):
   data.prepare(tiny_shapes_config(shapes_dir, mixture=MIX))
   kw = dict(PACKED, mixture=MIX, num_workers=2, prefetch=0)
-  threads = _iterator(shapes_dir, **kw)
-  want = _take(threads, 4)
-  it = _iterator(shapes_dir, loader='grain', **kw)
-  first = _take(it, 2)
+  threads = make_iterator(shapes_dir, **kw)
+  want = take_batches(threads, 4)
+  it = make_iterator(shapes_dir, loader='grain', **kw)
+  first = take_batches(it, 2)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  _assert_same(want, first + _take(it, 2))
+  assert_same_batches(want, first + take_batches(it, 2))
   assert it.mixture_counts == threads.mixture_counts and it.stats == threads.stats
   assert sum(it.mixture_counts.values()) > 32  # packed: more samples than rows
   it.close()
-  resumed = _iterator(shapes_dir, state, loader='grain', **kw)
-  _assert_same(want[2:], _take(resumed, 2))
+  resumed = make_iterator(shapes_dir, state, loader='grain', **kw)
+  assert_same_batches(want[2:], take_batches(resumed, 2))
   assert resumed.mixture_counts == threads.mixture_counts
   resumed.close()
 
@@ -79,7 +52,7 @@ def test_grain_packed_mixture_equals_threads_and_resumes_exactly(shapes_dir):
 def test_grain_workers_raise_the_unusable_split_error(shapes_dir):
   # At seq_len 40 no vicuna_v1 sample fits its image tokens: every one is dropped and counted
   # in the worker, and the error reaches the trainer's process.
-  it = _iterator(shapes_dir, seq_len=40, loader='grain', num_workers=2)
+  it = make_iterator(shapes_dir, seq_len=40, loader='grain', num_workers=2)
   with pytest.raises(Exception, match='image_tokens_do_not_fit'):
     next(it)
   it.close()

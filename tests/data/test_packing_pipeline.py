@@ -12,25 +12,16 @@ from lvm import validate
 from lvm.data import length_groups
 from lvm.data import packing
 from lvm.data import pipeline
+from tests.data.conftest import make_iterator
+from tests.data.conftest import take_batches
 from tests.data.conftest import tiny_shapes_config
 
 IMAGE, PAD = 510, 511
 
 
-def _iterator(shapes_dir, state=None, **data):
-  config = tiny_shapes_config(shapes_dir, **data)
-  it = pipeline.make_iterator(config, 'train', sharding.make_mesh(config.mesh))
-  if state is not None:
-    it.set_state(state)
-  return it
-
-
-def _take(it, n):
-  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
-
-
 def test_packed_rows(shapes_dir):
-  batch = _take(_iterator(shapes_dir, seq_len=256, packing=True, pack_max_images=4), 1)[0]
+  it = make_iterator(shapes_dir, seq_len=256, packing=True, pack_max_images=4)
+  batch = take_batches(it, 1)[0]
   assert batch['images'].shape == (8, 4, 32, 32, 3)
   for r in range(8):
     row = {k: v[r] for k, v in batch.items()}
@@ -51,22 +42,23 @@ def test_packed_rows(shapes_dir):
 
 def test_packing_fills_slots_before_tokens(shapes_dir):
   """With one image slot a row takes one (image) sample: the slots bound the packing too."""
-  batch = _take(_iterator(shapes_dir, seq_len=256, packing=True, pack_max_images=1), 1)[0]
+  it = make_iterator(shapes_dir, seq_len=256, packing=True, pack_max_images=1)
+  batch = take_batches(it, 1)[0]
   assert batch['images'].shape[1] == 1 and (batch['segment_ids'].max(axis=1) == 1).all()
 
 
 def test_packed_stream_is_deterministic_and_resumes(shapes_dir):
   kw = dict(seq_len=256, packing=True, pack_max_images=4, prefetch=2, num_workers=2)
-  it = _iterator(shapes_dir, **kw)
-  first = _take(it, 3)  # 96 records, 24 a batch: the 5th batch is in the second epoch
+  it = make_iterator(shapes_dir, **kw)
+  first = take_batches(it, 3)  # 96 records, 24 a batch: the 5th batch is in the second epoch
   state = json.loads(json.dumps(it.get_state()))
-  rest = _take(it, 3)
-  again = _take(_iterator(shapes_dir, **kw), 3)
-  resumed = _take(_iterator(shapes_dir, state, **kw), 3)
+  rest = take_batches(it, 3)
+  again = take_batches(make_iterator(shapes_dir, **kw), 3)
+  resumed = take_batches(make_iterator(shapes_dir, state, **kw), 3)
   for a, b in zip(first + rest, again + resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)
-  unpacked = _iterator(shapes_dir, seq_len=256)
+  unpacked = make_iterator(shapes_dir, seq_len=256)
   with pytest.raises(ValueError, match='packing'):
     unpacked.set_state(state)
 
@@ -118,11 +110,11 @@ def test_modality_length_groups():
 
 def test_grouped_stream_resumes_and_groups(shapes_dir):
   kw = dict(group_by_modality_length=True)
-  it = _iterator(shapes_dir, **kw)
-  first = _take(it, 2)
+  it = make_iterator(shapes_dir, **kw)
+  first = take_batches(it, 2)
   state = json.loads(json.dumps(it.get_state()))
-  rest = _take(it, 12)  # into the second epoch
-  resumed = _take(_iterator(shapes_dir, state, **kw), 12)
+  rest = take_batches(it, 12)  # into the second epoch
+  resumed = take_batches(make_iterator(shapes_dir, state, **kw), 12)
   for a, b in zip(rest, resumed):
     for k in a:
       np.testing.assert_array_equal(a[k], b[k], err_msg=k)

@@ -13,6 +13,8 @@ import pytest
 
 from lvm import sharding
 from lvm.data import pipeline
+from tests.data.conftest import assert_same_batches
+from tests.data.conftest import take_batches
 from tests.data.conftest import tiny_shapes_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -20,17 +22,6 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 
 def mesh_for(config):
   return sharding.make_mesh(config.mesh)
-
-
-def take(it, n):
-  return [jax.tree.map(np.asarray, next(it)) for _ in range(n)]
-
-
-def assert_same(a, b):
-  assert len(a) == len(b)
-  for x, y in zip(a, b):
-    for k in x:
-      np.testing.assert_array_equal(x[k], y[k], err_msg=k)
 
 
 def test_batch_layout(shapes_dir):
@@ -55,11 +46,11 @@ def test_batch_layout(shapes_dir):
 def test_deterministic_and_seeded(shapes_dir):
   config = tiny_shapes_config(shapes_dir)
   mesh = mesh_for(config)
-  a = take(pipeline.make_iterator(config, 'train', mesh), 3)
-  b = take(pipeline.make_iterator(config, 'train', mesh), 3)
-  assert_same(a, b)
+  a = take_batches(pipeline.make_iterator(config, 'train', mesh), 3)
+  b = take_batches(pipeline.make_iterator(config, 'train', mesh), 3)
+  assert_same_batches(a, b)
   config.data.shuffle_seed = 1
-  c = take(pipeline.make_iterator(config, 'train', mesh), 1)
+  c = take_batches(pipeline.make_iterator(config, 'train', mesh), 1)
   assert not np.array_equal(a[0]['input_ids'], c[0]['input_ids'])
 
 
@@ -69,12 +60,12 @@ def test_resume_continues_the_same_stream(shapes_dir, prefetch, workers):
   mesh = mesh_for(config)
   # 96 records / 8 rows: 12 batches an epoch, so 16 batches cross into a second epoch.
   it = pipeline.make_iterator(config, 'train', mesh)
-  first = take(it, 10)
+  first = take_batches(it, 10)
   state = json.loads(json.dumps(it.get_state()))  # what a checkpoint stores
-  rest = take(it, 6)
+  rest = take_batches(it, 6)
   resumed = pipeline.make_iterator(config, 'train', mesh)
   resumed.set_state(state)
-  assert_same(take(resumed, 6), rest)
+  assert_same_batches(take_batches(resumed, 6), rest)
   # Batches differ from each other (the stream moves on) and the epochs reshuffle.
   assert not np.array_equal(first[0]['input_ids'], first[1]['input_ids'])
   assert not np.array_equal(first[0]['input_ids'], rest[2]['input_ids'])
@@ -169,7 +160,7 @@ def test_two_processes_each_read_their_slice(shapes_dir, tmp_path):
   # Each process read only its own rows' records; together, what one process reads.
   assert set(res[0]['read']).isdisjoint(res[1]['read'])
   it = pipeline.make_iterator(config, 'train', mesh_for(config))
-  single = take(it, 2)
+  single = take_batches(it, 2)
   assert sorted(res[0]['read'] + res[1]['read']) == sorted(
       it._index(r + 8 * j) for r in range(8) for j in range(2))  # pylint: disable=protected-access
   for got, want in zip(res[0]['batches'], single):
