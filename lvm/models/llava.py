@@ -144,28 +144,25 @@ class LLaVA(nn.Module):
             image_features=None):
     """The decoder's input embeddings float[B, L, D] with the visual tokens in place."""
     is_image = input_ids == self.image_token_id
-    if image_features is not None:  # the tower's output, precomputed: skip the tower
-      if images is not None or self.anyres is not None:
-        raise ValueError('image_features float[B, N, Pv, Dv] replace images of a fixed-size '
-                         'model: pass images=None (and no anyres layout)')
-      num_images = image_features.shape[1]
-      check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
-      x = self.embed_text(input_ids)
-      if num_images:
-        x = merge_visual_tokens(x, self.project_features(image_features), is_image)
-      return x
-    num_images = 0 if images is None else images.shape[1]
+    if image_features is not None and (images is not None or self.anyres is not None):
+      raise ValueError('image_features float[B, N, Pv, Dv] replace images of a fixed-size '
+                       'model: pass images=None (and no anyres layout)')
     x = self.embed_text(input_ids)
     if self.anyres is not None:
-      if num_images:
+      if images is not None and images.shape[1]:
         tokens = self.embed_anyres(images, input_ids, image_sizes, tile_budget, tile_groups)
         x = merge_visual_tokens(x, tokens, is_image)
       elif self.is_initializing():
         self.image_newline  # pylint: disable=pointless-statement  (created for text-only init)
       return x
+    # Cached features (lvm.data.feature_cache) are the tower's output: only the projector runs.
+    pixels_or_features = images if image_features is None else image_features
+    num_images = 0 if pixels_or_features is None else pixels_or_features.shape[1]
     check_image_tokens(input_ids, self.image_token_id, self.tokens_per_image, num_images)
     if num_images:
-      x = merge_visual_tokens(x, self.embed_image(images), is_image)
+      tokens = (self.embed_image(images) if image_features is None
+                else self.project_features(image_features))
+      x = merge_visual_tokens(x, tokens, is_image)
     return x
 
   def forward(self, images, input_ids, attention_mask=None, positions=None, cache=None,
