@@ -28,9 +28,9 @@ from lvm import quantize
 from lvm import registry
 from lvm import sharding
 from lvm.data import feature_cache
-from lvm.data import grain_rows
 from lvm.data import images
 from lvm.data import length_groups
+from lvm.data import loaders
 from lvm.data import mixture
 from lvm.data import packing
 
@@ -232,7 +232,7 @@ def _check_data(p: registry.Problems, config, bad_kinds: set[str]):
     p.add('data.max_images', f'must be an integer >= 0, got {max_images!r}',
           'set it to the most images a sample may carry (LLaVA-1.5: 1)')
   packing.check_config(config, p)
-  grain_rows.check_config(config, p)
+  loaders.check_config(config, p)
   length_groups.check_config(config, p)
   feature_cache.check_config(config, p)
   mixture.check_config(config, p)

@@ -3,6 +3,10 @@
 Every test process sees 8 emulated CPU devices (tests/conftest.py).
 """
 
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -144,3 +148,21 @@ def test_run_reports_every_mode(mode):
   if mode == 'decode':
     assert r['bandwidth_limit_tokens_per_s_per_row'] > 0
 
+
+
+def test_benchmark_path_imports_without_grain_or_tensorflow():
+  # The GPU image has jax, flax, optax, orbax, torch and transformers but no grain or
+  # tensorflow(-datasets): the benchmark and generation paths must not import them.
+  blocker = (
+      'import sys, importlib.abc\n'
+      'class Block(importlib.abc.MetaPathFinder):\n'
+      '  def find_spec(self, name, path, target=None):\n'
+      "    if name.split('.')[0] in ('grain', 'tensorflow', 'tensorflow_datasets'):\n"
+      "      raise ImportError('not on the GPU image: ' + name)\n"
+      'sys.meta_path.insert(0, Block())\n'
+      'import lvm.bench, lvm.generate, lvm.hf, lvm.evaluate, lvm.validate\n'
+      'from benchmarks import gpu_suite, generate_speed\n')
+  p = subprocess.run([sys.executable, '-c', blocker], capture_output=True, text=True,
+                     cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
+                     check=False)
+  assert p.returncode == 0, p.stderr[-2000:]

@@ -23,19 +23,6 @@ from typing import Any
 from absl import flags
 import grain
 
-LOADERS = ('threads', 'grain')
-
-
-def check_config(config, problems):
-  """The `data.loader` key's problems (lvm.validate calls it with the config's problems)."""
-  loader = config.data.get('loader')
-  if loader not in LOADERS:
-    problems.add('data.loader', f'must be one of {LOADERS}, got {loader!r}',
-                 "'threads' preprocesses in threads, 'grain' in grain worker processes")
-  elif loader == 'grain' and config.data.get('vision_features_cache'):
-    problems.add('data.loader', "'grain' does not read data.vision_features_cache yet (its "
-                 'store is opened in the trainer process)', "use data.loader='threads'")
-
 
 class RowStream(grain.IterDataset):
   """The local rows' examples, batch after batch, row after row: element i is

@@ -51,7 +51,6 @@ import numpy as np
 from lvm import sharding as sharding_lib
 from lvm.data import anyres as anyres_lib
 from lvm.data import feature_cache
-from lvm.data import grain_rows
 from lvm.data import images as images_lib
 from lvm.data import length_groups
 from lvm.data import mixture as mixture_lib
@@ -471,6 +470,8 @@ class DataIterator:
 
   def _rows_by_grain(self, cursors):
     if self._grain is None:
+      # Imported here: grain is needed only by runs that pick it (lvm.data.loaders).
+      from lvm.data import grain_rows  # pylint: disable=import-outside-toplevel
       _LIVE.add(self)
       self._grain = grain_rows.Loader(self, self.rows, cursors,
                                       int(self.config.data.num_workers),
