@@ -183,7 +183,9 @@ def row(r):
            f'{mem / 2 ** 30:.1f}' if mem else '-', f"{r['compile_s']:.0f}"]
   if 'decode_tokens_per_s_per_row' in r:
     cells.append(f"{r['decode_tokens_per_s_per_row']:.1f} tok/s vs limit "
-                 f"{r['bandwidth_limit_tokens_per_s_per_row']:.1f}")
+                 f"{r['bandwidth_limit_tokens_per_s_per_row']:.1f}"
+                 + (f" ({100 * r['fraction_of_bandwidth_limit']:.0f}%)"
+                    if 'fraction_of_bandwidth_limit' in r else ''))
   return '| ' + ' | '.join(cells) + ' |'
 
 

@@ -11,7 +11,7 @@ Modes, each timing the very function the rest of lvm runs (one compile path):
            samples the first token (time to first token when batch_size=1).
   decode   `lvm.generate.Generator.decode`: one token per row with the KV cache (tokens/s =
            batch / step time); also reports the bandwidth limit: measured copy bandwidth /
-           bytes of the weights.
+           bytes a step reads (decoder weights + the KV cache's filled slots).
 
 Timing: `--warmup` steps after compilation are discarded, then `--steps` steps are
 each timed to completion (`block_until_ready` on every output), and the median, the
@@ -215,6 +215,28 @@ def tree_bytes(tree) -> int:
   return int(sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(tree)))
 
 
+def decode_read_bytes(params, cache, batch: int, filled: int) -> dict[str, int]:
+  """Bytes one decode step must read from device memory: the roofline's numerator.
+
+  weights: every decoder parameter once (LM head included) except the input embedding, of
+    which only the `batch` fed rows (all of it when the head is tied to it); the vision
+    tower and projector are not run.
+  kv_cache: keys and values of the `filled` slots of each row (the prompt and the tokens
+    so far) in the cache's layout {'k', 'v': [layers, batch, slots, kv_heads, head_dim]}.
+  kv_cache_allocated: the same over every slot of the cache buffer, which attention reads
+    masked when it does not skip the empty tail.
+  """
+  decoder = params['decoder']
+  weights = tree_bytes(decoder)
+  embed = decoder.get('embed_tokens')
+  if embed is not None and 'lm_head' in decoder:
+    weights -= tree_bytes(embed) - batch * embed.shape[-1] * embed.dtype.itemsize
+  allocated = tree_bytes(cache)
+  slots = cache['k'].shape[2]
+  return {'weights': weights, 'kv_cache': allocated * min(filled, slots) // slots,
+          'kv_cache_allocated': allocated}
+
+
 # --------------------------------------------------------------------------- modes
 
 
@@ -303,14 +325,21 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
 
         times = time_steps(one, steps, warmup, trace_dir)
         tokens = b
-        report['weight_bytes'] = tree_bytes(gen.params)
+        # The timed steps' slots filled, at the middle of the span (as the FLOPs count).
+        read = decode_read_bytes(gen.params, holder[1], b, l + warmup + steps // 2)
+        report['decode_read_bytes'] = read
+        report['weight_bytes'] = read['weights']
   report['memory'] = memory_stats(compiled, device)
   if mode == 'decode':
-    # Outside the mesh context: a single-device copy. Batch-1 decode reads every weight
-    # once per token, so tokens/s <= bandwidth / weight bytes.
+    # Outside the mesh context: a single-device copy. A decode step reads the decoder's
+    # weights once and every row's KV cache, so steps/s <= bandwidth / those bytes.
     bw = copy_bandwidth(device)
+    read = report['decode_read_bytes']
     report['copy_bandwidth_GBps'] = bw / 1e9
-    report['bandwidth_limit_tokens_per_s_per_row'] = bw / report['weight_bytes']
+    report['bandwidth_limit_tokens_per_s_per_row'] = bw / (read['weights'] + read['kv_cache'])
+    report['bandwidth_limit_formula'] = (
+        'measured copy bytes/s / (decoder weight bytes + KV cache bytes of the filled slots '
+        'of every row)')
 
   t = summarize(times)
   report['step_s'] = t
@@ -330,6 +359,8 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
     report['mfu_vs_measured_matmul'] = achieved / (measured * 1e12 * num_devices)
   if mode == 'decode':
     report['decode_tokens_per_s_per_row'] = 1.0 / t['median']
+    report['fraction_of_bandwidth_limit'] = (
+        report['decode_tokens_per_s_per_row'] / report['bandwidth_limit_tokens_per_s_per_row'])
   report['load_average'] = os.getloadavg()[0] if hasattr(os, 'getloadavg') else None
   return report
 
@@ -351,10 +382,13 @@ def format_report(r: dict[str, Any]) -> str:
     lines.append(f"  samples/s         {r['samples_per_s']:.2f}")
   lines.append(f"  tokens/s          {r['tokens_per_s']:.1f}")
   if 'decode_tokens_per_s_per_row' in r:
-    lines.append(f"  decode tokens/s/row {r['decode_tokens_per_s_per_row']:.1f}  (bandwidth "
-                 f"limit {r['bandwidth_limit_tokens_per_s_per_row']:.1f}: "
-                 f"{r['weight_bytes'] / 1e9:.3f} GB weights / "
-                 f"{r['copy_bandwidth_GBps']:.1f} GB/s copy)")
+    read = r['decode_read_bytes']
+    lines.append(f"  decode tokens/s/row {r['decode_tokens_per_s_per_row']:.1f}  "
+                 f"({100 * r['fraction_of_bandwidth_limit']:.1f}% of the bandwidth limit "
+                 f"{r['bandwidth_limit_tokens_per_s_per_row']:.1f} = "
+                 f"{r['copy_bandwidth_GBps']:.1f} GB/s copy / ({read['weights'] / 1e9:.4g} GB "
+                 f"weights + {read['kv_cache'] / 1e9:.4g} GB KV cache; "
+                 f"{read['kv_cache_allocated'] / 1e9:.4g} GB allocated))")
   lines.append(f"  model FLOPs/step  {r['model_flops_per_step']:.4g}  "
                f"({r['achieved_tflops']:.3f} TFLOP/s achieved)")
   lines.append(f"    = {r['flops_formula']}")

@@ -146,7 +146,26 @@ def test_run_reports_every_mode(mode):
   if mode == 'train':
     assert np.isfinite(r['loss']) and abs(r['loss'] - np.log(512)) < 1.0
   if mode == 'decode':
-    assert r['bandwidth_limit_tokens_per_s_per_row'] > 0
+    read = r['decode_read_bytes']
+    assert r['bandwidth_limit_tokens_per_s_per_row'] == pytest.approx(
+        r['copy_bandwidth_GBps'] * 1e9 / (read['weights'] + read['kv_cache']))
+    assert r['fraction_of_bandwidth_limit'] == pytest.approx(
+        r['decode_tokens_per_s_per_row'] / r['bandwidth_limit_tokens_per_s_per_row'])
+
+
+def test_decode_reads_the_decoder_and_the_filled_cache_slots():
+  config = tiny.get_config()  # decoder width 64 x 2 layers, 4 heads, 2 KV heads of 16, vocab 512
+  params = bench.Bench(config).init_params()
+  cache = {'k': jnp.zeros((2, 3, 40, 2, 16), jnp.bfloat16),
+           'v': jnp.zeros((2, 3, 40, 2, 16), jnp.bfloat16)}
+  read = bench.decode_read_bytes(params, cache, batch=3, filled=10)
+  # float32 params: per layer 2 norms of 64, q/o 64x64, k/v 64x32, gate/up/down 64x128;
+  # final norm 64; LM head 64x512; 3 embedding rows of 64. Not the tower or projector.
+  per_layer = 2 * 64 + 2 * 64 * 64 + 2 * 64 * 32 + 3 * 64 * 128
+  assert read['weights'] == 4 * (2 * per_layer + 64 + 64 * 512 + 3 * 64)
+  # k and v: 2 layers x 3 rows x 10 of 40 slots x 2 heads x 16, 2 bytes each.
+  assert read['kv_cache'] == 2 * (2 * 3 * 10 * 2 * 16) * 2
+  assert read['kv_cache_allocated'] == 4 * read['kv_cache']
 
 
 
