@@ -1,7 +1,7 @@
 """Training memory of a LLaVA-1.5 7B: full fine-tune vs LoRA vs LoRA on a quantized base.
 
   python -m benchmarks.memory [--size=7b] [--rank=128] [--batch=1] [--seq_len=2048]
-                              [--compiled=small|tiny|none] [--json]
+                              [--compiled=small|tiny|none] [--plan] [--json]
 
 Part 1 (no allocation): the train state of `configs/llava15.py:size=SIZE` as the trainer
 builds it (`lvm.state.StateFactory`: `jax.eval_shape` over the real init, the optimizer's
@@ -175,11 +175,22 @@ COMPILED = (('full fine-tune', 'finetune', 'none'),
             ('frozen decoder + tower, int4', 'pretrain', 'int4'))
 
 
+def compiled_memory(config):
+  """(StateFactory, XLA's memory analysis of the compiled train step) of `config` on this
+  machine's first device; the arguments are abstract, so nothing is allocated."""
+  import jax  # pylint: disable=import-outside-toplevel
+  from lvm import bench  # pylint: disable=import-outside-toplevel
+  from lvm import step as step_lib  # pylint: disable=import-outside-toplevel
+  f = factory(config)
+  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
+  jitted = step_lib.jit_train_step(f, abstract_batch, **step_lib.step_options(config.train))
+  return f, jitted.lower(f.abstract, abstract_batch).compile().memory_analysis()
+
+
 def compiled_rows(kind: str, settings=COMPILED) -> list[dict]:
   """Part 2: XLA's memory analysis of the compiled train step of a smaller config."""
-  import jax  # pylint: disable=import-outside-toplevel
-  from lvm import bench, quantize  # pylint: disable=import-outside-toplevel
-  from lvm import step as step_lib  # pylint: disable=import-outside-toplevel
+  from lvm import quantize  # pylint: disable=import-outside-toplevel
   rows = []
   for name, stage, quantization in settings:
     if kind == 'small':
@@ -187,16 +198,63 @@ def compiled_rows(kind: str, settings=COMPILED) -> list[dict]:
     else:
       config = llava15('tiny', stage, quantization)
       config.data.seq_len, config.train.batch_size = 64, 2
-    f = factory(config)
-    batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
-    abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
-    jitted = step_lib.jit_train_step(f, abstract_batch)
-    m = jitted.lower(f.abstract, abstract_batch).compile().memory_analysis()
+    f, m = compiled_memory(config)
     rows.append({'setting': name, 'counted_state': quantize.nbytes(f.abstract),
                  'arguments': int(m.argument_size_in_bytes),
                  'temporaries': int(m.temp_size_in_bytes),
                  'outputs': int(m.output_size_in_bytes)})
   return rows
+
+
+# Part 3: remat policies of a full fine-tune, with the bf16 copy of the weights made once a
+# step (`model.precast_weights`, the default). Without it XLA:CPU's analysis came out flat in
+# the batch (126.8 GiB at batch 1 and 2), which says more about the CPU compile than a GPU's.
+PLAN = (('full', True), ('dots_no_batch', True))
+# One H200 (143,771 MiB) with 95% of it given to JAX, as `benchmarks/gpu_suite.py` runs.
+H200_JAX_GIB = 143771 / 1024 * 0.95
+
+
+def plan_rows(size: str, seq_len: int, budget_gib: float, settings=PLAN) -> list[dict]:
+  """Part 3: the full fine-tune's compiled peak at batch 1 and 2 -> fixed bytes, bytes per
+  sequence, and the largest batch whose peak fits `budget_gib`.
+
+  peak = arguments (state + batch) + temporaries: the new state is written over the donated
+  one (outputs alias arguments).
+  """
+  from lvm import quantize  # pylint: disable=import-outside-toplevel
+  rows = []
+  for policy, precast in settings:
+    peaks = []
+    for batch in (1, 2):
+      config = llava15(size, 'finetune')
+      config.data.seq_len, config.train.batch_size = seq_len, batch
+      config.model.remat_policy, config.model.precast_weights = policy, precast
+      f, m = compiled_memory(config)
+      peaks.append(int(m.argument_size_in_bytes) + int(m.temp_size_in_bytes))
+    per_sequence = peaks[1] - peaks[0]
+    fixed = peaks[0] - per_sequence
+    rows.append({'remat_policy': policy, 'precast_weights': precast,
+                 'state': quantize.nbytes(f.abstract), 'fixed': fixed,
+                 'per_sequence': per_sequence,
+                 'max_batch': max(int((budget_gib * GIB - fixed) // per_sequence), 0)})
+  return rows
+
+
+def print_plan(rows, args, out=sys.stdout):
+  import jax  # pylint: disable=import-outside-toplevel
+  print(f'\nFull fine-tune of LLaVA-1.5 {args.size} on one device: compiled train step '
+        f'({jax.devices()[0].platform} compile, sequences of {args.seq_len}), against '
+        f'{args.budget_gib:.1f} GiB (GiB)', file=out)
+  print('| remat | bf16 weight copy | state (params + AdamW) | fixed peak | per sequence '
+        '| largest batch |', file=out)
+  print('|---|---|---:|---:|---:|---:|', file=out)
+  for r in rows:
+    print(f"| {r['remat_policy']} | {'yes' if r['precast_weights'] else 'no'} | "
+          f"{r['state'] / GIB:.2f} | {r['fixed'] / GIB:.2f} | {r['per_sequence'] / GIB:.2f} | "
+          f"{r['max_batch']} |", file=out)
+  print('peak(B) = arguments + temporaries of XLA\'s memory analysis; fixed = 2 peak(1) - '
+        'peak(2), per sequence = peak(2) - peak(1); largest batch = (budget - fixed) // per '
+        'sequence', file=out)
 
 
 def print_table(rows, compiled, args, out=sys.stdout):
@@ -232,15 +290,22 @@ def main(argv=None) -> dict:
   parser.add_argument('--batch', type=int, default=1, help='sequences per device (activations)')
   parser.add_argument('--seq_len', type=int, default=2048)
   parser.add_argument('--compiled', default='small', choices=('small', 'tiny', 'none'))
+  parser.add_argument('--plan', action='store_true',
+                      help='also Part 3: remat policies of a full fine-tune on one device')
+  parser.add_argument('--budget_gib', type=float, default=H200_JAX_GIB,
+                      help="Part 3's device memory for JAX (default: 95%% of an H200)")
   parser.add_argument('--json', action='store_true')
   args = parser.parse_args(argv)
   rows = table(args.size, args.rank, args.batch, args.seq_len)
   compiled = compiled_rows(args.compiled) if args.compiled != 'none' else []
+  plan = plan_rows(args.size, args.seq_len, args.budget_gib) if args.plan else []
   if args.json:
-    print(json.dumps({'rows': rows, 'compiled': compiled}))
+    print(json.dumps({'rows': rows, 'compiled': compiled, 'plan': plan}))
   else:
     print_table(rows, compiled, args)
-  return {'rows': rows, 'compiled': compiled}
+    if plan:
+      print_plan(plan, args)
+  return {'rows': rows, 'compiled': compiled, 'plan': plan}
 
 
 if __name__ == '__main__':

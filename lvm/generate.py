@@ -6,9 +6,10 @@ text-level `TextGenerator` (templates, stop strings) that the CLI and `lvm.evalu
 Prompts are left-padded to a bucketed length (positions = cumsum(mask) - 1), the image
 and prompt are prefilled in one pass into a cache of length prompt_bucket + new_bucket,
 and a `lax.while_loop` decodes one token per step until every row hit a stop token or
-`max_new_tokens` tokens exist. Prompt length, output length, batch size and image count
-are bucketed (powers of two by default) and the sampling knobs and `max_new_tokens` are
-traced values, so new inputs rarely recompile. Anyres models (LLaVA-NeXT / OneVision) take
+`max_new_tokens` tokens exist. Prompt and output lengths are bucketed (`length_bucket`:
+powers of two and the half steps between them), batch size and image count to powers of
+two, and the sampling knobs and `max_new_tokens` are traced values, so new inputs rarely
+recompile. Anyres models (LLaVA-NeXT / OneVision) take
 each image as its tiles and size (`lvm.anyres_inputs`): the tile count is bucketed and the
 tower runs on the real tiles only, or every image is padded to the maximum (`bucket_tiles`).
 `Generator.score` gives teacher-forced log-likelihoods of chosen tokens (right-padded,
@@ -55,6 +56,23 @@ def bucket(n: int, buckets: Sequence[int] | None = None, minimum: int = 16) -> i
   return size
 
 
+def length_bucket(n: int, buckets: Sequence[int] | None = None) -> int:
+  """The padded length of n tokens: from `buckets` if given, else the smallest of 16, 24,
+  32, 48, 64, 96, ... (powers of two and 1.5 times them) >= n.
+
+  Half steps between powers of two bound the padding at 50% instead of 100% for two
+  compiled shapes an octave: LLaVA-1.5's evaluation prompts (576 visual + ~50 text tokens)
+  pad to 768 rather than 1024, which the prefill computes and every decode step reads back
+  from the KV cache.
+  """
+  if buckets:
+    return bucket(n, buckets)
+  size = 16
+  while size < n:
+    size = size * 3 // 2 if size & (size - 1) == 0 else size * 4 // 3
+  return size
+
+
 @dataclasses.dataclass
 class Output:
   """One row's result.
@@ -85,7 +103,7 @@ class Generator:
         the mesh is data-parallel over all devices).
       params: the model's parameter tree (boxed or plain; any placement).
       mesh: a jax Mesh; default: built from config.mesh over all devices.
-      prompt_buckets / new_token_buckets: allowed padded lengths (default powers of two).
+      prompt_buckets / new_token_buckets: allowed padded lengths (default `length_bucket`'s).
       bucket_tiles: anyres models only: the tile count bucketed to powers of two and the
         tower run on the real tiles only (True), or every image padded to the config's
         maximum tiles, all through the tower (False); see `lvm.anyres_inputs`.
@@ -260,8 +278,8 @@ class Generator:
     if any(len(p) == 0 for p in prompts):
       raise ValueError('Every prompt needs at least one token (e.g. BOS)')
     b = self.padded_batch(rows, min_batch)
-    lp = bucket(max(len(p) for p in prompts), self.prompt_buckets)
-    ln = bucket(max_new_tokens, self.new_token_buckets)
+    lp = length_bucket(max(len(p) for p in prompts), self.prompt_buckets)
+    ln = length_bucket(max_new_tokens, self.new_token_buckets)
     ids = np.full((b, lp), self.pad_id, np.int32)
     mask = np.zeros((b, lp), bool)
     for r, p in enumerate(prompts):
@@ -405,7 +423,7 @@ class Generator:
         raise ValueError(f'Row {r}: the first token has no prefix to be predicted from')
     b = bucket(max(rows, min_batch), minimum=1)
     b = -(-b // self.batch_multiple) * self.batch_multiple
-    length = bucket(max(len(s) for s in sequences), self.prompt_buckets)
+    length = length_bucket(max(len(s) for s in sequences), self.prompt_buckets)
     ids = np.full((b, length), self.pad_id, np.int32)
     mask = np.zeros((b, length), bool)
     for r, (seq, tgt) in enumerate(zip(sequences, targets)):

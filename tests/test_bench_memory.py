@@ -32,3 +32,20 @@ def test_memory_table_counts_adapters_and_quantized_bases():
   memory.print_table(rows, [c32, c8], types.SimpleNamespace(
       size='tiny', batch=1, seq_len=128, compiled='tiny'), out)
   assert 'int8 base' in out.getvalue() and 'temporaries' in out.getvalue()
+
+
+def test_single_device_plan_fits_the_largest_batch_in_the_budget():
+  budget = 0.05  # GiB: a few sequences of the tiny model
+  rows = memory.plan_rows('tiny', 256, budget)
+  assert [r['remat_policy'] for r in rows] == ['full', 'dots_no_batch']
+  full, dots = rows
+  for r in rows:
+    assert r['state'] > 0 and r['fixed'] > 0 and r['per_sequence'] > 0
+    assert r['fixed'] + r['max_batch'] * r['per_sequence'] <= budget * memory.GIB
+    assert r['fixed'] + (r['max_batch'] + 1) * r['per_sequence'] > budget * memory.GIB
+  # Saving every dot's output keeps more per sequence than recomputing the whole block.
+  assert dots['per_sequence'] > full['per_sequence']
+  out = io.StringIO()
+  memory.print_plan(rows, types.SimpleNamespace(size='tiny', seq_len=256, budget_gib=budget),
+                    out)
+  assert '| dots_no_batch | yes |' in out.getvalue()

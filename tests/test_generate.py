@@ -9,7 +9,7 @@ import flax.linen as nn
 from configs import tiny
 from lvm import models
 from lvm import sharding as lvm_sharding
-from lvm.generate import Generator, bucket
+from lvm.generate import Generator, bucket, length_bucket
 from lvm.inference import cut_at_stop_strings
 from lvm.sampling import SamplingParams, filter_logits, sample
 
@@ -132,9 +132,15 @@ def test_buckets_avoid_recompiles(setup):
   gen.generate([text[:9]], None, max_new_tokens=7)  # same buckets
   gen.generate([text[:1]], None, max_new_tokens=16)
   assert gen.num_compiles == before
-  out = gen.generate([text[:9]], None, max_new_tokens=20)  # a bigger output bucket
+  out = gen.generate([text[:9]], None, max_new_tokens=20)  # a bigger output bucket (24)
   assert gen.num_compiles == before + 1 and len(out[0].tokens) == 20
+  gen.generate([text[:9]], None, max_new_tokens=24)
+  assert gen.num_compiles == before + 1
   assert bucket(17) == 32 and bucket(3) == 16 and bucket(5, [4, 8, 64]) == 8
+  # Lengths: powers of two and the half steps between them (padding at most 50%).
+  assert [length_bucket(n) for n in (3, 17, 25, 33, 513, 626, 769, 1025)] == [
+      16, 24, 32, 48, 768, 768, 1024, 1536]
+  assert length_bucket(5, [4, 8, 64]) == 8
   with pytest.raises(ValueError, match='largest bucket'):
     bucket(65, [4, 8, 64])
 
