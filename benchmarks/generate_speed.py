@@ -20,7 +20,7 @@ with bf16 on a GPU the first differing token is reported, not enforced.
 
   python benchmarks/generate_speed.py                                   # tiny, CPU: a check
   python benchmarks/generate_speed.py --size=7b --batches=1,8,32,64 --new_tokens=16,128 \\
-      --hf_cache=dynamic,static --out=generate_7b.json                  # one GPU
+      --new_token_buckets=128 --repeats=2 --out=generate_7b.json        # one GPU
 
 Prints one table row per (batch, new tokens) and writes --out (JSON) if given.
 """
@@ -58,17 +58,23 @@ SIZES = {
 GPU_XLA_FLAGS = '--xla_gpu_enable_triton_gemm=false --xla_gpu_enable_dynamic_slice_fusion=true'
 
 
-def build_hf(size: dict, device, dtype, folder: str):
-  """A random transformers LLaVA of `size` on `device`, saved to `folder`."""
-  import torch  # pylint: disable=g-import-not-at-top
+def hf_config(size: dict):
+  """The transformers `LlavaConfig` of `size` (the image token: 32000 in the 7b's vocab)."""
   import transformers  # pylint: disable=g-import-not-at-top
   vocab = size['text']['vocab_size']
-  config = transformers.LlavaConfig(
+  return transformers.LlavaConfig(
       vision_config=transformers.CLIPVisionConfig(**size['vision']),
       text_config=transformers.LlamaConfig(
           **size['text'], max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
           eos_token_id=2),
       image_token_index=vocab - 64 if vocab > 4096 else vocab - 2)
+
+
+def build_hf(size: dict, device, dtype, folder: str):
+  """A random transformers LLaVA of `size` on `device`, saved to `folder`."""
+  import torch  # pylint: disable=g-import-not-at-top
+  import transformers  # pylint: disable=g-import-not-at-top
+  config = hf_config(size)
   torch.manual_seed(0)
   default = torch.get_default_dtype()
   torch.set_default_dtype(dtype)  # built in its dtype: no float32 copy of a 7B on the device
@@ -168,6 +174,9 @@ def main():
   parser.add_argument('--prompt_buckets', default='',
                       help="lvm's padded prompt lengths, comma-separated (default: "
                       'lvm.generate.length_bucket)')
+  parser.add_argument('--new_token_buckets', default='',
+                      help="lvm's answer-length buckets, comma-separated: '128' times every "
+                      'answer length with one compiled loop per batch (it stops at N)')
   parser.add_argument('--scan', type=int, default=1, help='lvm: scanned decoder layers')
   parser.add_argument('--repeats', type=int, default=3)
   parser.add_argument('--torch_threads', type=int, default=0, help='0: torch default')
@@ -212,8 +221,10 @@ def main():
     load_s = time.perf_counter() - start
   one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
                                  ('data', 'fsdp', 'tensor'))
-  buckets = [int(x) for x in args.prompt_buckets.split(',')] if args.prompt_buckets else None
-  gen = Generator(model_config, params, mesh=one_device, prompt_buckets=buckets)
+  ints = lambda text: [int(x) for x in text.split(',')] if text else None
+  buckets = ints(args.prompt_buckets)
+  gen = Generator(model_config, params, mesh=one_device, prompt_buckets=buckets,
+                  new_token_buckets=ints(args.new_token_buckets))
   assert gen.tokens_per_image == image_tokens, (gen.tokens_per_image, image_tokens)
   del params
   lvm_times, lvm_ttft = time_lvm(gen, prompts, images, batches, new_tokens, args.repeats)
@@ -233,7 +244,8 @@ def main():
   result = {
       'size': args.size, 'device': str(jax.devices()[0].device_kind), 'torch_device': device,
       'dtype': jax_dtype, 'prompt_tokens': len(prompts[0]), 'image_tokens': image_tokens,
-      'prompt_bucket': length_bucket(len(prompts[0]), buckets), 'scan_layers': bool(args.scan),
+      'prompt_bucket': length_bucket(len(prompts[0]), buckets),
+      'new_token_buckets': args.new_token_buckets or 'default', 'scan_layers': bool(args.scan),
       'xla_flags': os.environ.get('XLA_FLAGS', ''), 'jax': jax.__version__,
       'torch': torch.__version__, 'transformers': transformers.__version__,
       'hf_build_s': build_s, 'lvm_load_s': load_s, 'lvm_ttft_ms': 1e3 * lvm_ttft,

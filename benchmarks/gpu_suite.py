@@ -91,6 +91,17 @@ VARIANTS = {
     'train_2b_cublas_dsf': ('size=2b', _TRAIN, _CUBLAS_DSF),
     'train_3b_batch4': ('size=3b,batch_size=4', _TRAIN),
     'train_3b_batch4_remat_flash': ('size=3b,batch_size=4,remat=dots_no_batch_flash', _TRAIN),
+    # LLaVA-1.5-7B stage 2 (decoder + projector trained in full, float32 master weights and
+    # AdamW) on one H200: params and AdamW take 76.7 GiB, the float32 gradients 25.2 and the
+    # bf16 weight copy 13.2, so what is left of JAX's 133 GiB bounds the batch (`python -m
+    # benchmarks.memory --plan`). Gradient accumulation would add a 25.2 GiB float32 sum.
+    'train_7b_full_b6': ('size=7b,remat=full,batch_size=6', _TRAIN),
+    'train_7b_full_b4': ('size=7b,remat=full,batch_size=4', _TRAIN),
+    # No forward rerun (every dot and cuDNN attention's outputs saved), at the batch that
+    # fits; without the weight copy (cast per layer) there is room for two more sequences.
+    'train_7b_flash_b2': ('size=7b,remat=dots_no_batch_flash,batch_size=2', _TRAIN),
+    'train_7b_flash_b4_nocast': ('size=7b,remat=dots_no_batch_flash,batch_size=4',
+                                 _TRAIN + ['--config.model.precast_weights=false']),
     # Time to first token.
     'prefill_7b': (_7B, _PREFILL),
     # Batch-1 decode of the 7B decoder against weight bytes / measured copy bandwidth.
@@ -105,6 +116,8 @@ VARIANTS = {
     'prefill_7b_unscanned': (_7B + ',scan=0', _PREFILL),
     'decode_7b_xla_attention': (_7B + ',attention=xla', _DECODE),
     'decode_7b_unscanned': (_7B + ',scan=0', _DECODE),
+    # Unrolled layers read their weights as whole arrays: no dynamic slice to fuse.
+    'decode_7b_unscanned_cublas': (_7B + ',scan=0', _DECODE, _CUBLAS),
 }
 
 flags.DEFINE_list('only', ['train_2b', 'prefill_7b', 'decode_7b'], 'Variants to run, in order.')

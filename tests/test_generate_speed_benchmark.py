@@ -7,6 +7,12 @@ import os
 import subprocess
 import sys
 
+import jax
+
+from benchmarks import generate_speed
+from lvm import models
+from lvm.hf import configs
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
@@ -29,3 +35,15 @@ def test_generate_speed_tiny_matches_transformers(tmp_path):
     assert row['speedup'] == best / row['lvm_s']
   assert r['lvm_ttft_ms'] > 0 and set(r['hf_ttft_ms']) == {'dynamic', 'static'}
   assert '| 3 | 5 |' in p.stdout
+
+
+def test_7b_preset_is_llava15_7b():
+  hf = generate_speed.hf_config(generate_speed.SIZES['7b'])
+  model = configs.llava_from_hf(hf.to_dict())
+  d = model.decoder
+  assert (d.width, d.depth, d.heads, d.kv_heads, d.mlp_dim, d.vocab_size) == (
+      4096, 32, 32, 32, 11008, 32064)
+  assert model.image_token_id == 32000 and model.vision.image_size == 336
+  assert (model.vision.width, model.vision.depth) == (1024, 24)
+  params = sum(int(x.size) for x in jax.tree.leaves(models.abstract_params(model)))
+  assert abs(params - 7.06e9) < 0.01e9  # llava-1.5-7b-hf: 7.06 B parameters
