@@ -15,6 +15,10 @@
 #   infer7b   time to first token (image + 64-token prompt), batch-1 decode against its
 #             bandwidth roofline, scanned and unrolled (~3 x 70 s)
 #   train2b   the fastest H100 setting (53.5% MFU there) on this card (~100 s)
+#   packed    train2b beside the same step on packed LLaVA-665K-like rows, with cuDNN's and
+#             XLA's attention, MFU on the real tokens (~3 x 100 s)
+#   next      a LLaVA-NeXT-shaped 2.4 B stage 2 (anyres tiles, 4096-token rows, tower
+#             trained), MFU on the images' own tiles (~120 s)
 #
 # The GPU image has no ml-collections: carry it as a wheel. Here, once:
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 \
@@ -59,8 +63,13 @@ for part in "$@"; do
       suite prefill_7b_cublas,decode_7b_cublas,decode_7b_unscanned_cublas 200 ;;
     train2b)
       suite train_2b 300 ;;
+    packed)
+      suite train_2b,train_2b_packed,train_2b_packed_xla_attention 240 ;;
+    next)
+      suite train_2b_next 300 ;;
     *)
-      echo "unknown part '$part': generate, static, train7b, infer7b, train2b" >&2; exit 2 ;;
+      echo "unknown part '$part': generate, static, train7b, infer7b, train2b, packed," \
+           "next" >&2; exit 2 ;;
   esac
   echo "== $part: $(( $(date +%s) - start )) s" | tee -a "$OUT/parts.txt"
 done

@@ -58,13 +58,25 @@ def _count(tree) -> int:
 # --------------------------------------------------------------------------- inputs
 
 
-def synthetic_batch(config, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+# Text tokens of a packed sample: lognormal, median 328 and sigma 0.68, fit to the LLaVA-665K
+# stage-2 samples of `benchmarks/host_pipeline.py` (docs/data.md: 576 visual + text tokens,
+# p10 726, p50 904, p90 1431 in all).
+PACKED_TEXT_MEDIAN, PACKED_TEXT_SIGMA = 328, 0.68
+
+
+def synthetic_batch(config, batch_size: int, seq_len: int, seed: int = 0,
+                    packed: bool | None = None) -> dict[str, np.ndarray]:
   """A batch of the pipeline's shapes: each row starts with its images' tokens, then text.
 
   Text ids avoid the image and pad ids; the loss covers every text token after the
   first. Returns numpy arrays (images f32[B, N, H, W, 3], input_ids i32[B, L],
-  loss_mask / attention_mask bool[B, L]).
+  loss_mask / attention_mask bool[B, L]). Packed rows (`packed_rows`) when `packed`, by
+  default when `config.data.packing` is on.
   """
+  if config.data.get('packing') if packed is None else packed:
+    return packed_rows(config, batch_size, seq_len, seed)
+  if config.model.anyres.pinpoints:
+    return anyres_rows(config, batch_size, seq_len, seed)
   c = config.model
   rng = np.random.default_rng(seed)
   n_img = config.data.max_images
@@ -74,17 +86,111 @@ def synthetic_batch(config, batch_size: int, seq_len: int, seed: int = 0) -> dic
                      'tokens; raise config.data.seq_len')
   size = c.vision.image_size
   images = rng.standard_normal((batch_size, n_img, size, size, 3), dtype=np.float32)
-  special = {c.image_token_id, c.pad_token_id}
-  vocab = c.decoder.vocab_size
-  ids = rng.integers(0, vocab, (batch_size, seq_len), dtype=np.int32)
-  for s in special:  # move accidental special ids onto an ordinary one
-    ids[ids == s] = min(set(range(len(special) + 1)) - special)
+  ids = _text_ids(config, rng, (batch_size, seq_len))
   ids[:, :n_img * p] = c.image_token_id
   loss_mask = np.zeros((batch_size, seq_len), bool)
   loss_mask[:, n_img * p + 1:] = True
   attention_mask = np.ones((batch_size, seq_len), bool)
   return {'images': images, 'input_ids': ids, 'loss_mask': loss_mask,
           'attention_mask': attention_mask}
+
+
+# Anyres rows' image sizes (height, width) at 336 px tiles, scaled to the model's tile size:
+# 4:3 photos both ways (COCO's 640 x 480), 16:9, square, a letter-size page.
+ANYRES_SIZES = ((480, 640), (640, 480), (720, 1280), (600, 600), (1100, 850))
+
+
+def anyres_rows(config, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A batch of an anyres model (LLaVA-NeXT / OneVision): each image a size from
+  ANYRES_SIZES, its base and grid tiles in the first of its T tile slots (the rest zero), as
+  many image tokens as the model gives that size, then text to the end of the row.
+
+  Adds image_sizes int32[B, N, 2]; images f32[B, N, T, S, S, 3].
+  """
+  from lvm.data import anyres as data_anyres  # pylint: disable=g-import-not-at-top
+  from lvm.models import anyres_model  # pylint: disable=g-import-not-at-top
+  c = config.model
+  rng = np.random.default_rng(seed)
+  lay = anyres_model.layout(c)
+  n_img, slots, s = config.data.max_images, anyres_model.num_tiles(c), lay.tile_size
+  images = np.zeros((batch_size, n_img, slots, s, s, 3), np.float32)
+  sizes = np.zeros((batch_size, n_img, 2), np.int32)
+  ids = _text_ids(config, rng, (batch_size, seq_len))
+  loss_mask = np.zeros((batch_size, seq_len), bool)
+  for r in range(batch_size):
+    start = 0
+    for i in range(n_img):
+      h, w = ANYRES_SIZES[rng.integers(len(ANYRES_SIZES))]
+      size = (max(h * s // 336, 1), max(w * s // 336, 1))
+      tiles = 1 + int(np.prod(data_anyres.grid_shape(size, lay.pinpoints, s)))
+      images[r, i, :tiles] = rng.standard_normal((tiles, s, s, 3), dtype=np.float32)
+      sizes[r, i] = size
+      count = lay.num_image_tokens(size)
+      if start + count + 2 > seq_len:
+        raise ValueError(f'seq_len {seq_len} leaves no room for text after an image of '
+                         f'{count} tokens; raise config.data.seq_len')
+      ids[r, start:start + count] = c.image_token_id
+      start += count
+    loss_mask[r, start + 1:] = True
+  return {'images': images, 'image_sizes': sizes, 'input_ids': ids, 'loss_mask': loss_mask,
+          'attention_mask': np.ones((batch_size, seq_len), bool)}
+
+
+def _text_ids(config, rng, shape) -> np.ndarray:
+  c = config.model
+  special = {c.image_token_id, c.pad_token_id}
+  ids = rng.integers(0, c.decoder.vocab_size, shape, dtype=np.int32)
+  for s in special:  # move accidental special ids onto an ordinary one
+    ids[ids == s] = min(set(range(len(special) + 1)) - special)
+  return ids
+
+
+def packed_rows(config, batch_size: int, seq_len: int, seed: int = 0) -> dict[str, np.ndarray]:
+  """A packed batch (`lvm.data.packing`'s layout) of LLaVA-665K-like samples.
+
+  Each sample is `data.max_images` images' tokens then lognormal text (PACKED_TEXT_*, at
+  most what a row holds); as the packer does, a row takes the stream's next samples while
+  their tokens fit and their images fit its slots (`packing.pack_image_slots`), and the
+  first that does not starts the next row. Adds segment_ids and positions (int32[B, L]);
+  images f32[B, slots, H, W, 3] with the unused slots zero.
+  """
+  from lvm.data import packing  # pylint: disable=g-import-not-at-top
+  c = config.model
+  rng = np.random.default_rng(seed)
+  n_img = config.data.max_images
+  p = lvm.models.num_image_tokens(config)
+  slots = packing.pack_image_slots(config, p)
+  if n_img * p + 2 > seq_len or n_img > slots:
+    raise ValueError(f'a sample of {n_img} x {p} image tokens and text does not fit a row of '
+                     f'{seq_len} tokens and {slots} image slots')
+  size = c.vision.image_size
+  batch = {'images': np.zeros((batch_size, slots, size, size, 3), np.float32),
+           'input_ids': np.full((batch_size, seq_len), c.pad_token_id, np.int32),
+           'loss_mask': np.zeros((batch_size, seq_len), bool),
+           'attention_mask': np.zeros((batch_size, seq_len), bool),
+           'segment_ids': np.zeros((batch_size, seq_len), np.int32),
+           'positions': np.zeros((batch_size, seq_len), np.int32)}
+
+  def sample_length():
+    text = int(round(PACKED_TEXT_MEDIAN * np.exp(PACKED_TEXT_SIGMA * rng.standard_normal())))
+    return n_img * p + min(max(text, 2), seq_len - n_img * p)
+
+  nxt = sample_length()
+  for r in range(batch_size):
+    used = images = segment = 0
+    while used + nxt <= seq_len and images + n_img <= slots:
+      span = slice(used, used + nxt)
+      segment += 1
+      batch['input_ids'][r, span] = _text_ids(config, rng, (nxt,))
+      batch['input_ids'][r, used:used + n_img * p] = c.image_token_id
+      batch['loss_mask'][r, used + n_img * p + 1:used + nxt] = True
+      batch['attention_mask'][r, span] = True
+      batch['segment_ids'][r, span] = segment
+      batch['positions'][r, span] = np.arange(nxt)
+      batch['images'][r, images:images + n_img] = rng.standard_normal(
+          (n_img, size, size, 3), dtype=np.float32)
+      used, images, nxt = used + nxt, images + n_img, sample_length()
+  return batch
 
 
 # --------------------------------------------------------------------------- steps
@@ -259,7 +365,7 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
   if b % num_devices and mode == 'train':
     raise ValueError(f'config.train.batch_size {b} must be divisible by the {num_devices} '
                      'devices of the mesh')
-  batch = synthetic_batch(config, b, l)
+  batch = synthetic_batch(config, b, l, packed=mode == 'train' and config.data.get('packing'))
   report = {'mode': mode, 'device': device.device_kind, 'platform': device.platform,
             'num_devices': int(num_devices), 'batch_size': b, 'seq_len': l,
             'dtype': config.model.dtype, 'scan_layers': bool(config.model.scan_layers),
@@ -269,6 +375,18 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
   if mode == 'decode':
     # Attention cost grows with the cache position; count the middle of the timed span.
     flops = flops_lib.model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
+  elif 'segment_ids' in batch:  # packed rows: MFU on the real tokens and images only
+    samples = flops_lib.segment_lengths(batch['segment_ids'])
+    real_images = int(np.sum(np.any(batch['images'] != 0, axis=(2, 3, 4))))
+    flops = flops_lib.model_flops(config, b, l, mode, samples=samples, images=real_images)
+    report['packed'] = {'samples': sum(map(len, samples)), 'images': real_images,
+                        'image_slots': int(np.prod(batch['images'].shape[:2])),
+                        'padding': 1 - flops['tokens'] / (b * l)}
+  elif 'image_sizes' in batch:  # anyres: the tower counted on the images' own tiles only
+    real_tiles = int(np.sum(np.any(batch['images'] != 0, axis=(3, 4, 5))))
+    flops = flops_lib.model_flops(config, b, l, mode, tiles=real_tiles)
+    report['anyres'] = {'real_tiles': real_tiles,
+                        'tile_slots': int(np.prod(batch['images'].shape[:3]))}
   else:
     flops = flops_lib.model_flops(config, b, l, mode)
   start = time.perf_counter()
@@ -289,7 +407,7 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
 
     times = time_steps(one, steps, warmup, trace_dir)
     report['loss'] = float(one()[1]['loss'])
-    tokens = b * l
+    tokens = flops['tokens']  # packed rows: the real tokens
   else:
     gen = bench.generator(params)
     rep = lambda x: jax.device_put(x, sharding.replicated(bench.mesh))
@@ -297,18 +415,22 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
     knobs = (rep(np.float32(0.0)), rep(np.int32(0)), rep(np.float32(1.0)))
     args = (gen.params, sbatch['images'], sbatch['input_ids'], sbatch['attention_mask'],
             rep(jax.random.key(0)), *knobs)
+    # An anyres model also takes each image's size (every tile slot runs: no tile budget).
+    sizes = {'image_sizes': sbatch['image_sizes']} if 'image_sizes' in sbatch else {}
     decode_len = decode_len or (16 if mode == 'prefill' else 64)
     with bench.context():
       if mode == 'prefill':
-        compiled, report['compile_s'] = compile_timed(gen.prefill, *args, new_bucket=decode_len)
-        times = time_steps(lambda: compiled(*args), steps, warmup, trace_dir)
+        compiled, report['compile_s'] = compile_timed(gen.prefill, *args, new_bucket=decode_len,
+                                                      **sizes)
+        times = time_steps(lambda: compiled(*args, **sizes), steps, warmup, trace_dir)
         tokens = b * l
       else:
         total = warmup + steps + 1
         if total > decode_len:
           raise ValueError(f'decode: warmup + steps + 1 = {total} tokens exceed --decode_len '
                            f'{decode_len}; raise --decode_len')
-        token, cache, full_mask, next_pos, rng = gen.prefill(*args, new_bucket=decode_len)
+        token, cache, full_mask, next_pos, rng = gen.prefill(*args, new_bucket=decode_len,
+                                                             **sizes)
         # Cache slots and positions of every decoded token, made before the timing.
         index = [rep(np.int32(l + i)) for i in range(total)]
         positions = [next_pos + i for i in range(total)]
@@ -378,6 +500,14 @@ def format_report(r: dict[str, Any]) -> str:
       f"p90 {t['p90'] * 1e3:.2f}, min {t['min'] * 1e3:.2f}, max {t['max'] * 1e3:.2f}; "
       f"{t['n']} steps)",
   ]
+  if 'anyres' in r:
+    lines.append(f"  anyres tiles      {r['anyres']['real_tiles']} real of "
+                 f"{r['anyres']['tile_slots']} slots (FLOPs and MFU count the real ones)")
+  if 'packed' in r:
+    pk = r['packed']
+    lines.append(f"  packed rows       {pk['samples']} samples, {100 * pk['padding']:.1f}% padding, "
+                 f"{pk['images']} images in {pk['image_slots']} slots (tokens/s, FLOPs and "
+                 'MFU count the real tokens and images)')
   if r['samples_per_s'] is not None:
     lines.append(f"  samples/s         {r['samples_per_s']:.2f}")
   lines.append(f"  tokens/s          {r['tokens_per_s']:.1f}")

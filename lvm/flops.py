@@ -227,8 +227,19 @@ def mfu(flops_per_step: float, step_seconds: float, num_devices: int,
   return flops_per_step / step_seconds / (num_devices * peak_tflops_per_device * 1e12)
 
 
+def segment_lengths(segment_ids) -> list[list[int]]:
+  """Per row of a packed batch's int[B, L] `segment_ids`, its samples' lengths (0: padding)."""
+  rows = []
+  for row in np.asarray(segment_ids):
+    ids, counts = np.unique(row[row > 0], return_counts=True)
+    rows.append([int(c) for _, c in sorted(zip(ids, counts))])
+  return rows
+
+
 def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
-                cache_len: int = 0, tiles: int | None = None) -> dict[str, Any]:
+                cache_len: int = 0, tiles: int | None = None,
+                samples: list[list[int]] | None = None,
+                images: int | None = None) -> dict[str, Any]:
   """Model FLOPs of one step of `mode` (DESIGN.md's rule) and the formula.
 
   train: `per_step` with the config's trainable stage. prefill: the same count with
@@ -236,6 +247,11 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
   attention to `cache_len` keys, 4 x layers x heads x head_dim x cache_len (no causal
   halving). `tiles`: anyres models, the tiles the tower runs on in the step (default every
   slot, B x N x T); fixed-size models ignore it.
+
+  Real tokens only (packed rows, `data.packing`): `samples` gives each row's sample lengths
+  (`segment_lengths`); the decoder is then counted on those tokens, each attending within
+  its sample (L_s x per-token FLOPs at length L_s), and not on the rows' padding; `images`,
+  the images the batch holds (default every slot, B x N), counts the tower on those only.
 
   Returns:
     dict with 'total', 'parts' (decoder, vision, projector), 'tokens' and 'formula'.
@@ -253,26 +269,38 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
                f'(2 x {n_dec:,} + 4 x {attn_width} x {cache_len})')
     tokens = batch_size
   else:
-    images = batch_size * config.data.max_images
+    images = images if images is not None else batch_size * config.data.max_images
     image = per_image(config, regex)
     if config.model.anyres.pinpoints:  # counted per tile
       image = per_image(config, regex, tiles=1)
       images = tiles or images * anyres_model.num_tiles(config.model)
-    parts = {'decoder': batch_size * seq_len * token['total'],
+    decoder = batch_size * seq_len * token['total']
+    tokens = batch_size * seq_len
+    if samples is not None:
+      # per_token(L) = matmul + attention(L), with attention linear in the attended length.
+      per_key = token['attention'] // seq_len
+      decoder = sum(n * token['matmul'] + n * n * per_key for row in samples for n in row)
+      tokens = sum(sum(row) for row in samples)
+    parts = {'decoder': decoder,
              'vision': images * image['vision'], 'projector': images * image['projector']}
-    formula = (f"B*L x ({token['formula']}) + {'tiles' if config.model.anyres.pinpoints else 'B*N'}"
-               f" x ({image['formula']}); B={batch_size} L={seq_len} N={config.data.max_images}"
-               + (f' tiles={images}' if config.model.anyres.pinpoints else ''))
+    what = 'tiles' if config.model.anyres.pinpoints else 'images'
+    formula = (f"B*L x ({token['formula']}) + {what} x ({image['formula']}); "
+               f'B={batch_size} L={seq_len} N={config.data.max_images} {what}={images}')
+    if samples is not None:
+      formula = (f"sum over samples of L_s x (the same at L = L_s) + {what} x "
+                 f"({image['formula']}); {sum(map(len, samples))} samples, {tokens} real "
+                 f"tokens of B*L={batch_size * seq_len}, {what}={images}; per token at L: "
+                 f"{token['formula']}")
     if mode == 'train' and config.data.get('vision_features_cache'):
       parts['vision'] = 0  # the step reads the tower's features (lvm.data.feature_cache)
       formula += '; vision cached (data.vision_features_cache): not run'
     scored = int(config.train.max_scored_tokens) if mode == 'train' else 0
     if scored:  # the LM head runs at P positions of a row, not L
       head = lm_head_per_position(config, regex)
-      parts['decoder'] -= batch_size * (seq_len - scored) * head['total']
-      formula += (f" - B x (L - P) x {head['mult']} x N_head; P={scored} "
+      counted = [sum(row) for row in samples] if samples is not None else [seq_len] * batch_size
+      parts['decoder'] -= sum(max(n - scored, 0) for n in counted) * head['total']
+      formula += (f" - (row tokens - P) x {head['mult']} x N_head per row; P={scored} "
                   f"N_head={head['n_head']:,}")
-    tokens = batch_size * seq_len
   return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
           'formula': formula}
 

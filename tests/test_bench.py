@@ -185,3 +185,59 @@ def test_benchmark_path_imports_without_grain_or_tensorflow():
                      cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))),
                      check=False)
   assert p.returncode == 0, p.stderr[-2000:]
+
+
+def test_packed_bench_counts_real_tokens_and_images():
+  config = tiny.get_config('scan=0')
+  with config.unlocked():
+    config.mesh.data = -1
+    config.data.seq_len = 1024
+    config.data.packing = True
+  batch = bench.packed_rows(config, 8, 1024)
+  samples = flops.segment_lengths(batch['segment_ids'])
+  assert sum(map(len, samples)) > 8  # LLaVA-665K-like samples: several a 1024-token row
+  for r, row in enumerate(samples):
+    real = int(batch['attention_mask'][r].sum())
+    assert sum(row) == real and not batch['attention_mask'][r, real:].any()  # padding last
+    start = 0
+    for s, n in enumerate(row, 1):  # each sample: 16 image tokens, text, positions from 0
+      seg = slice(start, start + n)
+      assert (batch['segment_ids'][r, seg] == s).all()
+      assert (batch['positions'][r, seg] == np.arange(n)).all()
+      assert (batch['input_ids'][r, start:start + 16] == config.model.image_token_id).all()
+      assert not batch['loss_mask'][r, start:start + 17].any() and batch['loss_mask'][r, seg].sum() == n - 17
+      start += n
+    used = np.any(batch['images'][r] != 0, axis=(1, 2, 3))
+    assert used.sum() == len(row) and used[:len(row)].all()  # one image a sample, in order
+  r = bench.run(config, 'train', steps=2, warmup=1)
+  assert r['packed']['samples'] == sum(map(len, samples))  # the same seeded batch
+  assert r['model_flops_per_step'] == flops.model_flops(
+      config, 8, 1024, samples=samples, images=r['packed']['images'])['total']
+  real = sum(map(sum, samples))
+  assert r['packed']['padding'] == pytest.approx(1 - real / (8 * 1024))
+  assert r['tokens_per_s'] == pytest.approx(real / r['step_s']['median'])
+  assert np.isfinite(r['loss'])
+
+
+@pytest.mark.parametrize('mode', ['train', 'prefill'])
+def test_anyres_bench_counts_the_images_own_tiles(mode):
+  from lvm.models import anyres_model  # pylint: disable=import-outside-toplevel
+  config = tiny.get_config('scan=0')
+  with config.unlocked():
+    config.mesh.data = -1
+    config.data.seq_len = 256
+    config.model.anyres.pinpoints = [[32, 64], [64, 32], [32, 32]]  # T = 1 + 2 slots
+  batch = bench.anyres_rows(config, 8, 256)
+  lay = anyres_model.layout(config.model)
+  # The row's image tokens are the model's count for that size, and its tiles fill slots.
+  anyres_model.check_image_tokens(batch['input_ids'], batch['image_sizes'],
+                                  config.model.image_token_id, lay)
+  tiles = np.any(batch['images'] != 0, axis=(3, 4, 5))
+  # Photos take a 1 x 2 or 2 x 1 grid (3 tiles), squares a 1 x 1 grid (2 tiles).
+  assert tiles.shape == (8, 1, 3) and 16 < tiles.sum() < 24
+  r = bench.run(config, mode, steps=2, warmup=1)
+  assert r['anyres'] == {'real_tiles': int(tiles.sum()), 'tile_slots': 24}
+  assert r['model_flops_per_step'] == flops.model_flops(
+      config, 8, 256, mode, tiles=int(tiles.sum()))['total']
+  if mode == 'train':
+    assert np.isfinite(r['loss'])

@@ -1,5 +1,6 @@
 """lvm.flops against a count by hand on the tiny config."""
 
+import numpy as np
 import pytest
 
 from configs import tiny
@@ -77,3 +78,23 @@ def test_anyres_counts_the_tiles_the_tower_runs_on():
   assert real['parts']['vision'] == 7 * tower['vision']
   assert real['parts']['projector'] == 7 * tower['projector'] and 'tiles=7' in real['formula']
   assert real['parts']['decoder'] == every['parts']['decoder']
+
+
+def test_packed_rows_count_real_tokens_attending_within_their_sample():
+  config = tiny.get_config()
+  b, l = 2, 64
+  full = lvm.flops.model_flops(config, b, l)
+  token = lvm.flops.per_token(config, l)
+  # One sample filling each row is the unpacked count.
+  assert lvm.flops.model_flops(config, b, l, samples=[[l]] * b)['total'] == full['total']
+  # Row 0: two samples of 32; row 1: one of 40 and 24 padding positions. Matmuls per real
+  # token; attention per token linear in its own sample's length; 3 of 4 image slots used.
+  packed = lvm.flops.model_flops(config, b, l, samples=[[32, 32], [40]], images=3)
+  per_key = 3 * 2 * LAYERS * H * DH  # training: forward + 2 backward, causal halved
+  assert packed['parts']['decoder'] == (104 * token['matmul']
+                                        + (32 * 32 * 2 + 40 * 40) * per_key)
+  assert packed['tokens'] == 104 and '104 real tokens' in packed['formula']
+  image = lvm.flops.per_image(config)
+  assert packed['parts']['vision'] == 3 * image['vision']
+  assert lvm.flops.segment_lengths(np.array([[1, 1, 2, 2, 2, 0], [3, 3, 0, 0, 0, 0]])) == [
+      [2, 3], [2]]

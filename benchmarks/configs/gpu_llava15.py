@@ -18,10 +18,13 @@ unrolls the layers (`scan=0`), keeps every activation (`remat=dots_flash_activat
 runs q/k/v and gate/up as one GEMM each (`fuse=1`), turns Triton GEMMs off and takes batch
 10, the most that fits so; docs/performance.md has the measurements. 7b is for
 inference timing (prefill = time to first token for an image + 64-token prompt:
-576 + 64 = 640 tokens).
+576 + 64 = 640 tokens). `anyres=1` makes it LLaVA-NeXT-shaped (llava-v1.6's pinpoints: up to
+5 tiles, 2928 visual tokens for a 2 x 2 grid; give seq_len=4096, and stage=full to train the
+tower as LLaVA-NeXT's stage 2 does).
 """
 
 from lvm import config as base
+from lvm.data import anyres
 
 SIZES = {
     '1b': dict(width=2048, depth=16, heads=16, kv_heads=16, mlp_dim=5632),
@@ -35,7 +38,8 @@ SIZES = {
 
 def get_config(arg=None):
   arg = base.parse_arg(arg, size='2b', batch_size=8, seq_len=2048, remat='dots_no_batch',
-                       attention='cudnn', scan=True, dtype='bfloat16', fuse=False)
+                       attention='cudnn', scan=True, dtype='bfloat16', fuse=False,
+                       anyres=False, stage='finetune')
   if arg.size not in SIZES:
     raise ValueError(f'size must be one of {sorted(SIZES)}, got {arg.size!r}')
   config = base.get_config()
@@ -48,9 +52,12 @@ def get_config(arg=None):
   config.model.remat_policy = arg.remat
   config.model.attention_impl = arg.attention
   config.model.fuse_projections = arg.fuse
+  if arg.anyres:  # LLaVA-NeXT: llava-v1.6's grids of 336 px tiles, unpadded, image newlines
+    config.model.anyres.pinpoints = [list(p) for p in anyres.LLAVA_NEXT_PINPOINTS]
+    config.model.anyres.vision_aspect_ratio = 'anyres'
   config.data.dataset = 'llava_json'
   config.data.seq_len = arg.seq_len
-  config.train.stage = 'finetune'
+  config.train.stage = arg.stage
   config.train.batch_size = arg.batch_size
   config.optimizer.lr = 2e-5
   config.optimizer.clip_norm = 1.0
