@@ -38,6 +38,7 @@ from ml_collections import config_flags
 import numpy as np
 
 from lvm import bench
+from lvm import synthetic
 from lvm import losses as losses_lib
 import lvm.hf
 
@@ -101,7 +102,7 @@ def compare(config, rounds: int = 6, block: int = 4) -> dict:
   if block < 2:
     raise ValueError('--block must be >= 2 (the first step of each block is dropped)')
   b = bench.Bench(config)
-  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  batch = synthetic.batch(config, config.train.batch_size, config.data.seq_len)
   params = b.init_params()
   num_params = bench._count(params)  # pylint: disable=protected-access
   torch_step, torch_loss0, threads = torch_step_fn(config, params, batch)

@@ -27,6 +27,7 @@ import numpy as np
 
 from configs import llava15
 from lvm import bench
+from lvm import synthetic
 from lvm import config as base
 from lvm import flops
 from lvm import models
@@ -80,7 +81,7 @@ def vision_share(config, seq_len):
 def main(argv):
   del argv
   live_config = bench_config(cached=False)
-  batch = bench.synthetic_batch(live_config, _BATCH.value, live_config.data.seq_len)
+  batch = synthetic.batch(live_config, _BATCH.value, live_config.data.seq_len)
   b = bench.Bench(live_config)
   params = jax.device_get(b.init_params())
   images = batch['images']

@@ -102,7 +102,7 @@ VARIANTS = {
     'train_7b_flash_b2': ('size=7b,remat=dots_no_batch_flash,batch_size=2', _TRAIN),
     'train_7b_flash_b4_nocast': ('size=7b,remat=dots_no_batch_flash,batch_size=4',
                                  _TRAIN + ['--config.model.precast_weights=false']),
-    # `train_2b` on packed rows of LLaVA-665K-like samples (`lvm.bench.packed_rows`): MFU
+    # `train_2b` on packed rows of LLaVA-665K-like samples (`lvm.synthetic.packed_rows`): MFU
     # counts the real tokens, each attending within its sample, and the real images only.
     # Packed rows pass a [B, 1, L, L] segment mask to attention, which cuDNN's flash kernel
     # takes as a bias over every position (XLA's attention is the fallback to compare).
@@ -111,7 +111,7 @@ VARIANTS = {
     'train_2b_packed_xla_attention': (
         'size=2b,scan=0,remat=dots_no_batch,fuse=1,batch_size=8,attention=xla',
         _TRAIN + ['--config.data.packing=true'], _CUBLAS),
-    # LLaVA-NeXT-shaped stage 2 (`lvm.bench.anyres_rows`: photos, 16:9, square and page
+    # LLaVA-NeXT-shaped stage 2 (`lvm.synthetic.anyres_rows`: photos, 16:9, square and page
     # sizes on llava-v1.6's grids, 4096-token rows), tower trained too: MFU on the tiles the
     # images have (most take all 5).
     'train_2b_next': ('size=2b,anyres=1,stage=full,seq_len=4096,batch_size=4,scan=0,'

@@ -179,10 +179,10 @@ def compiled_memory(config):
   """(StateFactory, XLA's memory analysis of the compiled train step) of `config` on this
   machine's first device; the arguments are abstract, so nothing is allocated."""
   import jax  # pylint: disable=import-outside-toplevel
-  from lvm import bench  # pylint: disable=import-outside-toplevel
+  from lvm import synthetic  # pylint: disable=import-outside-toplevel
   from lvm import step as step_lib  # pylint: disable=import-outside-toplevel
   f = factory(config)
-  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  batch = synthetic.batch(config, config.train.batch_size, config.data.seq_len)
   abstract_batch = {k: jax.ShapeDtypeStruct(v.shape, v.dtype) for k, v in batch.items()}
   jitted = step_lib.jit_train_step(f, abstract_batch, **step_lib.step_options(config.train))
   return f, jitted.lower(f.abstract, abstract_batch).compile().memory_analysis()

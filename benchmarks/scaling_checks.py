@@ -29,9 +29,9 @@ def _tiny(arg=''):
 def compile_seconds(config, repeats: int = 2) -> dict[str, float]:
   """Best-of-`repeats` CPU and wall seconds to lower + compile the train step."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lvm import bench  # pylint: disable=g-import-not-at-top
+  from lvm import bench, synthetic  # pylint: disable=g-import-not-at-top
   b = bench.Bench(config)
-  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  batch = synthetic.batch(config, config.train.batch_size, config.data.seq_len)
   sbatch = b.shard_batch(batch)
   state, step = b.train_step(b.init_params(), sbatch)
   cpu, wall = [], []
@@ -72,7 +72,7 @@ def device_bytes(tree) -> dict[int, int]:
 def check_fsdp(num_devices: int = 8, tolerance: float = 0.02) -> dict:
   """Per-device share of parameters + optimizer state under mesh.fsdp=num_devices."""
   import jax  # pylint: disable=g-import-not-at-top
-  from lvm import bench  # pylint: disable=g-import-not-at-top
+  from lvm import bench, synthetic  # pylint: disable=g-import-not-at-top
   if jax.device_count() < num_devices:
     raise RuntimeError(f'check_fsdp needs {num_devices} devices, found {jax.device_count()}; '
                        f'set XLA_FLAGS={_DEVICES_FLAG}={num_devices} before jax starts')
@@ -81,7 +81,7 @@ def check_fsdp(num_devices: int = 8, tolerance: float = 0.02) -> dict:
     config.mesh.data, config.mesh.fsdp, config.mesh.tensor = 1, num_devices, 1
     config.train.stage = 'full'
   b = bench.Bench(config, jax.devices()[:num_devices])
-  batch = bench.synthetic_batch(config, config.train.batch_size, config.data.seq_len)
+  batch = synthetic.batch(config, config.train.batch_size, config.data.seq_len)
   sbatch = b.shard_batch(batch)
   state, step = b.train_step(b.init_params(), sbatch)
   state, _ = step(state, sbatch)  # the step must keep the layout

@@ -21,6 +21,7 @@ from lvm import optim
 from lvm import sharding
 from lvm import state as state_lib
 from lvm import step as step_lib
+from lvm import synthetic
 
 
 def test_scan_compile_time_does_not_grow_with_depth():
@@ -105,7 +106,7 @@ def test_bench_times_the_trainers_jitted_step():
     config.mesh.data = -1
     config.train.max_scored_tokens = 48
   b = bench.Bench(config)
-  batch = b.shard_batch(bench.synthetic_batch(config, 8, config.data.seq_len))
+  batch = b.shard_batch(synthetic.batch(config, 8, config.data.seq_len))
   state, step = b.train_step(b.init_params(), batch)
   # The very function the trainer jits (lvm.step.train_step, with the config's options) ...
   assert isinstance(step, step_lib.JittedStep)
@@ -193,7 +194,7 @@ def test_packed_bench_counts_real_tokens_and_images():
     config.mesh.data = -1
     config.data.seq_len = 1024
     config.data.packing = True
-  batch = bench.packed_rows(config, 8, 1024)
+  batch = synthetic.packed_rows(config, 8, 1024)
   samples = flops.segment_lengths(batch['segment_ids'])
   assert sum(map(len, samples)) > 8  # LLaVA-665K-like samples: several a 1024-token row
   for r, row in enumerate(samples):
@@ -227,7 +228,7 @@ def test_anyres_bench_counts_the_images_own_tiles(mode):
     config.mesh.data = -1
     config.data.seq_len = 256
     config.model.anyres.pinpoints = [[32, 64], [64, 32], [32, 32]]  # T = 1 + 2 slots
-  batch = bench.anyres_rows(config, 8, 256)
+  batch = synthetic.anyres_rows(config, 8, 256)
   lay = anyres_model.layout(config.model)
   # The row's image tokens are the model's count for that size, and its tiles fill slots.
   anyres_model.check_image_tokens(batch['input_ids'], batch['image_sizes'],
