@@ -271,3 +271,33 @@ def test_greedy_matches_transformers_generate(tmp_path):
                               max_new_tokens=NEW, min_new_tokens=NEW, do_sample=False,
                               eos_token_id=None, pad_token_id=0, suppress_tokens=[500], **kw)
     assert out.tokens == ref[0, len(prompt):].tolist()
+
+
+@pytest.mark.parametrize('scan', [True, False])
+def test_a_decode_step_writes_only_the_new_slots_of_the_cache(scan):
+  """The cache passes along the layers (the scan's carry) and each layer writes its new key
+  and value in place: the compiled step holds no cache-sized temporary (it held two, a
+  zero-filled output stack and its copy, when the cache was the scan's per-layer output)."""
+  config = tiny.get_config(f'scan={int(scan)}')
+  with config.unlocked():
+    config.mesh.data = -1
+  one_device = jax.sharding.Mesh(np.asarray(jax.devices()[:1]).reshape(1, 1, 1),
+                                 lvm_sharding.MESH_AXES)
+  model = models.build(config)
+  h = config.model.vision.image_size
+  params = nn.unbox(model.init(jax.random.key(0), jnp.zeros((1, 1, h, h, 3)),
+                               jnp.zeros((1, 8), jnp.int32))['params'])
+  gen = Generator(config, params, mesh=one_device)
+  ids = np.random.RandomState(0).randint(3, 500, (8, 64)).astype(np.int32)
+  rep = lambda x: jax.device_put(x, lvm_sharding.replicated(one_device))
+  knobs = (rep(np.float32(0.0)), rep(np.int32(0)), rep(np.float32(1.0)))
+  with jax.set_mesh(one_device), nn.logical_axis_rules(gen.rules):
+    token, cache, full_mask, next_pos, rng = gen.prefill(
+        gen.params, None, rep(ids), rep(np.ones((8, 64), bool)), rep(jax.random.key(0)),
+        *knobs, new_bucket=64)
+    compiled = gen.decode.lower(gen.params, token, cache, rep(np.int32(64)), full_mask,
+                                next_pos, rng, *knobs).compile()
+  cache_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(cache))
+  memory = compiled.memory_analysis()
+  assert memory.alias_size_in_bytes >= cache_bytes  # the donated cache is the new one
+  assert memory.temp_size_in_bytes < cache_bytes

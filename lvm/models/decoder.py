@@ -93,8 +93,14 @@ class Attention(nn.Module):
   attn_softcap: float = 0.0
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache, cache_index):
-    """x float[B, T, D], rope (cos, sin) -> (float[B, T, D], updated layer cache or None)."""
+  def __call__(self, x, rope, mask, cache, cache_index, layer=0):
+    """x float[B, T, D], rope (cos, sin) -> (float[B, T, D], updated cache or None).
+
+    `cache` is the whole model's {'k', 'v': [layers, B, S, K, Dh]}; this layer (`layer`, an
+    int or a traced index under scan) writes its T new keys and values at `cache_index` and
+    attends to its own slice. Only those slots are written: passed along the layers (the
+    scan's carry), the cache is updated in place, never copied whole per token.
+    """
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype, matmul_impl=self.matmul_impl)
     bias = dict(use_bias=True) if self.attention_bias else {}
     projections = [
@@ -117,12 +123,12 @@ class Attention(nn.Module):
     q, k, v = checkpoint_name(q, 'query'), checkpoint_name(k, 'key'), checkpoint_name(v, 'value')
     new_cache = None
     if cache is not None:
-      k = jax.lax.dynamic_update_slice_in_dim(cache['k'], k.astype(cache['k'].dtype),
-                                              cache_index, axis=1)
-      v = jax.lax.dynamic_update_slice_in_dim(cache['v'], v.astype(cache['v'].dtype),
-                                              cache_index, axis=1)
-      new_cache = {'k': k, 'v': v}
-      k, v = k.astype(self.dtype), v.astype(self.dtype)
+      at = (layer, 0, cache_index, 0, 0)
+      new_cache = {name: jax.lax.dynamic_update_slice(
+          cache[name], new.astype(cache[name].dtype)[None], at)
+                   for name, new in (('k', k), ('v', v))}
+      k, v = (jax.lax.dynamic_index_in_dim(new_cache[name], layer, keepdims=False)
+              .astype(self.dtype) for name in ('k', 'v'))
     scale = (self.query_scale or self.head_dim) ** -0.5
     if self.attn_softcap:
       if mask is None:
@@ -186,9 +192,12 @@ class DecoderBlock(nn.Module):
   post_norms: bool = False
 
   @nn.compact
-  def __call__(self, x, rope, mask, cache, cache_index, sliding=None):
-    """`mask` is one mask, or with `sliding` (a bool, per layer under scan) the pair
-    (global, sliding-window) of which this layer takes one."""
+  def __call__(self, carry, rope, mask, cache_index, sliding=None, layer=0):
+    """carry (x, the whole cache or None) -> (carry, None): the scan's carry, so that the
+    cache is updated in place (`Attention`). `mask` is one mask, or with `sliding` (a bool,
+    per layer under scan) the pair (global, sliding-window) of which this layer takes one;
+    `layer` is this layer's index (per layer under scan)."""
+    x, cache = carry
     kw = dict(dtype=self.dtype, param_dtype=self.param_dtype)
     norm = lambda name: rms_norm(self.norm_eps, self.norm_offset, name=name, **kw)
     if sliding is not None:
@@ -200,7 +209,7 @@ class DecoderBlock(nn.Module):
                              norm_eps=self.norm_eps, attention_bias=self.attention_bias,
                              norm_offset=self.norm_offset, query_scale=self.query_scale,
                              attn_softcap=self.attn_softcap, name='self_attn',
-                             **kw)(h, rope, mask, cache, cache_index)
+                             **kw)(h, rope, mask, cache, cache_index, layer)
     if self.post_norms:
       x = x + norm('post_attention_layernorm')(h)
       h = checkpoint_name(norm('pre_feedforward_layernorm')(x), 'normed')
@@ -212,7 +221,7 @@ class DecoderBlock(nn.Module):
     if self.post_norms:
       h = norm('post_feedforward_layernorm')(h)
     x = nn.with_logical_constraint(x + h, ('batch', 'length', 'act_embed'))
-    return x, new_cache
+    return (x, new_cache), None
 
 
 class Decoder(nn.Module):
@@ -274,7 +283,7 @@ class Decoder(nn.Module):
                     post_norms=self.post_norms)
     block = layers.stack_blocks(
         DecoderBlock, depth=self.depth, scan=self.scan_layers, remat_policy=self.remat_policy,
-        in_axes=(nn.broadcast, nn.broadcast, 0, nn.broadcast, 0))
+        in_axes=(nn.broadcast, nn.broadcast, nn.broadcast, 0, 0))
     if self.precast_weights and not self.is_initializing():
       # A block uses each of its parameters only cast to `dtype`. Casting the layers' weights
       # once, before the layer loop, replaces a cast per layer in the forward pass and another
@@ -340,16 +349,14 @@ class Decoder(nn.Module):
     mask = self._masks(t, start, attention_mask, cache, segment_ids)
     sliding = self.sliding_layers()
     if self.scan_layers:
-      x, new_cache = self.layers(x, rope, mask, cache, cache_index,
-                                 None if sliding is None else jnp.asarray(sliding))
+      (x, new_cache), _ = self.layers((x, cache), rope, mask, cache_index,
+                                      None if sliding is None else jnp.asarray(sliding),
+                                      jnp.arange(self.depth, dtype=jnp.int32))
     else:
-      new_layers = []
+      new_cache = cache
       for i, block in enumerate(self.layers):
-        layer_cache = None if cache is None else jax.tree.map(lambda c: c[i], cache)
-        x, layer_cache = block(x, rope, mask, layer_cache, cache_index,
-                               None if sliding is None else sliding[i])
-        new_layers.append(layer_cache)
-      new_cache = None if cache is None else jax.tree.map(lambda *c: jnp.stack(c), *new_layers)
+        (x, new_cache), _ = block((x, new_cache), rope, mask, cache_index,
+                                  None if sliding is None else sliding[i], i)
     if logit_positions is not None:
       x = jnp.take_along_axis(x, logit_positions[..., None], axis=1)
     x = self.norm(x)
