@@ -30,12 +30,17 @@ only the layers up to the deepest selected hidden state; T is the vision tower's
 
 `model_flops` counts one step of each mode (train, prefill, decode) with its formula;
 `mfu` turns it into model FLOPs utilization against `peak_tflops`. The trainer's logged
-MFU and `lvm.bench` both count this way.
+MFU and `lvm.bench` both count this way. Both also count on real tokens only (padding left
+out, each packed sample attending within itself): `lvm.bench` from the batch's sample
+lengths (`model_flops(..., samples=)`), the trainer from counts its step takes on the device
+(`real_counts`, `real_step_flops`).
 """
 
 import re
 from typing import Any
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 
 import lvm.models
@@ -303,6 +308,49 @@ def model_flops(config, batch_size: int, seq_len: int, mode: str = 'train',
                   f"N_head={head['n_head']:,}")
   return {'total': int(sum(parts.values())), 'parts': parts, 'tokens': tokens,
           'formula': formula}
+
+
+def real_counts(batch, scored_tokens: int = 0) -> dict:
+  """What of a batch is real, for MFU on real tokens: jnp float32 scalars, computed in the
+  jitted step (`lvm.step.train_step`) so that nothing is read back per step.
+
+  'real_tokens': the attended positions (not padding); 'attended_pairs': the sum over
+  samples of L_s^2 (each token attends within its sample: packed rows by their
+  `segment_ids`, else a row is one sample); 'unscored_real': the sum over rows of
+  max(real - P, 0), the real positions without logits when `scored_tokens` P > 0, else 0.
+  `real_step_flops` turns these into FLOPs. Nothing for a batch without `attention_mask`.
+  """
+  if 'attention_mask' not in batch:
+    return {}
+  attended = batch['attention_mask'].astype(jnp.float32)
+  per_row = jnp.sum(attended, axis=1)
+  if 'segment_ids' in batch:
+    segments = batch['segment_ids']
+    def row_pairs(seg, mask):  # sum over positions of their sample's length = sum L_s^2
+      lengths = jax.ops.segment_sum(mask, seg, num_segments=seg.shape[0] + 1)
+      return jnp.sum(jnp.where(seg > 0, lengths[seg], 0.0))
+    pairs = jnp.sum(jax.vmap(row_pairs)(segments, attended))
+  else:
+    pairs = jnp.sum(per_row ** 2)
+  unscored = (jnp.sum(jnp.maximum(per_row - scored_tokens, 0.0)) if scored_tokens
+              else jnp.zeros((), jnp.float32))
+  return {'real_tokens': jnp.sum(per_row), 'attended_pairs': pairs, 'unscored_real': unscored}
+
+
+def real_step_flops(config, real_tokens: float, attended_pairs: float,
+                    unscored_real: float = 0.0) -> float:
+  """Training FLOPs of one step counted on its real tokens (`real_counts`): the decoder on
+  the real tokens, each attending within its sample, the LM head not at unscored positions,
+  and the tower and projector on every image slot (the step runs them all). The same count
+  as `model_flops(..., samples=segment_lengths(...))` at the batch's own lengths."""
+  regex = lora.trainable_regex(config)
+  seq_len = config.data.seq_len
+  token = per_token(config, seq_len, regex)
+  per_key = token['attention'] // seq_len
+  parts = model_flops(config, config.train.batch_size, seq_len)['parts']
+  head = lm_head_per_position(config, regex)['total'] if config.train.max_scored_tokens else 0
+  return float(real_tokens * token['matmul'] + attended_pairs * per_key
+               - unscored_real * head + parts['vision'] + parts['projector'])
 
 
 def train_step_flops(config) -> float | None:

@@ -216,12 +216,21 @@ class SkippedReport(Hook):
         self.shapes = len(shapes)
 
 
+# `flops.real_counts` in a train step's metrics; real_tokens first (whether they are there).
+REAL_COUNTS = ('real_tokens', 'attended_pairs', 'unscored_real')
+
+
 class ReportProgress(Hook):
   """Throughput and MFU on every fetch; every `log_every` steps a metrics record and a line.
 
   The line is `step N/M loss ... lr ... grad_norm ...` in logs; on a terminal a progress
   bar (rate, ETA) shows the loss instead. The first step (compilation) is never timed,
   nor the time spent inside `excluded()` (evaluation).
+
+  `tokens_per_sec` and `mfu` count every position of the batch; `real_tokens_per_sec` and
+  `mfu_real_tokens` only the real ones (`flops.real_step_flops`: no padding, attention within
+  each packed sample), from the counts of every step of the window (each read once its step
+  has run, so the loop never waits for them).
   """
 
   def __init__(self, writer, config, steps: int, first_step: int, lr_schedule):
@@ -230,9 +239,11 @@ class ReportProgress(Hook):
     self.batch_size = config.train.batch_size
     self.tokens_per_batch = config.train.batch_size * config.data.seq_len
     self.lr_schedule = lr_schedule
+    self.config = config
     self.peak = flops_lib.peak_tflops(jax.devices()[0])
     self.step_flops = flops_lib.train_step_flops(config) if self.peak else None
     self.window = None  # (time, step) of the last fetched metrics
+    self.real, self.real_steps = {}, 0  # the window's summed `flops.real_counts`, its steps
     self.last = None  # the last written record
     self.bar = console.bar(steps, first_step, desc='train', unit='step') if (
         writer.enabled) else None
@@ -243,6 +254,18 @@ class ReportProgress(Hook):
   def dispatched(self, step, metrics, previous):
     if self.bar is not None:
       self.bar.update(step - self.bar.n)
+    if (previous is not None and self.window is not None and step - 1 > self.window[1]
+        and REAL_COUNTS[0] in previous):  # `previous` has run: reading it does not wait
+      self._add_real(jax.device_get({k: previous[k] for k in REAL_COUNTS}))
+
+  def _add_real(self, counts):
+    for k in REAL_COUNTS:
+      self.real[k] = self.real.get(k, 0.0) + float(counts[k])
+    self.real_steps += 1
+
+  def _new_window(self, now, step):
+    self.window = (now, step)
+    self.real, self.real_steps = {}, 0
 
   @contextlib.contextmanager
   def excluded(self, step: int):
@@ -250,18 +273,30 @@ class ReportProgress(Hook):
     try:
       yield
     finally:
-      self.window = (time.time(), step)
+      self._new_window(time.time(), step)
 
   def __call__(self, step, state, metrics):
     now = time.time()
+    counted = REAL_COUNTS[0] in metrics
+    if counted and self.window is not None and step > self.window[1]:
+      self._add_real(metrics)
     if self.window is not None and step - self.first_step > 1:
-      dt = (now - self.window[0]) / (step - self.window[1])
+      steps = step - self.window[1]
+      dt = (now - self.window[0]) / steps
       metrics['samples_per_sec'] = self.batch_size / dt
       metrics['tokens_per_sec'] = self.tokens_per_batch / dt
       metrics['step_time'] = dt
       if self.step_flops:
         metrics['mfu'] = flops_lib.mfu(self.step_flops, dt, jax.device_count(), self.peak)
-    self.window = (now, step)
+      if counted and self.real_steps == steps:
+        mean = {k: v / steps for k, v in self.real.items()}
+        metrics['real_tokens_per_sec'] = mean['real_tokens'] / dt
+        if self.step_flops:
+          real = flops_lib.real_step_flops(self.config, **mean)
+          metrics['mfu_real_tokens'] = flops_lib.mfu(real, dt, jax.device_count(), self.peak)
+    for k in REAL_COUNTS[1:]:  # inputs of the above, not worth a record of their own
+      metrics.pop(k, None)
+    self._new_window(now, step)
     metrics['lr'] = float(self.lr_schedule(step - 1))
     if not self.due(step):
       return

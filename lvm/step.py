@@ -18,6 +18,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from lvm import flops
 from lvm import losses
 from lvm import optim
 from lvm import sharding
@@ -83,6 +84,8 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
       'grad_norm': optax.tree.norm(grads),
       'supervised_tokens': num_tokens,
       'unscored_tokens': aux['unscored'],
+      # For the logged MFU on real tokens (`lvm.hooks.Throughput`).
+      **flops.real_counts(batch, scored_tokens),
   }
   return new_state, metrics
 

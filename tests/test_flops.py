@@ -1,10 +1,18 @@
 """lvm.flops against a count by hand on the tiny config."""
 
+import functools
+import json
+
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from configs import tiny
 import lvm.flops
+import lvm.synthetic
+from lvm import hooks
+from lvm import metrics
 
 # configs/tiny.py: decoder D=64 F=128 heads 4 kv 2 head_dim 16 V=512, 2 layers;
 # CLIP 32px / 8px patches (16 patches + class token), width 32, mlp 64, 2 layers,
@@ -98,3 +106,63 @@ def test_packed_rows_count_real_tokens_attending_within_their_sample():
   assert packed['parts']['vision'] == 3 * image['vision']
   assert lvm.flops.segment_lengths(np.array([[1, 1, 2, 2, 2, 0], [3, 3, 0, 0, 0, 0]])) == [
       [2, 3], [2]]
+
+
+@pytest.mark.parametrize('scored', [0, 24])
+def test_real_counts_of_a_batch_give_the_count_from_its_sample_lengths(scored):
+  """What the train step counts on the device (`real_counts`) and the trainer turns into
+  FLOPs (`real_step_flops`) is `model_flops` at the batch's own sample lengths."""
+  config = tiny.get_config()
+  b, l = 4, 1024
+  with config.unlocked():
+    config.train.batch_size, config.data.seq_len = b, l
+    config.train.max_scored_tokens = scored
+  count = jax.jit(functools.partial(lvm.flops.real_counts, scored_tokens=scored))
+  packed = lvm.synthetic.packed_rows(config, b, l, seed=1)
+  samples = lvm.flops.segment_lengths(packed['segment_ids'])
+  assert max(map(len, samples)) >= 2  # rows holding several samples
+  counts = count(packed)
+  assert int(counts['real_tokens']) == sum(map(sum, samples)) < b * l
+  expected = lvm.flops.model_flops(config, b, l, samples=samples)['total']
+  assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(expected, rel=1e-6)
+  # Right-padded rows (unpacked): each row is one sample, an empty row none.
+  lengths = np.array([l, 100, 3, 0])
+  counts = count({'attention_mask': np.arange(l)[None] < lengths[:, None]})
+  expected = lvm.flops.model_flops(config, b, l, samples=[[l], [100], [3], []])['total']
+  assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(expected, rel=1e-6)
+  full = lvm.flops.model_flops(config, b, l)['total']
+  counts = count({'attention_mask': np.ones((b, l), bool)})
+  assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(full, rel=1e-6)
+
+
+def test_logged_real_token_mfu_averages_every_step_of_the_window(tmp_path, monkeypatch):
+  """ReportProgress as lvm.train drives it: each step's counts read once the step has run,
+  averaged over the steps between two logged ones; the real-token MFU is the full MFU scaled
+  by real / full FLOPs (same step time)."""
+  config = tiny.get_config()
+  with config.unlocked():
+    config.train.log_every = 3
+  b, l = config.train.batch_size, config.data.seq_len
+  monkeypatch.setattr(lvm.flops, 'peak_tflops', lambda device: 1.0)
+  writer = metrics.MetricWriter(str(tmp_path))
+  progress = hooks.ReportProgress(writer, config, steps=6, first_step=0,
+                                  lr_schedule=lambda step: 1e-3)
+  real = {s: l * (b - 1) - 5 * s for s in range(1, 7)}  # a different count every step
+  previous = None
+  for step in range(1, 7):
+    m = {'loss': jnp.float32(1.0), 'grad_norm': jnp.float32(1.0),
+         'real_tokens': jnp.float32(real[step]), 'attended_pairs': jnp.float32(real[step] * l),
+         'unscored_real': jnp.float32(0.0)}
+    progress.dispatched(step, m, previous)
+    previous = m
+    if progress.due(step):
+      progress(step, None, {k: float(v) for k, v in m.items()})
+  writer.close()
+  record = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')][-1]
+  assert record['step'] == 6 and 'attended_pairs' not in record
+  mean = {k: np.mean([real[s] * f for s in (4, 5, 6)])
+          for k, f in (('real_tokens', 1), ('attended_pairs', l))}
+  assert record['real_tokens_per_sec'] / record['tokens_per_sec'] == pytest.approx(
+      mean['real_tokens'] / (b * l))
+  assert record['mfu_real_tokens'] / record['mfu'] == pytest.approx(
+      lvm.flops.real_step_flops(config, **mean) / lvm.flops.train_step_flops(config))
