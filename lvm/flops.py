@@ -337,20 +337,30 @@ def real_counts(batch, scored_tokens: int = 0) -> dict:
   return {'real_tokens': jnp.sum(per_row), 'attended_pairs': pairs, 'unscored_real': unscored}
 
 
-def real_step_flops(config, real_tokens: float, attended_pairs: float,
-                    unscored_real: float = 0.0) -> float:
-  """Training FLOPs of one step counted on its real tokens (`real_counts`): the decoder on
-  the real tokens, each attending within its sample, the LM head not at unscored positions,
-  and the tower and projector on every image slot (the step runs them all). The same count
-  as `model_flops(..., samples=segment_lengths(...))` at the batch's own lengths."""
+def real_step_flops_fn(config):
+  """`real_step_flops` for `config`, its per-count rates worked out once (each needs the
+  model's parameter shapes): the trainer calls it at every logged step."""
   regex = lora.trainable_regex(config)
   seq_len = config.data.seq_len
   token = per_token(config, seq_len, regex)
   per_key = token['attention'] // seq_len
   parts = model_flops(config, config.train.batch_size, seq_len)['parts']
   head = lm_head_per_position(config, regex)['total'] if config.train.max_scored_tokens else 0
-  return float(real_tokens * token['matmul'] + attended_pairs * per_key
-               - unscored_real * head + parts['vision'] + parts['projector'])
+  images = parts['vision'] + parts['projector']
+
+  def flops(real_tokens: float, attended_pairs: float, unscored_real: float = 0.0) -> float:
+    return float(real_tokens * token['matmul'] + attended_pairs * per_key
+                 - unscored_real * head + images)
+  return flops
+
+
+def real_step_flops(config, real_tokens: float, attended_pairs: float,
+                    unscored_real: float = 0.0) -> float:
+  """Training FLOPs of one step counted on its real tokens (`real_counts`): the decoder on
+  the real tokens, each attending within its sample, the LM head not at unscored positions,
+  and the tower and projector on every image slot (the step runs them all). The same count
+  as `model_flops(..., samples=segment_lengths(...))` at the batch's own lengths."""
+  return real_step_flops_fn(config)(real_tokens, attended_pairs, unscored_real)
 
 
 def train_step_flops(config) -> float | None:

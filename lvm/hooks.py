@@ -239,9 +239,9 @@ class ReportProgress(Hook):
     self.batch_size = config.train.batch_size
     self.tokens_per_batch = config.train.batch_size * config.data.seq_len
     self.lr_schedule = lr_schedule
-    self.config = config
     self.peak = flops_lib.peak_tflops(jax.devices()[0])
     self.step_flops = flops_lib.train_step_flops(config) if self.peak else None
+    self.real_flops = flops_lib.real_step_flops_fn(config) if self.step_flops else None
     self.window = None  # (time, step) of the last fetched metrics
     self.real, self.real_steps = {}, 0  # the window's summed `flops.real_counts`, its steps
     self.last = None  # the last written record
@@ -291,8 +291,8 @@ class ReportProgress(Hook):
       if counted and self.real_steps == steps:
         mean = {k: v / steps for k, v in self.real.items()}
         metrics['real_tokens_per_sec'] = mean['real_tokens'] / dt
-        if self.step_flops:
-          real = flops_lib.real_step_flops(self.config, **mean)
+        if self.real_flops:
+          real = self.real_flops(**mean)
           metrics['mfu_real_tokens'] = flops_lib.mfu(real, dt, jax.device_count(), self.peak)
     for k in REAL_COUNTS[1:]:  # inputs of the above, not worth a record of their own
       metrics.pop(k, None)

@@ -84,7 +84,7 @@ def train_step(state, batch, *, model, tx, trainable: str, z_loss: float = 0.0,
       'grad_norm': optax.tree.norm(grads),
       'supervised_tokens': num_tokens,
       'unscored_tokens': aux['unscored'],
-      # For the logged MFU on real tokens (`lvm.hooks.Throughput`).
+      # For the logged MFU on real tokens (`lvm.hooks.ReportProgress`).
       **flops.real_counts(batch, scored_tokens),
   }
   return new_state, metrics
