@@ -31,8 +31,9 @@ only the layers up to the deepest selected hidden state; T is the vision tower's
 `model_flops` counts one step of each mode (train, prefill, decode) with its formula;
 `mfu` turns it into model FLOPs utilization against `peak_tflops`. The trainer's logged
 MFU and `lvm.bench` both count this way. Both also count on real tokens only (padding left
-out, each packed sample attending within itself): `lvm.bench` from the batch's sample
-lengths (`model_flops(..., samples=)`), the trainer from counts its step takes on the device
+out, each packed sample attending within itself, the tower on the image slots or tiles that
+hold one): `lvm.bench` from the batch's sample lengths and images (`model_flops(...,
+samples=, images= | tiles=)`), the trainer from counts its step takes on the device
 (`real_counts`, `real_step_flops`).
 """
 
@@ -317,8 +318,11 @@ def real_counts(batch, scored_tokens: int = 0) -> dict:
   'real_tokens': the attended positions (not padding); 'attended_pairs': the sum over
   samples of L_s^2 (each token attends within its sample: packed rows by their
   `segment_ids`, else a row is one sample); 'unscored_real': the sum over rows of
-  max(real - P, 0), the real positions without logits when `scored_tokens` P > 0, else 0.
-  `real_step_flops` turns these into FLOPs. Nothing for a batch without `attention_mask`.
+  max(real - P, 0), the real positions without logits when `scored_tokens` P > 0, else 0;
+  'real_images': the image slots that hold an image (anyres: tiles), by their nonzero
+  pixels (or cached features), as `lvm.bench` counts them: text-only samples' and unused
+  tiles' slots are zeros. `real_step_flops` turns these into FLOPs. Nothing for a batch
+  without `attention_mask`.
   """
   if 'attention_mask' not in batch:
     return {}
@@ -334,7 +338,22 @@ def real_counts(batch, scored_tokens: int = 0) -> dict:
     pairs = jnp.sum(per_row ** 2)
   unscored = (jnp.sum(jnp.maximum(per_row - scored_tokens, 0.0)) if scored_tokens
               else jnp.zeros((), jnp.float32))
-  return {'real_tokens': jnp.sum(per_row), 'attended_pairs': pairs, 'unscored_real': unscored}
+  return {'real_tokens': jnp.sum(per_row), 'attended_pairs': pairs, 'unscored_real': unscored,
+          'real_images': _real_image_slots(batch)}
+
+
+def _real_image_slots(batch):
+  """Slots of `images` [B, N, H, W, 3] / anyres [B, N, T, H, W, 3] (or `image_features`
+  [B, N, P, Dv]) that are not all zeros; 0 for a batch without images."""
+  if 'images' in batch:
+    x = batch['images']
+    per_slot = 3 if x.ndim == 6 else 2  # the leading axes that index one slot (one tile)
+  elif 'image_features' in batch:
+    x, per_slot = batch['image_features'], 2
+  else:
+    return jnp.zeros((), jnp.float32)
+  filled = jnp.any(x != 0, axis=tuple(range(per_slot, x.ndim)))
+  return jnp.sum(filled.astype(jnp.float32))
 
 
 def real_step_flops_fn(config):
@@ -346,21 +365,28 @@ def real_step_flops_fn(config):
   per_key = token['attention'] // seq_len
   parts = model_flops(config, config.train.batch_size, seq_len)['parts']
   head = lm_head_per_position(config, regex)['total'] if config.train.max_scored_tokens else 0
-  images = parts['vision'] + parts['projector']
+  every_slot = parts['vision'] + parts['projector']
+  slots = config.train.batch_size * config.data.max_images
+  if config.model.anyres.pinpoints:  # counted per tile
+    slots *= anyres_model.num_tiles(config.model)
+  per_slot = every_slot / slots
 
-  def flops(real_tokens: float, attended_pairs: float, unscored_real: float = 0.0) -> float:
+  def flops(real_tokens: float, attended_pairs: float, unscored_real: float = 0.0,
+            real_images: float | None = None) -> float:
+    images = every_slot if real_images is None else real_images * per_slot
     return float(real_tokens * token['matmul'] + attended_pairs * per_key
                  - unscored_real * head + images)
   return flops
 
 
 def real_step_flops(config, real_tokens: float, attended_pairs: float,
-                    unscored_real: float = 0.0) -> float:
+                    unscored_real: float = 0.0, real_images: float | None = None) -> float:
   """Training FLOPs of one step counted on its real tokens (`real_counts`): the decoder on
   the real tokens, each attending within its sample, the LM head not at unscored positions,
-  and the tower and projector on every image slot (the step runs them all). The same count
-  as `model_flops(..., samples=segment_lengths(...))` at the batch's own lengths."""
-  return real_step_flops_fn(config)(real_tokens, attended_pairs, unscored_real)
+  and the tower and projector on the `real_images` slots that hold an image (anyres: real
+  tiles; None: every slot). The same count as `model_flops(..., samples=segment_lengths(...),
+  images=real_images)` (anyres: `tiles=real_images`) at the batch's own lengths."""
+  return real_step_flops_fn(config)(real_tokens, attended_pairs, unscored_real, real_images)
 
 
 def train_step_flops(config) -> float | None:

@@ -217,7 +217,7 @@ class SkippedReport(Hook):
 
 
 # `flops.real_counts` in a train step's metrics; real_tokens first (whether they are there).
-REAL_COUNTS = ('real_tokens', 'attended_pairs', 'unscored_real')
+REAL_COUNTS = ('real_tokens', 'attended_pairs', 'unscored_real', 'real_images')
 
 
 class ReportProgress(Hook):
@@ -229,7 +229,7 @@ class ReportProgress(Hook):
 
   `tokens_per_sec` and `mfu` count every position of the batch; `real_tokens_per_sec` and
   `mfu_real_tokens` only the real ones (`flops.real_step_flops`: no padding, attention within
-  each packed sample), from the counts of every step of the window (each read once its step
+  each packed sample, the tower on the slots holding an image or tile), from the counts of every step of the window (each read once its step
   has run, so the loop never waits for them).
   """
 

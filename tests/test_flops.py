@@ -123,16 +123,47 @@ def test_real_counts_of_a_batch_give_the_count_from_its_sample_lengths(scored):
   assert max(map(len, samples)) >= 2  # rows holding several samples
   counts = count(packed)
   assert int(counts['real_tokens']) == sum(map(sum, samples)) < b * l
-  expected = lvm.flops.model_flops(config, b, l, samples=samples)['total']
+  # The image slots the packer filled (text-only samples and the row's spare slots stay 0).
+  images = int(np.sum(np.any(packed['images'] != 0, axis=(2, 3, 4))))
+  assert 0 < int(counts['real_images']) == images < packed['images'].shape[0] * \
+      packed['images'].shape[1]
+  expected = lvm.flops.model_flops(config, b, l, samples=samples, images=images)['total']
   assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(expected, rel=1e-6)
-  # Right-padded rows (unpacked): each row is one sample, an empty row none.
+  # Right-padded rows (unpacked): each row is one sample, an empty row none; no images.
   lengths = np.array([l, 100, 3, 0])
   counts = count({'attention_mask': np.arange(l)[None] < lengths[:, None]})
-  expected = lvm.flops.model_flops(config, b, l, samples=[[l], [100], [3], []])['total']
+  expected = lvm.flops.model_flops(config, b, l, samples=[[l], [100], [3], []],
+                                   images=0)['total']
   assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(expected, rel=1e-6)
+  # Every position and image slot real: the full count.
   full = lvm.flops.model_flops(config, b, l)['total']
-  counts = count({'attention_mask': np.ones((b, l), bool)})
+  counts = count({'attention_mask': np.ones((b, l), bool),
+                  'images': np.ones((b, config.data.max_images, 32, 32, 3), np.float32)})
   assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(full, rel=1e-6)
+  # Cached tower features [B, N, P, Dv] count their slots the same way.
+  features = np.zeros((b, config.data.max_images, 4, 8), np.float32)
+  features[:3, 0] = 1.0
+  assert int(count({'attention_mask': np.ones((b, l), bool),
+                    'image_features': features})['real_images']) == 3
+
+
+def test_real_counts_of_an_anyres_batch_count_its_images_own_tiles():
+  """An anyres batch: the tower counted on the tiles that hold an image's base or grid tile,
+  as `lvm.bench` counts it (`model_flops(..., tiles=)`), not on every tile slot."""
+  config = tiny.get_config()
+  b, l = 8, 256
+  with config.unlocked():
+    config.train.batch_size, config.data.seq_len = b, l
+    config.model.anyres.pinpoints = [[32, 64], [64, 32], [32, 32]]  # T = 1 + 2 slots
+  batch = lvm.synthetic.anyres_rows(config, b, l, seed=2)
+  tiles = int(np.sum(np.any(batch['images'] != 0, axis=(3, 4, 5))))
+  assert tiles < batch['images'][..., 0, 0, 0].size  # square images leave a slot empty
+  counts = jax.jit(lvm.flops.real_counts)(batch)
+  assert int(counts['real_images']) == tiles
+  expected = lvm.flops.model_flops(config, b, l, tiles=tiles)['total']
+  assert lvm.flops.real_step_flops(config, **counts) == pytest.approx(expected, rel=1e-6)
+  every = lvm.flops.model_flops(config, b, l)['total']
+  assert lvm.flops.real_step_flops(config, **counts) < every
 
 
 def test_logged_real_token_mfu_averages_every_step_of_the_window(tmp_path, monkeypatch):
@@ -152,16 +183,17 @@ def test_logged_real_token_mfu_averages_every_step_of_the_window(tmp_path, monke
   for step in range(1, 7):
     m = {'loss': jnp.float32(1.0), 'grad_norm': jnp.float32(1.0),
          'real_tokens': jnp.float32(real[step]), 'attended_pairs': jnp.float32(real[step] * l),
-         'unscored_real': jnp.float32(0.0)}
+         'unscored_real': jnp.float32(0.0), 'real_images': jnp.float32(step % 3)}
     progress.dispatched(step, m, previous)
     previous = m
     if progress.due(step):
       progress(step, None, {k: float(v) for k, v in m.items()})
   writer.close()
   record = [json.loads(x) for x in open(tmp_path / 'metrics.jsonl')][-1]
-  assert record['step'] == 6 and 'attended_pairs' not in record
+  assert record['step'] == 6 and not {'attended_pairs', 'real_images'} & set(record)
   mean = {k: np.mean([real[s] * f for s in (4, 5, 6)])
           for k, f in (('real_tokens', 1), ('attended_pairs', l))}
+  mean['real_images'] = np.mean([s % 3 for s in (4, 5, 6)])
   assert record['real_tokens_per_sec'] / record['tokens_per_sec'] == pytest.approx(
       mean['real_tokens'] / (b * l))
   assert record['mfu_real_tokens'] / record['mfu'] == pytest.approx(
