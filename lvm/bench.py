@@ -240,13 +240,13 @@ def run(config, mode: str = 'train', steps: int = 10, warmup: int = 2,
     flops = flops_lib.model_flops(config, b, l, 'decode', cache_len=l + warmup + steps // 2)
   elif 'segment_ids' in batch:  # packed rows: MFU on the real tokens and images only
     samples = flops_lib.segment_lengths(batch['segment_ids'])
-    real_images = int(np.sum(np.any(batch['images'] != 0, axis=(2, 3, 4))))
+    real_images = int(flops_lib.real_image_slots(batch))
     flops = flops_lib.model_flops(config, b, l, mode, samples=samples, images=real_images)
     report['packed'] = {'samples': sum(map(len, samples)), 'images': real_images,
                         'image_slots': int(np.prod(batch['images'].shape[:2])),
                         'padding': 1 - flops['tokens'] / (b * l)}
   elif 'image_sizes' in batch:  # anyres: the tower counted on the images' own tiles only
-    real_tiles = int(np.sum(np.any(batch['images'] != 0, axis=(3, 4, 5))))
+    real_tiles = int(flops_lib.real_image_slots(batch))
     flops = flops_lib.model_flops(config, b, l, mode, tiles=real_tiles)
     report['anyres'] = {'real_tiles': real_tiles,
                         'tile_slots': int(np.prod(batch['images'].shape[:3]))}

@@ -339,12 +339,12 @@ def real_counts(batch, scored_tokens: int = 0) -> dict:
   unscored = (jnp.sum(jnp.maximum(per_row - scored_tokens, 0.0)) if scored_tokens
               else jnp.zeros((), jnp.float32))
   return {'real_tokens': jnp.sum(per_row), 'attended_pairs': pairs, 'unscored_real': unscored,
-          'real_images': _real_image_slots(batch)}
+          'real_images': real_image_slots(batch)}
 
 
-def _real_image_slots(batch):
+def real_image_slots(batch):
   """Slots of `images` [B, N, H, W, 3] / anyres [B, N, T, H, W, 3] (or `image_features`
-  [B, N, P, Dv]) that are not all zeros; 0 for a batch without images."""
+  [B, N, P, Dv]) that are not all zeros, a float32 scalar; 0 for a batch without images."""
   if 'images' in batch:
     x = batch['images']
     per_slot = 3 if x.ndim == 6 else 2  # the leading axes that index one slot (one tile)

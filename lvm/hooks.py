@@ -229,8 +229,9 @@ class ReportProgress(Hook):
 
   `tokens_per_sec` and `mfu` count every position of the batch; `real_tokens_per_sec` and
   `mfu_real_tokens` only the real ones (`flops.real_step_flops`: no padding, attention within
-  each packed sample, the tower on the slots holding an image or tile), from the counts of every step of the window (each read once its step
-  has run, so the loop never waits for them).
+  each packed sample, the tower on the slots holding an image or tile), from the counts of
+  every step of the window (each read once its step has run, so the loop never waits for
+  them).
   """
 
   def __init__(self, writer, config, steps: int, first_step: int, lr_schedule):
