@@ -363,30 +363,26 @@ def real_step_flops_fn(config):
   seq_len = config.data.seq_len
   token = per_token(config, seq_len, regex)
   per_key = token['attention'] // seq_len
-  parts = model_flops(config, config.train.batch_size, seq_len)['parts']
+  # The tower and projector on one image slot (anyres: one tile; 0 with cached features).
+  one = model_flops(config, config.train.batch_size, seq_len, images=1, tiles=1)['parts']
+  per_slot = one['vision'] + one['projector']
   head = lm_head_per_position(config, regex)['total'] if config.train.max_scored_tokens else 0
-  every_slot = parts['vision'] + parts['projector']
-  slots = config.train.batch_size * config.data.max_images
-  if config.model.anyres.pinpoints:  # counted per tile
-    slots *= anyres_model.num_tiles(config.model)
-  per_slot = every_slot / slots
 
-  def flops(real_tokens: float, attended_pairs: float, unscored_real: float = 0.0,
-            real_images: float | None = None) -> float:
-    images = every_slot if real_images is None else real_images * per_slot
+  def flops(real_tokens: float, attended_pairs: float, real_images: float,
+            unscored_real: float = 0.0) -> float:
     return float(real_tokens * token['matmul'] + attended_pairs * per_key
-                 - unscored_real * head + images)
+                 - unscored_real * head + real_images * per_slot)
   return flops
 
 
-def real_step_flops(config, real_tokens: float, attended_pairs: float,
-                    unscored_real: float = 0.0, real_images: float | None = None) -> float:
+def real_step_flops(config, real_tokens: float, attended_pairs: float, real_images: float,
+                    unscored_real: float = 0.0) -> float:
   """Training FLOPs of one step counted on its real tokens (`real_counts`): the decoder on
   the real tokens, each attending within its sample, the LM head not at unscored positions,
   and the tower and projector on the `real_images` slots that hold an image (anyres: real
-  tiles; None: every slot). The same count as `model_flops(..., samples=segment_lengths(...),
+  tiles). The same count as `model_flops(..., samples=segment_lengths(...),
   images=real_images)` (anyres: `tiles=real_images`) at the batch's own lengths."""
-  return real_step_flops_fn(config)(real_tokens, attended_pairs, unscored_real, real_images)
+  return real_step_flops_fn(config)(real_tokens, attended_pairs, real_images, unscored_real)
 
 
 def train_step_flops(config) -> float | None:
