@@ -13,6 +13,7 @@ folder or `gs://bucket/run`); URIs are used as written, never made local.
 import json
 import os
 import socket
+import sys
 from typing import Any, Callable
 
 from etils import epath
@@ -76,6 +77,41 @@ def step_problems(step_dir: epath.Path, items=ITEMS, others_committed: bool = Fa
   if others_committed and not (step_dir / COMMIT_MARKER).exists():
     return f'commit marker {COMMIT_MARKER} missing (the save never finished)'
   return None
+
+
+def _is_abandoned_read(unraisable) -> bool:
+  """Whether an unraisable exception is a leftover of a restore that orbax gave up on."""
+  if unraisable.object is None:  # a TensorStore read finishing after the loop closed
+    tb, names = unraisable.exc_traceback, []
+    while tb is not None:
+      names.append(tb.tb_frame.f_code.co_name)
+      tb = tb.tb_next
+    return (isinstance(unraisable.exc_value, RuntimeError)
+            and str(unraisable.exc_value) == 'Event loop is closed'
+            and names == ['call_soon_threadsafe', '_check_closed'])
+  code = getattr(unraisable.object, 'cr_code', None)  # a pending read garbage-collected
+  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+
+
+def quiet_abandoned_reads() -> None:
+  """Keeps the leftovers of a failed restore off stderr; installed once per process.
+
+  When one array of a damaged checkpoint fails to read, orbax closes its event loop with
+  the other arrays' reads still pending. Each then prints an 'Exception ignored' traceback
+  of ~40 lines (dozens per checkpoint, from TensorStore's threads or when garbage-collected)
+  that bury the one-line warning naming the damaged step. Only those reports are dropped;
+  every other one goes to the hook that was there before.
+  """
+  if getattr(sys.unraisablehook, 'lvm_quiet_abandoned_reads', False):
+    return
+  previous = sys.unraisablehook
+
+  def hook(unraisable):
+    if not _is_abandoned_read(unraisable):
+      previous(unraisable)
+
+  hook.lvm_quiet_abandoned_reads = True
+  sys.unraisablehook = hook
 
 
 class Checkpointer:
@@ -146,6 +182,7 @@ class Checkpointer:
       RuntimeError: checkpoints exist but none restores (each step's error is listed).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
+    quiet_abandoned_reads()
     failed = []
     for step in steps:
       problem = self.problems(step)
@@ -250,6 +287,7 @@ def _first_whole(path: PathLike, read: Callable[[epath.Path], Any], log) -> Any:
     RuntimeError: no step folder reads (each one's error listed).
   """
   step_dirs, explicit = _step_dirs(path)
+  quiet_abandoned_reads()
   committed = {d.name for d in step_dirs if (d / COMMIT_MARKER).exists()}
   failed = []
   for step_dir in step_dirs:
