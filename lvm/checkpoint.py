@@ -96,11 +96,11 @@ def _is_abandoned_read(unraisable) -> bool:
 def quiet_abandoned_reads() -> None:
   """Keeps the leftovers of a failed restore off stderr; installed once per process.
 
-  When one array of a damaged checkpoint fails to read, orbax closes its event loop with
-  the other arrays' reads still pending. Each then prints an 'Exception ignored' traceback
-  of ~40 lines (dozens per checkpoint, from TensorStore's threads or when garbage-collected)
-  that bury the one-line warning naming the damaged step. Only those reports are dropped;
-  every other one goes to the hook that was there before.
+  When orbax gives up on a checkpoint at one array (a damaged file, another shape), it
+  closes its event loop with the other arrays' reads still pending. Each then prints an
+  'Exception ignored' traceback of ~40 lines (dozens per checkpoint, from TensorStore's
+  threads or when garbage-collected) that bury the one-line warning naming the bad step.
+  Only those reports are dropped; every other one goes to the hook that was there before.
   """
   if getattr(sys.unraisablehook, 'lvm_quiet_abandoned_reads', False):
     return
