@@ -90,7 +90,8 @@ def _is_abandoned_read(unraisable) -> bool:
             and str(unraisable.exc_value) == 'Event loop is closed'
             and names == ['call_soon_threadsafe', '_check_closed'])
   code = getattr(unraisable.object, 'cr_code', None)  # a pending read garbage-collected
-  return code is not None and f'{os.sep}orbax{os.sep}' in code.co_filename
+  return (code is not None and code.co_name == '_read_array_index_and_device_put'
+          and f'{os.sep}orbax{os.sep}' in code.co_filename)
 
 
 def quiet_abandoned_reads() -> None:
@@ -156,6 +157,7 @@ class Checkpointer:
     Args:
       abstract_state: pytree of `jax.ShapeDtypeStruct` with `.sharding` set.
     """
+    quiet_abandoned_reads()
     restored = self.manager.restore(step, args=ocp.args.Composite(
         state=ocp.args.StandardRestore(abstract_state),
         data=ocp.args.JsonRestore()))
@@ -182,7 +184,6 @@ class Checkpointer:
       RuntimeError: checkpoints exist but none restores (each step's error is listed).
     """
     steps = sorted(self.manager.all_steps(), reverse=True)
-    quiet_abandoned_reads()
     failed = []
     for step in steps:
       problem = self.problems(step)
@@ -265,6 +266,7 @@ def _restore_params(step_dir: epath.Path, abstract_params):
                                            jax.local_devices()[0])),
         tree['params'])
   restore_args = ocp.checkpoint_utils.construct_restore_args(abstract_params)
+  quiet_abandoned_reads()
   restored = checkpointer.restore(state_dir, args=ocp.args.PyTreeRestore(
       item={'params': abstract_params}, restore_args={'params': restore_args},
       partial_restore=True))
@@ -287,7 +289,6 @@ def _first_whole(path: PathLike, read: Callable[[epath.Path], Any], log) -> Any:
     RuntimeError: no step folder reads (each one's error listed).
   """
   step_dirs, explicit = _step_dirs(path)
-  quiet_abandoned_reads()
   committed = {d.name for d in step_dirs if (d / COMMIT_MARKER).exists()}
   failed = []
   for step_dir in step_dirs:

@@ -20,6 +20,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import numpy as np
 import pytest
@@ -149,7 +150,8 @@ def test_abandoned_reads_of_a_failed_step_print_nothing(reader, tmp_path):
 
 
 def test_other_unraisable_exceptions_are_still_reported(monkeypatch):
-  """The filter drops only orbax's leftovers: any other report reaches the previous hook."""
+  """The filter drops only orbax's leftovers: any other report reaches the previous hook,
+  an orbax save coroutine's included."""
   reported = []
   monkeypatch.setattr(sys, 'unraisablehook', reported.append)
   checkpoint.quiet_abandoned_reads()
@@ -159,3 +161,16 @@ def test_other_unraisable_exceptions_are_still_reported(monkeypatch):
       raise ValueError('not a checkpoint read')
   RaisesOnDelete()
   assert [repr(u.exc_value) for u in reported] == ["ValueError('not a checkpoint read')"]
+
+  # Coroutine objects of orbax's read and save (never run), reported as the GC would.
+  from orbax.checkpoint._src.serialization import serialization  # pylint: disable=g-import-not-at-top
+  read = serialization._read_array_index_and_device_put(  # pylint: disable=protected-access
+      [], (), None, global_shape=None, new_shard_shape=None, dtype=None, byte_limiter=None,
+      strict=True, dll=None, memory_kind=None)
+  save = serialization.async_serialize(None, {})
+  for coroutine, error in ((read, 'read abandoned'), (save, 'save failed')):
+    sys.unraisablehook(types.SimpleNamespace(
+        exc_type=RuntimeError, exc_value=RuntimeError(error), exc_traceback=None,
+        err_msg=None, object=coroutine))
+    coroutine.close()
+  assert [repr(u.exc_value) for u in reported[1:]] == ["RuntimeError('save failed')"]
